@@ -1,0 +1,261 @@
+"""Checkpoints that cannot run code: safetensors weights plus JSON metadata, and the bundled default model.
+
+A ct2mr checkpoint is one ``.safetensors`` file holding the tensors of both generators (``G.*`` CT -> MR and
+``F.*`` MR -> CT; optionally the discriminators ``D_MR.*`` and ``D_CT.*``) and, in the safetensors header, string
+metadata: ``format`` (``"ct2mr.cyclegan"``), ``format_version``, and JSON documents ``architecture``,
+``preprocessing`` (every parameter of :class:`ct2mr.preprocessing.PreprocessingConfig`), ``inference`` (window size,
+overlap) and ``training`` (data, steps, losses, software versions). The checkpoint alone is enough to translate.
+
+safetensors stores raw tensors only: loading never unpickles, so an untrusted file cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .networks import build_discriminator, build_generator
+from .preprocessing import PreprocessingConfig
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "Checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_discriminators",
+    "read_metadata",
+    "sha256sum",
+    "default_model_path",
+    "DEFAULT_MODEL",
+]
+
+FORMAT = "ct2mr.cyclegan"
+FORMAT_VERSION = "1"
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_MODEL = "ct2mr-default-v0.1"
+
+
+class CheckpointError(ValueError):
+    """A file is not a usable ct2mr checkpoint; the message says why and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        G: generator CT -> MR, (B, 1, D, H, W) -> (B, 1, D, H, W), in eval mode.
+        F: generator MR -> CT, same shapes.
+        architecture: ``{"generator": {...}, "discriminator": {...}}``.
+        preprocessing: the preprocessing parameters the networks were trained with.
+        inference: default inference settings (``roi_size`` (D, H, W) voxels, ``overlap``).
+        training: the training summary.
+        path: the file it came from.
+        sha256: SHA-256 of the file.
+    """
+
+    G: nn.Module
+    F: nn.Module
+    architecture: dict[str, Any]
+    preprocessing: PreprocessingConfig
+    inference: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    sha256: str = ""
+
+    @property
+    def name(self) -> str:
+        """A display name: the training summary's ``name`` or the file stem."""
+        return str(self.training.get("name") or (self.path.stem if self.path else "unnamed"))
+
+
+def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, modules: dict[str, nn.Module], architecture: dict[str, Any],
+                    preprocessing: PreprocessingConfig, inference: dict[str, Any] | None = None,
+                    training: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint atomically (temporary file, then rename).
+
+    Args:
+        path: destination ``.safetensors`` file; its folder must exist.
+        modules: at least ``{"G": ..., "F": ...}``; ``"D_MR"`` and ``"D_CT"`` are optional.
+        architecture: ``{"generator": spec, "discriminator": spec}`` as :func:`ct2mr.networks.build_generator` takes.
+        preprocessing: parameters of the preprocessing the networks expect.
+        inference: default inference settings.
+        training: training summary (JSON-serialisable).
+
+    Returns:
+        The destination path.
+
+    Raises:
+        ValueError: ``G`` or ``F`` missing.
+    """
+    from safetensors.torch import save_file
+
+    if not {"G", "F"} <= set(modules):
+        raise ValueError("A checkpoint needs both generators 'G' (CT -> MR) and 'F' (MR -> CT).")
+    tensors = {}
+    for prefix, module in modules.items():
+        module = getattr(module, "module", module)  # unwrap DistributedDataParallel
+        for key, value in module.state_dict().items():
+            tensors[f"{prefix}.{key}"] = value.detach().to("cpu").contiguous()
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": json.dumps(architecture),
+        "preprocessing": json.dumps(preprocessing.to_dict()),
+        "inference": json.dumps(inference or {}),
+        "training": json.dumps(training or {}),
+    }
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a checkpoint's metadata without loading its tensors.
+
+    Args:
+        path: a ``.safetensors`` file.
+
+    Returns:
+        The metadata with JSON fields decoded.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: not a safetensors file, or not a ct2mr checkpoint, or a newer format version.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}. Pass --model with a .safetensors file written by "
+                                "`ct2mr train`, or omit it to use the default model.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        hint = (" PyTorch pickles (.pt/.pth) are refused because loading them can run code; export the weights to "
+                "safetensors." if path.suffix in {".pt", ".pth", ".ckpt", ".pkl"} else "")
+        raise CheckpointError(f"{path} is not a safetensors checkpoint ({exc}).{hint}") from exc
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a ct2mr CycleGAN checkpoint (format "
+                              f"{metadata.get('format')!r}, expected {FORMAT!r}). Use a checkpoint from `ct2mr train`.")
+    if int(metadata.get("format_version", "0")) > int(FORMAT_VERSION):
+        raise CheckpointError(f"{path} has format version {metadata['format_version']}, newer than this ct2mr "
+                              f"understands ({FORMAT_VERSION}). Update ct2mr.")
+    decoded: dict[str, Any] = dict(metadata)
+    for key in ("architecture", "preprocessing", "inference", "training"):
+        try:
+            decoded[key] = json.loads(metadata.get(key, "{}"))
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON ({exc}).") from exc
+    return decoded
+
+
+def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load both generators of a checkpoint (safely: no code runs).
+
+    Args:
+        path: a ct2mr ``.safetensors`` checkpoint; ``None`` loads the bundled default model.
+        device: where to put the networks.
+
+    Returns:
+        The :class:`Checkpoint` with G and F in eval mode.
+
+    Raises:
+        FileNotFoundError, CheckpointError: see :func:`read_metadata`; also missing or mismatching tensors.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else default_model_path()
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"{path}: the tensors could not be read ({exc}); the file may be truncated.") from exc
+    nets = {}
+    for prefix in ("G", "F"):
+        try:
+            net = build_generator(meta["architecture"]["generator"])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: bad generator architecture in metadata ({exc}).") from exc
+        state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        if not state:
+            raise CheckpointError(f"{path} holds no weights for generator {prefix}.")
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: weights of {prefix} do not fit its architecture ({exc}).") from exc
+        nets[prefix] = net.to(device).eval()
+    return Checkpoint(G=nets["G"], F=nets["F"], architecture=meta["architecture"],
+                      preprocessing=PreprocessingConfig.from_dict(meta["preprocessing"]),
+                      inference=meta["inference"], training=meta["training"], path=path, sha256=sha256sum(path))
+
+
+def load_discriminators(path: str | os.PathLike) -> dict[str, nn.Module]:
+    """Load D_MR and D_CT from a checkpoint that holds them (training checkpoints do).
+
+    Raises:
+        CheckpointError: the checkpoint holds no discriminators.
+    """
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    tensors = load_file(str(path), device="cpu")
+    out = {}
+    for prefix in ("D_MR", "D_CT"):
+        state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        if not state:
+            raise CheckpointError(f"{path} holds no weights for discriminator {prefix}.")
+        net = build_discriminator(meta["architecture"]["discriminator"])
+        net.load_state_dict(state, strict=True)
+        out[prefix] = net
+    return out
+
+
+def _registry() -> dict[str, Any]:
+    return json.loads((MODELS_DIR / "models.json").read_text())
+
+
+def default_model_path() -> Path:
+    """Path of the bundled default model, checked against the SHA-256 in ``models/models.json``.
+
+    Returns:
+        The path of the default ``.safetensors`` file inside the installed package.
+
+    Raises:
+        CheckpointError: the file is missing or its checksum does not match (a damaged install).
+    """
+    registry = _registry()
+    entry = next(m for m in registry["models"] if m["name"] == registry["default"])
+    path = MODELS_DIR / entry["file"]
+    if not path.is_file():
+        raise CheckpointError(f"The default model {entry['name']} is missing from {MODELS_DIR}; reinstall ct2mr or "
+                              "pass --model.")
+    if sha256sum(path) != entry["sha256"]:
+        raise CheckpointError(f"The default model {path} does not match its SHA-256 in models.json; the install is "
+                              "damaged. Reinstall ct2mr or pass --model.")
+    return path
