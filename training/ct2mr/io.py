@@ -74,8 +74,18 @@ def image_suffix(path: str | os.PathLike) -> str:
     return Path(name).suffix
 
 
+def _dicom_series_ids(path: Path) -> tuple[str, ...]:
+    """Series UIDs in a folder, without ITK's warning for folders that hold none."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
 def _is_dicom_folder(path: Path) -> bool:
-    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    return path.is_dir() and bool(_dicom_series_ids(path))
 
 
 def list_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -180,7 +190,7 @@ def _read_any(path: Path) -> sitk.Image:
     if not path.exists():
         raise FileNotFoundError(f"No such file or folder: {path}. Check the path and try again.")
     if path.is_dir():
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+        series = _dicom_series_ids(path)
         if not series:
             raise ImageReadError(f"The folder {path} holds no DICOM series. Pass a file (NIfTI, NRRD, MHA, HDF5) "
                                  "or a folder of DICOM slices.")

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from ct2mr.inference import OUTPUT_NAMES
 
-from conftest import DICOM_CT, LUNG_CT, REPO, THORAX_CT, need, run_ct2mr
+from ct2mr_testdata import DICOM_CT, LUNG_CT, REPO, THORAX_CT, need, run_ct2mr
 
 
 def _assert_on_input_grid(out_dir, reference: sitk.Image) -> dict[str, np.ndarray]:

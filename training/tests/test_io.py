@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from ct2mr.io import ImageReadError, SpacingWarning, list_images, read_image, read_volumes, write_image
 
-from conftest import CARDIAC_MR_4D, DICOM_CT, LUNG_CT, THORAX_CT, need
+from ct2mr_testdata import CARDIAC_MR_4D, DICOM_CT, LUNG_CT, THORAX_CT, need
 
 
 def _h5(path, data, **attrs):

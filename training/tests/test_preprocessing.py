@@ -12,7 +12,7 @@ from ct2mr.io import read_image
 from ct2mr.preprocessing import (FlatVolumeWarning, PreprocessingConfig, normalize_ct, normalize_mr, pad_to_multiple,
                                  preprocess, resample_isotropic, restore_to_input_grid, robust_background)
 
-from conftest import CARDIAC_MR, LUNG_CT, THORAX_CT, need
+from ct2mr_testdata import CARDIAC_MR, LUNG_CT, THORAX_CT, need
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> None:

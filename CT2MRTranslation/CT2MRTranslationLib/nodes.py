@@ -1,0 +1,301 @@
+"""Volume nodes to files and back with exact geometry, and where the results go in the scene.
+
+Outputs keep the input CT's voxel grid: same size, spacing, origin and direction (DESIGN.md, "Choices already
+made"). Volumes are written and read through ``vtkMRMLVolumeArchetypeStorageNode`` (ITK readers and writers, LPS
+files, RAS nodes), never through ``slicer.util.saveNode``/``loadVolume`` which need the application. Arrays from
+``slicer.util.arrayFromVolume`` are (z, y, x), i.e. (K, J, I).
+
+No Qt here: this module runs inside Slicer and in plain Python (pytest with the ``slicer-core`` wheel).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import slicer
+import vtk
+
+__all__ = [
+    "GEOMETRY_TOLERANCE",
+    "HEAT_COLOR_NODE_NAMES",
+    "assertSameGeometry",
+    "findColorNodeID",
+    "geometryDifference",
+    "ijkToRASMatrixAsNumpy",
+    "placeNextTo",
+    "readVolumeNode",
+    "robustWindowLevel",
+    "setVolumeDisplay",
+    "volumeDimensions",
+    "volumePercentiles",
+    "writeVolumeNode",
+]
+
+GEOMETRY_TOLERANCE = 1e-3
+"""Largest accepted difference of any IJK-to-RAS element (mm for the origin column).
+
+NIfTI stores its sform/qform in float32, so a grid that round-trips through ``.nii.gz`` can differ from the input
+by ~1e-5 mm; anything above this tolerance (far below any voxel size) is a real geometry change.
+"""
+
+HEAT_COLOR_NODE_NAMES = ("Inferno", "PET-Heat", "ColdToHotRainbow", "Red")
+"""Colour tables tried, in order, for the error map: black (no error) to bright (large error) where possible.
+
+``Inferno`` and ``ColdToHotRainbow`` come from Slicer's colour files (present in the application, absent in the
+``slicer-core`` wheel); ``PET-Heat`` and ``Red`` are built in and always exist once the colour logic is attached.
+"""
+
+
+def ijkToRASMatrixAsNumpy(volumeNode: slicer.vtkMRMLVolumeNode) -> np.ndarray:
+    """Return the IJK-to-RAS matrix of a volume node.
+
+    Args:
+        volumeNode: any volume node.
+
+    Returns:
+        (4, 4) float64 array mapping homogeneous voxel indices (i, j, k, 1) to RAS coordinates in mm. The upper-left
+        3x3 block is direction cosines times spacing; the last column is the origin in RAS.
+    """
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix).astype(np.float64)
+
+
+def volumeDimensions(volumeNode: slicer.vtkMRMLVolumeNode) -> tuple[int, int, int]:
+    """Return the number of voxels along (I, J, K) = (x, y, z), or (0, 0, 0) without image data."""
+    imageData = volumeNode.GetImageData()
+    if imageData is None:
+        return (0, 0, 0)
+    return tuple(int(d) for d in imageData.GetDimensions())
+
+
+def geometryDifference(volumeNode: slicer.vtkMRMLVolumeNode, referenceNode: slicer.vtkMRMLVolumeNode) -> float:
+    """Return the largest absolute difference between the IJK-to-RAS matrices of two volume nodes (mm)."""
+    return float(np.max(np.abs(ijkToRASMatrixAsNumpy(volumeNode) - ijkToRASMatrixAsNumpy(referenceNode))))
+
+
+def assertSameGeometry(
+    volumeNode: slicer.vtkMRMLVolumeNode,
+    referenceNode: slicer.vtkMRMLVolumeNode,
+    tolerance: float = GEOMETRY_TOLERANCE,
+    snap: bool = False,
+) -> None:
+    """Check that a volume lies on the voxel grid of a reference volume.
+
+    Args:
+        volumeNode: the volume to check (e.g. the synthetic MR).
+        referenceNode: the volume whose grid must be kept (the input CT).
+        tolerance: largest accepted difference of any IJK-to-RAS element, see :data:`GEOMETRY_TOLERANCE`.
+        snap: when the check passes, copy the reference's IJK-to-RAS matrix into ``volumeNode`` so that both are
+            bit-identical (removes the float32 rounding of NIfTI files).
+
+    Raises:
+        RuntimeError: the dimensions differ, or an IJK-to-RAS element differs by more than ``tolerance``.
+    """
+    name = volumeNode.GetName()
+    dimensions, referenceDimensions = volumeDimensions(volumeNode), volumeDimensions(referenceNode)
+    if dimensions != referenceDimensions:
+        raise RuntimeError(
+            f"'{name}' has {dimensions} voxels but the input has {referenceDimensions}: the engine did not write "
+            "its result on the input's voxel grid. Update the ct2mr engine, or report this with the input file."
+        )
+    difference = geometryDifference(volumeNode, referenceNode)
+    if difference > tolerance:
+        raise RuntimeError(
+            f"'{name}' does not have the input's IJK-to-RAS matrix (largest difference {difference:.3g} mm > "
+            f"{tolerance:g} mm):\n{ijkToRASMatrixAsNumpy(volumeNode)}\ninput:\n{ijkToRASMatrixAsNumpy(referenceNode)}\n"
+            "The engine changed the spacing, origin or direction. Update the ct2mr engine, or report this with the "
+            "input file."
+        )
+    if snap:
+        matrix = vtk.vtkMatrix4x4()
+        referenceNode.GetIJKToRASMatrix(matrix)
+        volumeNode.SetIJKToRASMatrix(matrix)
+
+
+def writeVolumeNode(volumeNode: slicer.vtkMRMLVolumeNode, path: str, compress: bool = False) -> str:
+    """Write a volume node to a file with its exact geometry.
+
+    The node's own IJK-to-RAS matrix is written (a parent transform, if any, is not applied), converted to LPS
+    as the file formats require. The node keeps no reference to the file.
+
+    Args:
+        volumeNode: volume node with image data.
+        path: destination; the extension picks the format (``.nrrd``, ``.nii.gz``, ``.mha``).
+        compress: compress the voxel data (slower; not worth it for temporary files).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: the node has no image data.
+        RuntimeError: the writer failed (full disk, unwritable folder, unsupported extension).
+    """
+    if volumeNode is None or volumeNode.GetImageData() is None:
+        raise ValueError("The volume node has no image data: select a volume that has been loaded.")
+    storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storageNode.SetFileName(path)
+    storageNode.SetUseCompression(bool(compress))
+    if not storageNode.WriteData(volumeNode) or not os.path.isfile(path):
+        raise RuntimeError(
+            f"Could not write '{volumeNode.GetName()}' to {path}. Check that the folder is writable and has free "
+            "space."
+        )
+    return path
+
+
+def readVolumeNode(path: str, name: str) -> slicer.vtkMRMLScalarVolumeNode:
+    """Read a volume file into a new scalar volume node that is not in any scene.
+
+    The node keeps no storage node, so a scene it is later added to never points to the (temporary) file; Slicer
+    creates a storage node when the user saves it.
+
+    Args:
+        path: volume file (NIfTI, NRRD, MetaImage, ...).
+        name: node name.
+
+    Returns:
+        The node; add it to a scene with ``scene.AddNode``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        RuntimeError: the file could not be read as a volume.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"The engine reported {path} but the file does not exist.")
+    volumeNode = slicer.vtkMRMLScalarVolumeNode()
+    volumeNode.SetName(name)
+    storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storageNode.SetFileName(path)
+    storageNode.SetSingleFile(True)
+    if not storageNode.ReadData(volumeNode, True) or volumeNode.GetImageData() is None:
+        raise RuntimeError(f"Could not read {path} as a volume: the file is damaged or not an image.")
+    return volumeNode
+
+
+def findColorNodeID(scene: slicer.vtkMRMLScene, names: Sequence[str] = HEAT_COLOR_NODE_NAMES) -> str | None:
+    """Return the ID of the first colour node of the scene whose name is in ``names``.
+
+    Args:
+        scene: the MRML scene.
+        names: colour node names in order of preference.
+
+    Returns:
+        The node ID, or ``None`` when none exists (no colour logic attached to the scene).
+    """
+    for name in names:
+        node = scene.GetFirstNode(name, "vtkMRMLColorNode", False, False)
+        if node is not None:
+            return node.GetID()
+    return None
+
+
+def volumePercentiles(volumeNode: slicer.vtkMRMLVolumeNode, percentiles: Sequence[float]) -> list[float]:
+    """Return percentiles of the finite voxel values of a volume.
+
+    Volumes above two million voxels are subsampled regularly (about one million values), plenty for display.
+
+    Args:
+        volumeNode: scalar volume with image data.
+        percentiles: values in [0, 100].
+
+    Returns:
+        One value per percentile, in the volume's units (HU for CT and error maps); all 0.0 when no voxel is finite.
+    """
+    values = slicer.util.arrayFromVolume(volumeNode).ravel()  # (z, y, x) flattened
+    if values.size > 2_000_000:
+        values = values[:: values.size // 1_000_000]
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return [0.0 for _ in percentiles]
+    return [float(v) for v in np.percentile(values, list(percentiles))]
+
+
+def robustWindowLevel(
+    volumeNode: slicer.vtkMRMLVolumeNode, lowerPercentile: float = 1.0, upperPercentile: float = 99.0
+) -> tuple[float, float]:
+    """Return a window/level that spans two percentiles of the voxel values.
+
+    Args:
+        volumeNode: scalar volume with image data.
+        lowerPercentile: percentile (0-100) shown as black.
+        upperPercentile: percentile (0-100) shown as white.
+
+    Returns:
+        ``(window, level)`` in the volume's units (HU for CT); the window is at least 1e-6.
+    """
+    low, high = volumePercentiles(volumeNode, [lowerPercentile, upperPercentile])
+    return max(high - low, 1e-6), (high + low) / 2.0
+
+
+def setVolumeDisplay(
+    volumeNode: slicer.vtkMRMLScalarVolumeNode,
+    window: float,
+    level: float,
+    colorNodeID: str | None = None,
+) -> slicer.vtkMRMLScalarVolumeDisplayNode:
+    """Give a volume node (already in a scene) a display node with a fixed window/level and colour table.
+
+    Args:
+        volumeNode: scalar volume node in a scene.
+        window: display window (volume units).
+        level: display level (volume units).
+        colorNodeID: colour node ID; ``None`` keeps the display node's default (grey in Slicer).
+
+    Returns:
+        The volume's display node (created when missing).
+
+    Raises:
+        ValueError: the node is not in a scene.
+    """
+    scene = volumeNode.GetScene()
+    if scene is None:
+        raise ValueError(f"'{volumeNode.GetName()}' is not in a scene: add it with scene.AddNode first.")
+    displayNode = volumeNode.GetDisplayNode()
+    if displayNode is None:
+        displayNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+        if colorNodeID is None:
+            colorNodeID = findColorNodeID(scene, ("Grey",))
+        volumeNode.SetAndObserveDisplayNodeID(displayNode.GetID())
+    wasModifying = displayNode.StartModify()
+    if colorNodeID is not None:
+        displayNode.SetAndObserveColorNodeID(colorNodeID)
+    displayNode.AutoWindowLevelOff()
+    displayNode.SetWindowLevel(float(window), float(level))
+    displayNode.EndModify(wasModifying)
+    return displayNode
+
+
+def placeNextTo(volumeNode: slicer.vtkMRMLNode, referenceNode: slicer.vtkMRMLNode) -> int:
+    """Put a node beside a reference node in subject hierarchy (same parent: patient, study or folder).
+
+    In Slicer every node has a subject hierarchy item; in plain Python (no subject hierarchy plugins) items are
+    created as needed, the reference's under the scene item.
+
+    Args:
+        volumeNode: node to place; must be in the same scene as ``referenceNode``.
+        referenceNode: node whose parent item is used.
+
+    Returns:
+        The subject hierarchy item ID of ``volumeNode``.
+
+    Raises:
+        ValueError: the nodes are not in the same scene.
+    """
+    scene = referenceNode.GetScene()
+    if scene is None or volumeNode.GetScene() is not scene:
+        raise ValueError("Both nodes must be in the same scene before they can be placed in subject hierarchy.")
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    invalid = shNode.GetInvalidItemID()
+    referenceItem = shNode.GetItemByDataNode(referenceNode)
+    if referenceItem == invalid:
+        referenceItem = shNode.CreateItem(shNode.GetSceneItemID(), referenceNode)
+    parentItem = shNode.GetItemParent(referenceItem)
+    item = shNode.GetItemByDataNode(volumeNode)
+    if item == invalid:
+        item = shNode.CreateItem(parentItem, volumeNode)
+    else:
+        shNode.SetItemParent(item, parentItem)
+    return item

@@ -1,0 +1,180 @@
+"""The compare layout: CT | synthetic MR G(x) | round-trip CT F(G(x)) | error map |F(G(x)) - x|.
+
+Three rows (axial, coronal, sagittal) by four columns of slice views, registered as a custom layout in the scene's
+layout node. Each view's slice composite node shows one volume as background; all twelve views share a view group
+of their own with linked control on, so scrolling or zooming one moves the views of the same orientation together
+without touching the standard Red/Green/Yellow views.
+
+Only MRML is used (layout node, slice nodes, slice composite nodes): Slicer's layout manager builds the Qt views
+from the layout description. No Qt here; runs inside Slicer and in plain Python with the ``slicer-core`` wheel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import slicer
+
+__all__ = [
+    "COMPARE_COLUMNS",
+    "COMPARE_LAYOUT_ID",
+    "COMPARE_ORIENTATIONS",
+    "COMPARE_VIEW_GROUP",
+    "compareLayoutDescription",
+    "compareViewName",
+    "getOrCreateLayoutNode",
+    "setupCompareLayout",
+]
+
+COMPARE_LAYOUT_ID = 18402
+"""Layout ID of the compare layout (well above Slicer's built-in layouts, which end near 100)."""
+
+COMPARE_VIEW_GROUP = 18
+"""View group of the compare views: linking acts within a group, so the standard views (group 0) stay apart."""
+
+COMPARE_COLUMNS = ("CT", "SyntheticMR", "RoundTripCT", "ErrorMap")
+"""Column keys, left to right: input CT x, synthetic MR G(x), round trip F(G(x)) (HU), error map (HU)."""
+
+_COLUMN_LABELS = {"CT": "CT", "SyntheticMR": "MR", "RoundTripCT": "RT", "ErrorMap": "Err"}
+
+COMPARE_ORIENTATIONS = (("Axial", "#F34A33"), ("Coronal", "#6EB04B"), ("Sagittal", "#EDD54C"))
+"""Row orientations, top to bottom, with Slicer's colours for them (red, green, yellow)."""
+
+
+def compareViewName(column: str, orientation: str) -> str:
+    """Return the view (layout) name of one compare view, e.g. ``"CT2MR_CT_Axial"``.
+
+    Args:
+        column: one of :data:`COMPARE_COLUMNS`.
+        orientation: ``"Axial"``, ``"Coronal"`` or ``"Sagittal"``.
+    """
+    return f"CT2MR_{column}_{orientation}"
+
+
+def compareLayoutDescription() -> str:
+    """Return the layout XML of the 3 x 4 compare layout.
+
+    Returns:
+        A ``<layout type="vertical">`` of three horizontal rows (axial, coronal, sagittal), each holding four
+        ``vtkMRMLSliceNode`` views in the order of :data:`COMPARE_COLUMNS`.
+    """
+    rows = []
+    for orientation, color in COMPARE_ORIENTATIONS:
+        items = []
+        for column in COMPARE_COLUMNS:
+            label = f"{_COLUMN_LABELS[column]}-{orientation[0]}"
+            items.append(
+                "   <item>\n"
+                f'    <view class="vtkMRMLSliceNode" singletontag="{compareViewName(column, orientation)}">\n'
+                f'     <property name="orientation" action="default">{orientation}</property>\n'
+                f'     <property name="viewlabel" action="default">{label}</property>\n'
+                f'     <property name="viewcolor" action="default">{color}</property>\n'
+                f'     <property name="viewgroup" action="default">{COMPARE_VIEW_GROUP}</property>\n'
+                "    </view>\n"
+                "   </item>\n"
+            )
+        rows.append(' <item>\n  <layout type="horizontal">\n' + "".join(items) + "  </layout>\n </item>\n")
+    return '<layout type="vertical">\n' + "".join(rows) + "</layout>\n"
+
+
+def getOrCreateLayoutNode(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLLayoutNode:
+    """Return the scene's singleton layout node, creating it when the scene has none (plain Python).
+
+    Args:
+        scene: the MRML scene.
+    """
+    layoutNode = scene.GetSingletonNode("vtkMRMLLayoutNode", "vtkMRMLLayoutNode")
+    if layoutNode is None:
+        layoutNode = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+    if layoutNode is None:
+        layoutNode = slicer.vtkMRMLLayoutNode()
+        layoutNode.SetSingletonTag("vtkMRMLLayoutNode")
+        layoutNode = scene.AddNode(layoutNode)
+    return layoutNode
+
+
+def _getOrCreateSliceNode(scene: slicer.vtkMRMLScene, viewName: str, orientation: str, color: str, label: str):
+    sliceNode = scene.GetSingletonNode(viewName, "vtkMRMLSliceNode")
+    if sliceNode is None:
+        # Created by vtkMRMLLayoutLogic when it observes the layout node (always in Slicer); create it otherwise.
+        # The scene's default slice node carries the orientation presets (and the radiology/neurology choice).
+        if scene.GetDefaultNodeByClass("vtkMRMLSliceNode") is None:
+            slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+        sliceNode = scene.CreateNodeByClass("vtkMRMLSliceNode")
+        sliceNode.UnRegister(None)  # CreateNodeByClass returns a new reference that Python already holds
+        sliceNode.SetName(viewName)
+        sliceNode.SetLayoutName(viewName)
+        sliceNode.SetSingletonTag(viewName)
+        sliceNode.SetLayoutLabel(label)
+        sliceNode.SetLayoutColor([int(color[i : i + 2], 16) / 255.0 for i in (1, 3, 5)])
+        sliceNode.SetViewGroup(COMPARE_VIEW_GROUP)
+        sliceNode.SetOrientation(orientation)
+        sliceNode = scene.AddNode(sliceNode)
+    return sliceNode
+
+
+def _getOrCreateSliceCompositeNode(scene: slicer.vtkMRMLScene, sliceNode) -> slicer.vtkMRMLSliceCompositeNode:
+    compositeNode = slicer.vtkMRMLSliceLogic.GetSliceCompositeNode(sliceNode)
+    if compositeNode is None:
+        # Created by the view's vtkMRMLSliceLogic in Slicer, which adopts an existing node of the same layout name.
+        compositeNode = slicer.vtkMRMLSliceCompositeNode()
+        compositeNode.SetLayoutName(sliceNode.GetLayoutName())
+        compositeNode = scene.AddNode(compositeNode)
+    return compositeNode
+
+
+def _centerOn(sliceNode, volumeNode) -> None:
+    bounds = [0.0] * 6
+    volumeNode.GetRASBounds(bounds)
+    center = [(bounds[2 * a] + bounds[2 * a + 1]) / 2.0 for a in range(3)]
+    sliceNode.JumpSliceByCentering(*center)
+
+
+def setupCompareLayout(
+    scene: slicer.vtkMRMLScene,
+    volumeNodes: Sequence[slicer.vtkMRMLVolumeNode | None],
+    layoutId: int = COMPARE_LAYOUT_ID,
+    activate: bool = True,
+) -> int:
+    """Register the compare layout, show it, and put each volume in its column.
+
+    Args:
+        scene: the MRML scene.
+        volumeNodes: four volume nodes (or ``None`` for an empty column) in the order of :data:`COMPARE_COLUMNS`:
+            input CT, synthetic MR, round-trip CT, error map.
+        layoutId: ID under which the layout description is registered (replaced if it exists).
+        activate: make it the layout node's view arrangement.
+
+    Returns:
+        The layout ID.
+
+    Raises:
+        ValueError: ``volumeNodes`` does not hold exactly four entries.
+    """
+    if len(volumeNodes) != len(COMPARE_COLUMNS):
+        raise ValueError(f"Expected {len(COMPARE_COLUMNS)} volume nodes ({', '.join(COMPARE_COLUMNS)}), "
+                         f"got {len(volumeNodes)}.")
+    layoutNode = getOrCreateLayoutNode(scene)
+    description = compareLayoutDescription()
+    if layoutNode.IsLayoutDescription(layoutId):
+        layoutNode.SetLayoutDescription(layoutId, description)
+    else:
+        layoutNode.AddLayoutDescription(layoutId, description)
+    if activate:
+        layoutNode.SetViewArrangement(layoutId)
+
+    for orientation, color in COMPARE_ORIENTATIONS:
+        for column, volumeNode in zip(COMPARE_COLUMNS, volumeNodes, strict=True):
+            viewName = compareViewName(column, orientation)
+            label = f"{_COLUMN_LABELS[column]}-{orientation[0]}"
+            sliceNode = _getOrCreateSliceNode(scene, viewName, orientation, color, label)
+            compositeNode = _getOrCreateSliceCompositeNode(scene, sliceNode)
+            wasModifying = compositeNode.StartModify()
+            compositeNode.SetBackgroundVolumeID(volumeNode.GetID() if volumeNode is not None else None)
+            compositeNode.SetForegroundVolumeID(None)
+            compositeNode.SetLabelVolumeID(None)
+            compositeNode.SetLinkedControl(True)
+            compositeNode.EndModify(wasModifying)
+            if volumeNode is not None:
+                _centerOn(sliceNode, volumeNode)
+    return layoutId

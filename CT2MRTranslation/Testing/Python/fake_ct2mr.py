@@ -1,0 +1,95 @@
+"""A stand-in for ``python -m ct2mr translate ... --progress json`` used by the Logic tests.
+
+It is a real process that honours the engine's contract (one JSON event per stdout line; outputs
+``synthetic_mr.nii.gz``, ``roundtrip_ct.nii.gz`` and ``error_map.nii.gz`` on the input's voxel grid), with simple
+arithmetic in place of the networks, so that the Logic is tested end to end without torch or a model:
+
+- synthetic MR = clip((x + 600) / 1600, 0, 1) * 2 - 1 (the thesis's CT normalisation, section 4), in [-1, 1];
+- round-trip CT = the inverse mapping back to HU (so values outside [-600, 1000] HU are clipped);
+- error map = |round-trip CT - x| (HU).
+
+``--mode`` (before the sub-command) selects a behaviour: ``ok``, ``fail`` (error event, exit 2), ``crash``
+(traceback on stderr, exit 1), ``shifted`` (outputs with the origin moved by 2 mm), ``resized`` (outputs one slice
+short), ``nodone`` (exit 0 without a done event), ``sleep`` (starts a child process, reports its pid, then waits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def emit(**event) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fake_ct2mr")
+    parser.add_argument("--mode", default="ok",
+                        choices=["ok", "fail", "crash", "shifted", "resized", "nodone", "sleep"])
+    commands = parser.add_subparsers(dest="command", required=True)
+    translate = commands.add_parser("translate")
+    translate.add_argument("input")
+    translate.add_argument("-o", "--output", required=True)
+    translate.add_argument("--model")
+    translate.add_argument("--device", default="auto")
+    translate.add_argument("--overlap", type=float, default=0.5)
+    translate.add_argument("--progress", choices=["json", "bar", "none"], default="bar")
+    translate.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    args = parser.parse_args(argv)
+
+    emit(event="start", input=args.input, device="cpu" if args.device == "auto" else args.device,
+         model=args.model, overlap=args.overlap, argv=sys.argv[sys.argv.index("translate"):])
+    print("plain text from a library", flush=True)
+    if args.mode == "sleep":
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        emit(event="progress", stage="G", fraction=0.1, message="sleeping", child_pid=child.pid)
+        time.sleep(120)
+        return 0
+    if args.mode == "crash":
+        raise MemoryError("fake CUDA out of memory")
+    if args.mode == "nodone":
+        return 0
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(args.input)
+    emit(event="progress", stage="preprocess", fraction=0.1, message="read input")
+    if args.mode == "fail":
+        emit(event="error", message="fake failure: the model does not fit this input")
+        return 2
+    emit(event="warning", message="fake engine: no network, arithmetic only")
+    ct = sitk.GetArrayFromImage(image).astype(np.float32)  # (z, y, x), HU
+    synthetic = np.clip((ct + 600.0) / 1600.0, 0.0, 1.0) * 2.0 - 1.0
+    emit(event="progress", stage="G", fraction=0.4, message="G(x)")
+    roundTrip = (synthetic + 1.0) / 2.0 * 1600.0 - 600.0
+    emit(event="progress", stage="F", fraction=0.7, message="F(G(x))")
+    error = np.abs(roundTrip - ct)
+    emit(event="progress", stage="postprocess", fraction=0.8, message="error map")
+
+    os.makedirs(args.output, exist_ok=True)
+    outputs = {}
+    for key, array in (("synthetic_mr", synthetic), ("roundtrip_ct", roundTrip), ("error_map", error)):
+        if args.mode == "resized":
+            array = array[:-1]
+        result = sitk.GetImageFromArray(array.astype(np.float32))
+        result.SetSpacing(image.GetSpacing())
+        result.SetDirection(image.GetDirection())
+        origin = image.GetOrigin()
+        if args.mode == "shifted":
+            origin = (origin[0] + 2.0, origin[1], origin[2])
+        result.SetOrigin(origin)
+        outputs[key] = os.path.join(args.output, f"{key}.nii.gz")
+        sitk.WriteImage(result, outputs[key], useCompression=True, compressionLevel=1)
+    emit(event="progress", stage="write", fraction=1.0, message="written")
+    emit(event="done", outputs=outputs, seconds=0.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
