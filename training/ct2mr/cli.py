@@ -2,6 +2,9 @@
 
 Sub-commands:
 
+* ``ct2mr preprocess --modality ct|mr INPUTS... --out DIR``: the thesis's preprocessing chain over a collection,
+  into training-ready HDF5 (:func:`ct2mr.batch.preprocess_batch`).
+* ``ct2mr qc DIR... --out QC_DIR``: Table 2, clipped voxels, left-right check and figures (:func:`ct2mr.qc.run_qc`).
 * ``ct2mr translate CT -o OUT_DIR``: synthetic MR, round-trip CT and error map on the CT's grid
   (:func:`ct2mr.inference.translate_file`).
 * ``ct2mr train --ct ... --mr ... --out RUN_DIR``: train a 3D CycleGAN (:func:`ct2mr.training.train`).
@@ -30,6 +33,27 @@ EXAMPLES_TRANSLATE = """examples:
   ct2mr translate chest.nrrd -o out/ --overlap 0.25 --progress json
 """
 
+EXAMPLES_PREPROCESS = """examples:
+  ct2mr preprocess --modality ct ct_folder/ dicom_series_folder/ --out prep/ct
+  ct2mr preprocess --modality mr cine_4d.nii.gz --select 0 5 10 --out prep/mr --n4
+  ct2mr preprocess --modality mr mr_folder/ --out prep/mr --mr-percentiles 0.5 99.5 --k 32 --jobs 2
+  ct2mr train --ct prep/ct --mr prep/mr --out runs/m1      # preprocessed files are used as they are
+
+outputs: DIR/<stem>.h5 (DIR/<stem>_tNNN.h5 per volume of a 4D series): dataset 'volume' (float32, (z, y, x),
+[-1, 1]) and attributes (source, shape, spacing, origin, direction, padding, every parameter, clipped voxels,
+software versions, git commit, config, timestamp); DIR/preprocess_log.jsonl: one line per volume and run.
+Exit status 1 when any volume failed (the others are still written).
+"""
+
+EXAMPLES_QC = """examples:
+  ct2mr qc prep/ct prep/mr --out qc/
+  ct2mr qc prep/ --out qc/ --example chest_ct_lung2 cardiac_cine_t000 --no-figures
+
+outputs: QC_DIR/table2.csv, table2.md (thesis Table 2 + clipped voxels), volumes.csv (one row per volume),
+qc_report.md (printed), and <modality>_triplanar.png, <modality>_histogram_raw.png,
+<modality>_histogram_preprocessed.png (thesis figures 12-17).
+"""
+
 EXAMPLES_TRAIN = """examples:
   ct2mr train --ct ct_folder/ --mr mr_folder/ --out runs/m1
   ct2mr train --ct a.nii.gz b.nrrd --mr cine_4d.nii.gz --out runs/small --steps 200 --patch-size 48 --width 8
@@ -40,11 +64,61 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``ct2mr`` command."""
     parser = argparse.ArgumentParser(
         prog="ct2mr", description="Unpaired 3D CT -> MR translation (CycleGAN family) for thoracic imaging: "
-        "preprocess, train, translate.")
+        "preprocess (and qc), train, translate.")
     parser.add_argument("--version", action="version", version=f"ct2mr {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level) to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    p = sub.add_parser("preprocess", help="preprocess CT or MR collections into training-ready HDF5 volumes",
+                       description="The preprocessing chain of the thesis (section 4, Algorithm 1) over files and "
+                       "folders (NIfTI, NRRD, MHA, HDF5 'volume' datasets, DICOM series folders; 4D series split into "
+                       "3D volumes): reorient to RAS from the direction cosines, resample to 1 mm with trilinear "
+                       "interpolation (size round(n * s / t); background: median for float, minimum for integer "
+                       "images), pad symmetrically to a multiple of K with the minimum, then CT: clip to the HU window "
+                       "-> [-1, 1]; MR: optional N4 bias-field correction, clip to the volume's percentiles -> "
+                       "[-1, 1] (a flat MR is warned about, zeroed and flagged). Volumes run in parallel; outputs "
+                       "that are up to date (same source, size, modification time and parameters) are skipped; "
+                       "writes are atomic and never touch the inputs; a failed volume does not stop the others.",
+                       epilog=EXAMPLES_PREPROCESS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="volume files or folders (a folder of files, or one "
+                   "DICOM series)")
+    p.add_argument("--modality", required=True, choices=("ct", "mr"), help="ct (HU) or mr (arbitrary units)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--select", type=int, nargs="+", metavar="T", help="0-based indices of the volumes to keep from "
+                   "4D series (cardiac phases, respiratory gates); default: all. 3D inputs ignore it")
+    p.add_argument("--spacing", type=float, default=1.0, metavar="MM", help="isotropic target spacing in mm "
+                   "(default: %(default)s)")
+    p.add_argument("--k", type=int, default=16, help="pad every axis to a multiple of K voxels (default: "
+                   "%(default)s)")
+    p.add_argument("--ct-window", type=float, nargs=2, default=(-600.0, 1000.0), metavar=("MIN", "MAX"),
+                   help="CT clipping window in HU (default: -600 1000)")
+    p.add_argument("--mr-percentiles", type=float, nargs=2, default=(1.0, 99.0), metavar=("LOW", "HIGH"),
+                   help="MR clipping percentiles (default: 1 99)")
+    p.add_argument("--n4", action="store_true", help="MR only: N4 bias-field correction (SimpleITK, Otsu mask, "
+                   "fitted on a shrunk image, applied at full resolution) before the chain")
+    p.add_argument("--n4-shrink", type=int, default=4, metavar="F", help="shrink factor of the N4 fit (default: "
+                   "%(default)s)")
+    p.add_argument("--jobs", type=int, metavar="N", help="parallel worker processes (default: min(4, CPU count); "
+                   "1 runs in this process)")
+    p.add_argument("--force", action="store_true", help="re-process volumes whose outputs are up to date")
+    p.add_argument("--progress", default="bar", choices=("bar", "json", "none"),
+                   help="bar for people, json (one object per stdout line) for programs (default: %(default)s)")
+
+    q = sub.add_parser("qc", help="quality control of preprocessed collections (Table 2, clipping, orientation)",
+                       description="Quality control of `ct2mr preprocess` outputs (CT and MR, in one folder or "
+                       "several): the thesis's Table 2 (clip percentiles, median P1 and P99, flagged volumes) and the "
+                       "percentage of clipped voxels per modality, a left-right orientation check (which side the "
+                       "heart/mediastinum falls on, per volume; a modality whose majority has it on the patient's "
+                       "right is flagged), and the raw-vs-preprocessed tri-planar views and log-frequency histograms "
+                       "with the clipping bounds (thesis figures 12-17). The raw view re-reads the source when it is "
+                       "still reachable and unchanged.",
+                       epilog=EXAMPLES_QC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("dirs", nargs="+", metavar="DIR", help="folders of preprocessed HDF5 files (or single files)")
+    q.add_argument("--out", required=True, metavar="QC_DIR", help="folder for the tables and figures")
+    q.add_argument("--example", nargs="+", metavar="NAME", help="volume names shown in the tri-planar figures "
+                   "(default: the first non-flat volume of each modality)")
+    q.add_argument("--no-figures", action="store_true", help="tables and report only")
 
     t = sub.add_parser("translate", help="translate a CT into a synthetic MR (+ round trip and error map)",
                        description="Translate a CT with generator G (CT -> MR) and back with F (MR -> CT). Writes "
@@ -175,6 +249,58 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _preprocess(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .batch import preprocess_batch
+    from .preprocessing import PreprocessingConfig
+
+    config = PreprocessingConfig(target_spacing=args.spacing, k=args.k, ct_window=tuple(args.ct_window),
+                                 mr_percentiles=tuple(args.mr_percentiles), n4=args.n4, n4_shrink=args.n4_shrink)
+    bar = None
+    if args.progress == "bar":
+        from tqdm.auto import tqdm
+
+        def progress(done: int, total: int, result) -> None:  # noqa: ANN001
+            nonlocal bar
+            if bar is None:  # created at the first volume, so that up-front errors stay one line
+                bar = tqdm(total=total, unit="vol", file=sys.stderr, desc=f"preprocess {args.modality}")
+            bar.update(1)
+            bar.set_postfix_str(f"{result.status} {result.name}"[:40])
+            for message in result.warnings:
+                bar.write(f"ct2mr preprocess: warning: {result.name}: {message}", file=sys.stderr)
+            if result.status == "failed":
+                bar.write(f"ct2mr preprocess: FAILED {result.name}: {result.message}", file=sys.stderr)
+    elif args.progress == "json":
+        def progress(done: int, total: int, result) -> None:  # noqa: ANN001
+            print(json.dumps({"event": "progress", "stage": "preprocess", "fraction": round(done / total, 4),
+                              "volume": result.to_dict()}), flush=True)
+    else:
+        def progress(done: int, total: int, result) -> None:  # noqa: ANN001
+            for message in result.warnings:
+                print(f"ct2mr preprocess: warning: {result.name}: {message}", file=sys.stderr)
+    try:
+        summary = preprocess_batch(args.inputs, args.out, args.modality, config, args.select, args.jobs, args.force,
+                                   progress, "ct2mr " + shlex.join(argv))
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.progress == "json":
+        print(json.dumps({"event": "done", "out": str(summary.out_dir), "seconds": round(summary.seconds, 3),
+                          **{status: summary.count(status) for status in ("ok", "skipped", "failed")},
+                          "flagged": [r.name for r in summary.flagged], "log": str(summary.log)}), flush=True)
+    else:
+        print(summary.text())
+    return 1 if summary.failed else 0
+
+
+def _qc(args: argparse.Namespace) -> int:
+    from .qc import run_qc
+
+    report = run_qc(args.dirs, args.out, figures=not args.no_figures, examples=args.example)
+    print(report.markdown)
+    print(f"Written to {report.out_dir}: {', '.join(p.name for p in report.files)}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -212,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        if args.command == "preprocess":
+            return _preprocess(args, argv)
+        if args.command == "qc":
+            return _qc(args)
         if args.command == "translate":
             return _translate(args)
         if args.command == "train":

@@ -1,5 +1,8 @@
 """Unpaired CT and MR volumes for training: loading through the preprocessing chain, and random 3D patches.
 
+Inputs may also be outputs of ``ct2mr preprocess`` (HDF5 files with ``ct2mr_preprocessed`` = 1): those are used as
+they are (their stored record included), and the ones flagged flat are skipped.
+
 CT and MR collections are independent (unpaired, thesis section 5): each training step draws a CT patch and an MR
 patch from random volumes of each domain. Patches are (B, 1, D, H, W) tensors in [-1, 1].
 """
@@ -15,6 +18,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from .batch import is_preprocessed, read_preprocessed
 from .io import list_images, read_volumes
 from .preprocessing import FlatVolumeWarning, PreprocessingConfig, PreprocessRecord, preprocess
 
@@ -44,8 +48,11 @@ def load_domain(inputs: str | Path | Iterable[str | Path], modality: str, config
                 progress: Callable[[int, int, str], None] | None = None) -> list[DomainVolume]:
     """Read and preprocess every volume of one domain; 4D series are split into 3D volumes, flat MRs skipped.
 
+    Outputs of ``ct2mr preprocess`` (:func:`ct2mr.batch.is_preprocessed`) are used as they are, not preprocessed a
+    second time; flagged (flat) ones are skipped, and parameters that differ from ``config`` are logged as a warning.
+
     Args:
-        inputs: files and folders (see :func:`ct2mr.io.list_images`).
+        inputs: files and folders (see :func:`ct2mr.io.list_images`), raw or preprocessed by ``ct2mr preprocess``.
         modality: ``"ct"`` or ``"mr"``.
         config: preprocessing parameters (thesis defaults when ``None``).
         progress: ``callback(done, total, name)`` after each file.
@@ -55,12 +62,27 @@ def load_domain(inputs: str | Path | Iterable[str | Path], modality: str, config
 
     Raises:
         FileNotFoundError, ct2mr.io.ImageReadError: a path is missing or unreadable.
-        ValueError: nothing usable was found.
+        ValueError: nothing usable was found, or a preprocessed file of the other modality.
     """
     config = config or PreprocessingConfig()
     paths = list_images(inputs)
     volumes: list[DomainVolume] = []
     for i, path in enumerate(paths):
+        if is_preprocessed(path):
+            stored = read_preprocessed(path)
+            if stored.modality != modality:
+                raise ValueError(f"{path} was preprocessed as {stored.modality.upper()}, not {modality.upper()}.")
+            if stored.flat:
+                logger.warning("%s: flagged flat at preprocessing (P99 ~ P1); skipped", stored.name)
+            else:
+                changed = sorted(k for k, v in config.to_dict().items() if stored.record.config.get(k) != v)
+                if changed:
+                    logger.warning("%s was preprocessed with other parameters (%s) than this run; used as it is",
+                                   path, ", ".join(f"{k}={stored.record.config.get(k)}" for k in changed))
+                volumes.append(DomainVolume(stored.name, str(path), stored.array, stored.record))
+            if progress:
+                progress(i + 1, len(paths), path.name)
+            continue
         for name, image in read_volumes(path):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", FlatVolumeWarning)

@@ -186,6 +186,75 @@ def read_hdf5(path: str | os.PathLike) -> sitk.Image:
     return image
 
 
+def _nifti_data_end(header: bytes) -> int | None:
+    """Bytes a NIfTI-1/-2 file must hold (``vox_offset`` + voxel data) according to its header; ``None`` if unknown."""
+    import struct
+
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            vox_offset = int(struct.unpack(endian + "q", header[168:176])[0])
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or bitpix <= 0:
+        return None
+    voxels = 1
+    for n in dims[1: dims[0] + 1]:
+        voxels *= max(int(n), 1)
+    return vox_offset + voxels * bitpix // 8
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Raise :class:`ImageReadError` for a truncated NIfTI file, which ITK would silently fill with zeros.
+
+    Uncompressed files are checked against their size; ``.nii.gz`` files against the gzip trailer's ISIZE (the
+    uncompressed size modulo 2**32), and only when that disagrees, by decompressing the stream.
+    """
+    import gzip
+    import zlib
+
+    compressed = image_suffix(path) == ".nii.gz"
+    try:
+        if compressed:
+            with gzip.open(path, "rb") as f:
+                header = f.read(544)
+        else:
+            with open(path, "rb") as f:
+                header = f.read(544)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ImageReadError(f"{path} could not be read as a medical image ({exc}). Is the file truncated or of "
+                             "another kind?") from exc
+    expected = _nifti_data_end(header)
+    if expected is None:
+        return  # not a NIfTI header: let ITK report it
+    if not compressed:
+        actual = path.stat().st_size
+    else:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            if int.from_bytes(f.read(4), "little") == expected % 2**32:
+                return
+        actual = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 16):
+                    actual += len(chunk)
+        except (OSError, EOFError, zlib.error):
+            raise ImageReadError(f"{path} is truncated or corrupt: its compressed data end before the end of the "
+                                 f"stream (after about {actual} of the {expected} bytes its header announces). Copy "
+                                 "or export it again.") from None
+    if actual < expected:
+        raise ImageReadError(f"{path} is truncated: its header announces {expected} bytes but it holds {actual}. "
+                             "Copy or export it again.")
+
+
 def _read_any(path: Path) -> sitk.Image:
     if not path.exists():
         raise FileNotFoundError(f"No such file or folder: {path}. Check the path and try again.")
@@ -204,6 +273,8 @@ def _read_any(path: Path) -> sitk.Image:
             raise ImageReadError(f"Could not read the DICOM series in {path}: {exc}") from exc
     if image_suffix(path) in HDF5_SUFFIXES:
         return read_hdf5(path)
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:

@@ -116,7 +116,8 @@ def test_train_writes_a_safe_checkpoint_with_every_preprocessing_parameter(tiny_
     meta = json.loads(proc.stdout)
     assert meta["format"] == "ct2mr.cyclegan"
     assert meta["preprocessing"] == {"target_spacing": 1.0, "k": 16, "ct_window": [-600.0, 1000.0],
-                                     "mr_percentiles": [1.0, 99.0], "orientation": "RAS", "flat_tolerance": 1e-06}
+                                     "mr_percentiles": [1.0, 99.0], "orientation": "RAS", "flat_tolerance": 1e-06,
+                                     "n4": False, "n4_shrink": 4, "n4_iterations": [50, 50, 30, 20]}
     assert meta["architecture"]["generator"]["name"] == "resnet"
     config = meta["training"]["config"]
     assert (config["lambda_cyc"], config["lambda_id"], config["lr"], config["betas"]) == (10.0, 0.2, 2e-4, [0.5, 0.999])

@@ -102,3 +102,15 @@ def test_list_images_expands_folders_and_dicom_series():
     found = list_images(THORAX_CT.parent)
     assert DICOM_CT in found and THORAX_CT in found
     assert all(p.suffix != ".txt" for p in found)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_nifti_is_an_error_not_zeros(tmp_path, suffix):
+    need(THORAX_CT)
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(sitk.RegionOfInterest(read_image(THORAX_CT), (64, 64, 32), (80, 50, 80)), str(whole))
+    assert read_image(whole).GetSize() == (64, 64, 32)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])  # ITK alone would fill the rest with zeros
+    with pytest.raises(ImageReadError, match="truncated"):
+        read_image(cut)

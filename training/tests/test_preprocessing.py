@@ -122,7 +122,8 @@ def test_resampling_keeps_origin_and_direction():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"k": 0}, "k must be"), ({"ct_window": (1000, -600)}, "ct_window"), ({"mr_percentiles": (99, 1)}, "percentiles"),
-    ({"target_spacing": -1}, "target_spacing"),
+    ({"target_spacing": -1}, "target_spacing"), ({"n4_shrink": 0}, "n4_shrink"),
+    ({"n4_iterations": ()}, "n4_iterations"), ({"n4": "yes"}, "n4 must be"),
 ])
 def test_bad_parameters_are_refused_up_front(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -132,3 +133,18 @@ def test_bad_parameters_are_refused_up_front(kwargs, match):
 def test_unknown_modality_is_refused():
     with pytest.raises(ValueError, match="modality must be one of"):
         preprocess(sitk.Image(8, 8, 8, sitk.sitkFloat32), "pet")
+
+
+def test_config_round_trips_through_its_dict_and_old_dicts_get_the_defaults():
+    config = PreprocessingConfig(k=32, mr_percentiles=(0.5, 99.5), n4=True, n4_shrink=2, n4_iterations=(20, 10))
+    assert PreprocessingConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["n4_iterations"] == [20, 10]
+    old = {"target_spacing": 1.0, "k": 16, "ct_window": [-600.0, 1000.0], "mr_percentiles": [1.0, 99.0],
+           "orientation": "RAS", "flat_tolerance": 1e-06}  # a checkpoint written before N4 existed
+    assert PreprocessingConfig.from_dict(old) == PreprocessingConfig()
+
+
+def test_n4_applies_to_mr_only():
+    image = sitk.Image(24, 24, 24, sitk.sitkFloat32) + 100.0
+    pre = preprocess(image, "ct", PreprocessingConfig(n4=True))
+    assert pre.record.extra["n4"] is False and pre.record.config["n4"] is True
