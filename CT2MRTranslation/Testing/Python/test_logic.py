@@ -231,6 +231,7 @@ def test_invalid_arguments(mrml, logic, fakeEngineFactory, tmp_path, case, error
 
 
 @pytest.mark.engine
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("ct2mr") is None, reason="the ct2mr engine package is not installed")
 def test_translate_with_the_real_engine(mrml, logic):
     ctNode = mrml.loadVolume(dataFile("ct/thorax_cta_heart_crop_1p5mm.nii.gz"), "Heart CT")
