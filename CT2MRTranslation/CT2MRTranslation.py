@@ -134,7 +134,8 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setRunning(self, running: bool) -> None:
         """Enable the controls that make sense while a translation runs (or not)."""
         for widget in (self.ui.inputSelector, self.ui.modelPathLineEdit, self.ui.deviceComboBox,
-                       self.ui.overlapSpinBox):
+                       self.ui.overlapSpinBox, self.ui.segmentationSelector, self.ui.exportPairCheckBox,
+                       self.ui.exportFolderPathLineEdit):
             widget.enabled = not running
         self.ui.cancelButton.enabled = running
         self.ui.progressBar.visible = running
@@ -189,11 +190,28 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.resetSliceViews()
                 self.ui.statusLabel.text = _("Done in {seconds:.1f} s: {names}.").format(
                     seconds=result.seconds, names=", ".join(node.GetName() for node in result.volumeNodes))
+                self.transferLabels(result)
         except Exception:
             # The dialog shows the details; the log keeps them (also when testing, where no dialog is shown).
             logging.exception("CT to MR translation failed")
             self.cancelJob()
             self.ui.statusLabel.text = _("Translation failed; see the error message.")
+
+    def transferLabels(self, result: CT2MRTranslationResult) -> None:
+        """Show the CT's segmentation over the synthetic MR and, if asked, export the pair as training data."""
+        segmentationNode = self.ui.segmentationSelector.currentNode()
+        if segmentationNode is None:
+            return
+        self.logic.showSegmentationOver(segmentationNode, result.syntheticMR)
+        if not self.ui.exportPairCheckBox.checked:
+            return
+        folder = self.ui.exportFolderPathLineEdit.currentPath.strip()
+        if not folder:
+            raise ValueError(_("Choose a dataset folder to export the training pair to."))
+        paths = self.logic.exportTrainingPair(result.syntheticMR, segmentationNode, folder)
+        self.ui.exportFolderPathLineEdit.addCurrentPathToHistory()
+        self.ui.statusLabel.text += " " + _("Exported {image} and {label}.").format(
+            image=os.path.basename(paths["image"]), label=os.path.basename(paths["label"]))
 
     def onCancelButton(self) -> None:
         """Kill the engine process tree and forget the job."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import slicer
 
-from . import nodes, views
+from . import export, nodes, views
 from .runner import EngineEvent, ProcessFactory, TranslationProcess, TranslationProcessProtocol, engineCommand
 
 try:  # In Slicer; absent from the slicer-core wheel.
@@ -366,6 +366,19 @@ class CT2MRTranslationLogic(_LogicBase):
             job.state = "cancelled"
             job.message = "Cancelled"
             shutil.rmtree(job.workDir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ label transfer
+
+    @staticmethod
+    def showSegmentationOver(segmentationNode, volumeNode) -> None:
+        """Show the CT's segmentation over the synthetic MR in every view (:func:`export.showSegmentationOver`)."""
+        export.showSegmentationOver(segmentationNode, volumeNode)
+
+    @staticmethod
+    def exportTrainingPair(syntheticMRNode, segmentationNode, outputFolder: str, caseId: str | None = None,
+                           fmt: str = "nnunet") -> dict[str, str]:
+        """Export (synthetic MR, segmentation) as an nnU-Net / MONAI training case (:func:`export.exportTrainingPair`)."""
+        return export.exportTrainingPair(syntheticMRNode, segmentationNode, outputFolder, caseId, fmt)
 
     # ------------------------------------------------------------------ helpers
 
