@@ -1,8 +1,21 @@
-"""Training objectives of the thesis (section 6.3). No file I/O happens here; tensors are (B, C, D, H, W)."""
+"""Training objectives of the thesis (sections 6.3, 7.7 and 8). No file I/O happens here; tensors are (B, C, D, H, W).
+
+* adversarial heads LSGAN / WGAN-GP / hinge / cross-entropy and DC-CycleGAN's dual contrast (:mod:`.adversarial`);
+* cycle and identity L1, SSIM-3D and the Mix(L1, SSIM-3D) cycle term (:mod:`.cycle`, :mod:`.ssim`);
+* Hist-CycleGAN's soft histogram loss and the joint-histogram mutual information (:mod:`.histogram`);
+* the Rician forward model and likelihood of magnitude MR (:mod:`.rician`).
+"""
 
 from __future__ import annotations
 
-from .adversarial import ADVERSARIAL_HEADS, AdversarialLoss
-from .cycle import cycle_loss, identity_loss
+from .adversarial import ADVERSARIAL_HEADS, BETA_RANGE, AdversarialLoss, check_beta, dual_contrast_loss
+from .cycle import cycle_loss, identity_loss, structural_cycle_loss
+from .histogram import (HISTOGRAM_DISTANCES, histogram_distance, histogram_loss, mutual_information,
+                        mutual_information_loss, soft_histogram)
+from .rician import log_i0, rician_corrupt, rician_mixed_loss, rician_nll
+from .ssim import ssim3d
 
-__all__ = ["ADVERSARIAL_HEADS", "AdversarialLoss", "cycle_loss", "identity_loss"]
+__all__ = ["ADVERSARIAL_HEADS", "BETA_RANGE", "AdversarialLoss", "check_beta", "dual_contrast_loss", "cycle_loss",
+           "identity_loss", "structural_cycle_loss", "ssim3d", "HISTOGRAM_DISTANCES", "soft_histogram",
+           "histogram_distance", "histogram_loss", "mutual_information", "mutual_information_loss",
+           "rician_corrupt", "rician_nll", "rician_mixed_loss", "log_i0"]

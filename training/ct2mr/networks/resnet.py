@@ -45,7 +45,14 @@ class ResnetGenerator3D(nn.Module):
         out_channels: output channels.
         base_channels: width of the stem (CycleGAN uses 64; 8-16 fits a laptop); the bottleneck has 4x this.
         n_blocks: residual blocks (9 for ResNet-9b, 6 for ResNet-6b).
-        norm: ``"instance"``, ``"batch"`` or ``"none"``.
+        norm: a name of :data:`ct2mr.networks.norm.NORMS` (``"instance"``, ``"batch"``, ``"layer"``,
+            ``"switchable"``, ``"none"``).
+
+    Parameter names (state-dict keys) for a given configuration never change: checkpoints written by earlier
+    versions keep loading.
+
+    Raises:
+        ValueError: ``base_channels < 1``, ``n_blocks < 0`` or an unknown norm name.
 
     Input (B, in_channels, D, H, W) with D, H, W multiples of 4 (the preprocessing pads to a multiple of K = 16);
     output (B, out_channels, D, H, W) in [-1, 1].
@@ -56,6 +63,7 @@ class ResnetGenerator3D(nn.Module):
         super().__init__()
         if base_channels < 1 or n_blocks < 0:
             raise ValueError(f"base_channels must be >= 1 and n_blocks >= 0, got {base_channels}, {n_blocks}.")
+        make_norm(norm, 1)  # validates the name up front
         c = base_channels
         layers: list[nn.Module] = [
             nn.Conv3d(in_channels, c, 7, padding=3, padding_mode="replicate"), make_norm(norm, c), nn.ReLU(True),
