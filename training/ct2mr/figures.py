@@ -6,6 +6,12 @@
 * :func:`plot_preprocessed_histogram`: log-frequency histogram after normalisation to [-1, 1] with the clipping bounds
   and the share of clipped voxels (figures 13 and 17).
 
+Evaluation figures (``ct2mr evaluate`` and ``ct2mr compare``, thesis section 7):
+
+* :func:`plot_triplanar_panels`: columns of tri-planar views, e.g. CT | synthetic MR | real MR reference (figures 5
+  and 10), CT | round trip | absolute error map (figure 6), or several models side by side.
+* :func:`plot_histogram_overlay`: intensity densities of synthetic (orange) vs real (blue) volumes (figures 8, 11).
+
 Views follow the radiological convention: the patient's right on the viewer's left, anterior up in axial views,
 superior up in coronal and sagittal views. Volumes are NumPy (z, y, x) arrays on a RAS grid (x towards the patient's
 right, y anterior, z superior). matplotlib's non-interactive Agg backend is used; nothing is shown on screen.
@@ -19,7 +25,13 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["triplanar_slices", "plot_triplanar", "plot_raw_histograms", "plot_preprocessed_histogram"]
+__all__ = ["triplanar_slices", "plot_triplanar", "plot_raw_histograms", "plot_preprocessed_histogram",
+           "Panel", "plot_triplanar_panels", "plot_histogram_overlay"]
+
+
+#: One column of :func:`plot_triplanar_panels`: ``(label, slices, (vmin, vmax), colormap)`` with ``slices`` as
+#: :func:`triplanar_slices` returns them.
+Panel = tuple  # (str, list[tuple[str, np.ndarray, float]], tuple[float, float], str)
 
 
 def _pyplot():
@@ -179,6 +191,106 @@ def plot_preprocessed_histogram(path: str | os.PathLike, counts: Sequence[int], 
     ax.set_xlabel("normalised intensity")
     ax.set_ylabel("voxels (log scale)")
     ax.set_title(title, fontsize=11, pad=16)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+# --- Evaluation figures (thesis section 7: figures 5, 6, 8, 10, 11) -------------------------------------------------
+
+def plot_triplanar_panels(path: str | os.PathLike, panels: Sequence[Panel], title: str = "", note: str = "",
+                          colorbar: bool = True) -> Path:
+    """Write a grid of tri-planar views: one column per panel, rows axial / coronal / sagittal.
+
+    Thesis figures 5 and 10 (CT | synthetic MR | ... | real MR reference) and 6 (CT | round trip F(G(x)) | absolute
+    error map), and the side-by-side comparison of ``ct2mr compare``.
+
+    Args:
+        path: destination PNG.
+        panels: ``(label, slices, (vmin, vmax), colormap)`` per column; ``slices`` is
+            :func:`triplanar_slices` of a (z, y, x) RAS volume (radiological display: patient right on the left).
+        title: figure title.
+        note: a smaller line under the title (e.g. units, what the reference MR is).
+        colorbar: draw a colour bar under each column.
+
+    Returns:
+        The PNG path.
+
+    Raises:
+        ValueError: no panels.
+    """
+    if not panels:
+        raise ValueError("plot_triplanar_panels needs at least one panel.")
+    plt = _pyplot()
+    n = len(panels)
+    fig, axes = plt.subplots(3, n, figsize=(3.2 * n, 9.6), squeeze=False)
+    for c, (label, slices, (vmin, vmax), cmap) in enumerate(panels):
+        for r, (plane, image, aspect) in enumerate(slices):
+            ax = axes[r, c]
+            shown = ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize=10)
+            if c == 0:
+                ax.set_ylabel(plane, fontsize=10)
+            if plane in ("axial", "coronal"):
+                ax.text(0.01, 0.5, "R", transform=ax.transAxes, color="yellow", fontsize=8, va="center")
+                ax.text(0.95, 0.5, "L", transform=ax.transAxes, color="yellow", fontsize=8, va="center")
+            if colorbar and r == 2:
+                fig.colorbar(shown, ax=ax, orientation="horizontal", fraction=0.05, pad=0.04)
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_histogram_overlay(path: str | os.PathLike, edges: Sequence[float], real: tuple[str, Sequence[float]],
+                           synthetic: Sequence[tuple[str, Sequence[float]]], title: str = "",
+                           xlabel: str = "normalised MR intensity [-1, 1]", note: str = "") -> Path:
+    """Write intensity histograms of synthetic vs real volumes as densities (thesis figures 8 and 11).
+
+    The real distribution is drawn in blue and filled, the first synthetic one in orange (the thesis's colours),
+    further ones (harmonised variants, other models) in the next colours of the cycle.
+
+    Args:
+        path: destination PNG.
+        edges: bin edges (``len(counts) + 1`` values).
+        real: ``(label, counts)`` of the real target domain (e.g. real MR inside the body masks).
+        synthetic: ``(label, counts)`` per synthetic distribution.
+        title: figure title.
+        xlabel: x-axis label with units.
+        note: a line written in the upper right corner (e.g. the W1 distances).
+
+    Returns:
+        The PNG path.
+    """
+    plt = _pyplot()
+    edges = np.asarray(edges, float)
+    widths = np.diff(edges)
+
+    def density(counts: Sequence[float]) -> np.ndarray:
+        counts = np.asarray(counts, float)
+        total = counts.sum()
+        return counts / (total * widths) if total > 0 else counts
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    label, counts = real
+    ax.stairs(density(counts), edges, fill=True, alpha=0.35, color="tab:blue", label=label)
+    ax.stairs(density(counts), edges, color="tab:blue", linewidth=1.0)
+    colours = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+    for i, (label, counts) in enumerate(synthetic):
+        ax.stairs(density(counts), edges, color=colours[i % len(colours)], linewidth=1.4, label=label)
+    if note:
+        ax.text(0.99, 0.97, note, transform=ax.transAxes, ha="right", va="top", fontsize=8, family="monospace")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=11)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=80)

@@ -35,6 +35,8 @@ __all__ = [
     "resolve_device",
     "resolve_precision",
     "sliding_window",
+    "DIRECTIONS",
+    "translate_volume",
     "translate_image",
     "translate_file",
     "OUTPUT_NAMES",
@@ -208,8 +210,76 @@ def sliding_window(net: torch.nn.Module, volume: torch.Tensor, settings: Inferen
                                         device=volume.device, padding_mode="replicate")
 
 
+#: Translation directions of :func:`translate_volume`: ``"ct2mr"`` runs G then F, ``"mr2ct"`` runs F then G.
+DIRECTIONS = ("ct2mr", "mr2ct")
+
+
+def translate_volume(volume: np.ndarray, checkpoint: Checkpoint, direction: str = "ct2mr",
+                     settings: InferenceSettings | None = None, progress: ProgressCallback | None = None,
+                     roundtrip: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Translate a preprocessed volume on the network grid, and back (thesis eq. 5.4, cycle consistency).
+
+    ``"ct2mr"``: ``G(x)`` then ``F(G(x))``; ``"mr2ct"``: ``F(y)`` then ``G(F(y))``. Both passes use
+    :func:`sliding_window` with the same settings; the second pass runs on the first's output without re-reading or
+    re-normalising it.
+
+    Args:
+        volume: (z, y, x) float32 array in [-1, 1] on the 1 mm RAS padded grid (:func:`ct2mr.preprocessing.preprocess`
+            with modality ``"ct"`` for ``"ct2mr"``, ``"mr"`` for ``"mr2ct"``).
+        checkpoint: a loaded checkpoint; its generators are moved to the settings' device.
+        direction: one of :data:`DIRECTIONS`.
+        settings: inference settings; ``None`` uses the defaults.
+        progress: ``callback(stage, fraction_of_stage, message)`` with stages ``"G"`` and ``"F"``.
+        roundtrip: also run the second generator (``False``: the second output is ``None``).
+
+    Returns:
+        ``(translated, reconstructed, info)``: (z, y, x) float32 arrays in [-1, 1] on the same grid, and
+        ``{"device", "precision", "roi_size", "seconds": {"G", "F"}}``.
+
+    Raises:
+        ValueError: unknown direction, bad settings or not a 3D array.
+        RuntimeError: out of memory on the device (the message suggests a smaller window or CPU).
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.ndim != 3:
+        raise ValueError(f"translate_volume needs a (z, y, x) array, got shape {volume.shape}.")
+    settings = settings or InferenceSettings()
+    report = progress or (lambda stage, fraction, message: None)
+    device = resolve_device(settings.device)
+    dtype = resolve_precision(settings.precision, device)
+    roi = settings.roi_size or tuple(checkpoint.inference.get("roi_size") or DEFAULT_ROI)
+    G = checkpoint.G.to(device).eval()
+    F = checkpoint.F.to(device).eval()
+    if device.type == "cuda":
+        G, F = (m.to(memory_format=torch.channels_last_3d) for m in (G, F))
+        torch.backends.cudnn.benchmark = True
+    passes = [("G", G, "Synthetic MR G(x)"), ("F", F, "Round trip F(G(x))")]
+    if direction == "mr2ct":
+        passes = [("F", F, "Synthetic CT F(y)"), ("G", G, "Round trip G(F(y))")]
+    if not roundtrip:
+        passes = passes[:1]
+    stitch_device = device if device.type == "cuda" else torch.device("cpu")
+    current = torch.from_numpy(volume)[None, None].to(stitch_device)
+    outputs, seconds = [], {}
+    try:
+        for stage, net, message in passes:
+            t = time.perf_counter()
+            current = sliding_window(net, current, settings, roi, device, dtype,
+                                     lambda f, stage=stage, message=message: report(stage, f, message))
+            seconds[stage] = time.perf_counter() - t
+            outputs.append(current[0, 0].cpu().numpy())
+    except torch.OutOfMemoryError as exc:
+        raise RuntimeError(f"Out of memory on {device} while translating a {list(volume.shape)} volume. Try a "
+                           "smaller --roi-size or --sw-batch-size, or --device cpu.") from exc
+    info = {"device": str(device), "precision": str(dtype).replace("torch.", ""), "roi_size": list(roi),
+            "seconds": seconds}
+    return outputs[0], (outputs[1] if roundtrip else None), info
+
+
 def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceSettings | None = None,
-                    progress: ProgressCallback | None = None) -> TranslationResult:
+                    progress: ProgressCallback | None = None, harmonizer: Any = None) -> TranslationResult:
     """Translate one CT: synthetic MR, round-trip CT in HU and error map, all on the input's grid.
 
     Args:
@@ -217,6 +287,9 @@ def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceS
         checkpoint: a loaded checkpoint; its G and F are moved to the settings' device.
         settings: inference settings; ``None`` uses the defaults.
         progress: ``callback(stage, fraction_of_stage, message)``.
+        harmonizer: a fitted :class:`ct2mr.harmonization.Harmonizer` applied to the synthetic MR on the input grid,
+            with its statistics inside the CT's body mask (thesis 7.6, post-hoc harmonisation); ``None`` (default)
+            leaves G(x) as it is. The round trip and error map always use the unharmonised G(x).
 
     Returns:
         The :class:`TranslationResult`.
@@ -227,9 +300,6 @@ def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceS
     """
     settings = settings or InferenceSettings()
     report = progress or (lambda stage, fraction, message: None)
-    device = resolve_device(settings.device)
-    dtype = resolve_precision(settings.precision, device)
-    roi = settings.roi_size or tuple(checkpoint.inference.get("roi_size") or DEFAULT_ROI)
     window = checkpoint.preprocessing.ct_window
     timings: dict[str, float] = {}
 
@@ -239,42 +309,32 @@ def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceS
     timings["preprocess"] = time.perf_counter() - t0
     report("preprocess", 1.0, f"Network grid {list(pre.array.shape)} (z, y, x) voxels")
 
-    G = checkpoint.G.to(device).eval()
-    F = checkpoint.F.to(device).eval()
-    if device.type == "cuda":
-        G, F = (m.to(memory_format=torch.channels_last_3d) for m in (G, F))
-        torch.backends.cudnn.benchmark = True
-    volume = torch.from_numpy(pre.array)[None, None]
-    stitch_device = device if device.type == "cuda" else torch.device("cpu")
-    try:
-        t = time.perf_counter()
-        fake_mr = sliding_window(G, volume.to(stitch_device), settings, roi, device, dtype,
-                                 lambda f: report("G", f, "Synthetic MR G(x)"))
-        timings["G"] = time.perf_counter() - t
-        t = time.perf_counter()
-        roundtrip = sliding_window(F, fake_mr, settings, roi, device, dtype,
-                                   lambda f: report("F", f, "Round trip F(G(x))"))
-        timings["F"] = time.perf_counter() - t
-    except torch.OutOfMemoryError as exc:
-        raise RuntimeError(f"Out of memory on {device} while translating a {list(pre.array.shape)} volume. Try a "
-                           "smaller --roi-size or --sw-batch-size, or --device cpu.") from exc
+    fake_mr_np, roundtrip_np, run = translate_volume(pre.array, checkpoint, "ct2mr", settings, report)
+    timings.update(run["seconds"])
 
     t = time.perf_counter()
     report("postprocess", 0.0, "Resampling the outputs back onto the input grid")
-    fake_mr_np = fake_mr[0, 0].cpu().numpy()
-    roundtrip_hu = denormalize_ct(roundtrip[0, 0].cpu().numpy(), window)
+    roundtrip_hu = denormalize_ct(roundtrip_np, window)
     synthetic_mr = restore_to_input_grid(fake_mr_np, pre.record, default_value=-1.0)
     roundtrip_ct = restore_to_input_grid(roundtrip_hu, pre.record, default_value=window[0])
     x = sitk.GetArrayViewFromImage(ct).astype(np.float32)
     error = np.abs(sitk.GetArrayViewFromImage(roundtrip_ct) - np.clip(x, window[0], window[1]))
     error_map = sitk.GetImageFromArray(error.astype(np.float32))
     error_map.CopyInformation(ct)
+    harmonization = None
+    if harmonizer is not None and harmonizer.method != "none":
+        from .masks import body_mask
+
+        report("postprocess", 0.5, f"Harmonising the synthetic MR ({harmonizer.method})")
+        mask = body_mask(x, "ct", normalised=False)
+        synthetic_mr = harmonizer.apply(synthetic_mr, mask)
+        harmonization = harmonizer.to_dict()
     timings["postprocess"] = time.perf_counter() - t
     report("postprocess", 1.0, "Done")
-    info = {"device": str(device), "precision": str(dtype).replace("torch.", ""), "roi_size": list(roi),
+    info = {"device": run["device"], "precision": run["precision"], "roi_size": run["roi_size"],
             "overlap": settings.overlap, "sw_batch_size": settings.sw_batch_size, "seconds": timings,
             "network_grid_zyx": list(pre.array.shape), "preprocessing": pre.record.to_dict(),
-            "mean_error_hu": float(error.mean())}
+            "mean_error_hu": float(error.mean()), "harmonization": harmonization}
     return TranslationResult(synthetic_mr, roundtrip_ct, error_map, info)
 
 
@@ -283,7 +343,8 @@ OUTPUT_NAMES = {"synthetic_mr": "synthetic_mr.nii.gz", "roundtrip_ct": "roundtri
 
 
 def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Path | None = None,
-                   settings: InferenceSettings | None = None, progress: ProgressCallback | None = None
+                   settings: InferenceSettings | None = None, progress: ProgressCallback | None = None,
+                   harmonize: str = "none", reference_mr: str | Path | Sequence[str | Path] | None = None
                    ) -> dict[str, Any]:
     """Translate a CT file or DICOM folder and write the three outputs, all or nothing.
 
@@ -297,6 +358,13 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
         model: a ct2mr checkpoint; ``None`` uses the bundled default model.
         settings: inference settings.
         progress: ``callback(stage, fraction_of_stage, message)``; the stage ``write`` is added here.
+        harmonize: post-hoc harmonisation of the synthetic MR, one of
+            :data:`ct2mr.harmonization.HARMONIZATION_METHODS` (thesis 7.6): ``"none"`` (default), ``"histogram"``
+            (quantile mapping to the reference MR), ``"nyul"`` (landmarks learned from the reference MRs) or
+            ``"zscore"`` (median/MAD in the CT's body mask, matched to the reference's median/MAD; without a
+            reference: robust z-scores, no longer in [-1, 1]).
+        reference_mr: reference MR file(s) or folder(s) for ``harmonize``; they go through the model's MR
+            preprocessing, so the harmonised synthetic MR is in the same normalised intensity, in [-1, 1].
 
     Returns:
         ``{"outputs": {key: path}, "info": {...}}``.
@@ -314,9 +382,24 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
     if any(p.resolve() == resolved_input for p in finals.values()):
         raise ValueError(f"The output folder {out_dir} would overwrite the input {input_path}; choose another -o.")
     settings = settings or InferenceSettings()
+    from .harmonization import HARMONIZATION_METHODS
+
+    if harmonize not in HARMONIZATION_METHODS:
+        raise ValueError(f"harmonize must be one of {HARMONIZATION_METHODS}, got {harmonize!r}.")
     image = read_image(input_path)
     checkpoint = load_checkpoint(model)
-    result = translate_image(image, checkpoint, settings, progress)
+    harmonizer = None
+    if harmonize != "none" or reference_mr:
+        from .harmonization import fit_harmonizer, load_reference_mrs
+
+        references: list = []
+        masks: list = []
+        names: list = []
+        if reference_mr:
+            paths = [reference_mr] if isinstance(reference_mr, (str, Path)) else list(reference_mr)
+            references, masks, names = load_reference_mrs(paths, checkpoint.preprocessing)
+        harmonizer = fit_harmonizer(harmonize, references, masks, names)
+    result = translate_image(image, checkpoint, settings, progress, harmonizer)
     report = progress or (lambda stage, fraction, message: None)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1272 @@
+"""Evaluation without pairs (thesis section 5, E1-E2; section 7, Tables 6, 7, 9) and with pairs (Wolterink et al.).
+
+``ct2mr evaluate`` (:func:`evaluate`) runs G and F over held-out CT volumes x and MR volumes y with the same
+sliding-window path as ``ct2mr translate`` (:func:`ct2mr.inference.translate_volume`) and measures, on the 1 mm RAS
+network grid of each volume (intensities in the network's normalised [-1, 1]):
+
+* **Distribution realism (E1)**, CT -> MR: {G(x_i)} against {y_j}; MR -> CT: {F(y_j)} against {x_i}:
+
+  - FID (:func:`fid`): Frechet distance between Gaussian fits of patch features (Heusel et al. 2017), with
+    ``scipy.linalg.sqrtm``;
+  - KID (:func:`kid`): unbiased MMD^2 with the cubic polynomial kernel ``k(a, b) = (a.b / d + 1)^3``, averaged over
+    random subsets (Binkowski et al. 2018), reported x 100 as the thesis's "KID (%)";
+  - W1 (:func:`histogram_w1`): the thesis's eq. 7.2 on hard histograms, ``Delta * sum_k |H_a(k) - H_b(k)|`` with
+    the CDFs ``H`` over :data:`HISTOGRAM_BINS` bins of [-1, 1] (``Delta = 2 / bins``): the 1-Wasserstein distance
+    between intensity distributions inside the masks, in normalised intensity units.
+
+  Patches (:func:`sample_patch_corners`): for each volume, ``patches_per_volume`` patch centres are drawn uniformly
+  at random, without replacement, among the voxels of the evaluation mask whose ``patch_size``^3 patch lies inside
+  the padded grid, with ``numpy.random.default_rng([seed, domain, index])`` (domain 0 for CT, 1 for MR). The same
+  positions are used for a volume and its translation (x and G(x); y and F(y)). Features come from a
+  :class:`ct2mr.features.FeatureExtractor` (default: the fixed-seed random 3D network, see :mod:`ct2mr.features`).
+
+* **Self-consistency (E2)**: x against F(G(x)) and y against G(F(y)) inside the evaluation mask: SSIM-3D
+  (:func:`ssim3d`; Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03, data range 2), PSNR in dB on the [-1, 1]
+  range (:func:`psnr`, data range 2, so for CT it equals PSNR in HU with the window width 1600 HU as peak) and MAE
+  (:func:`mae`) in normalised units; for CT also in HU (MAE x (HU_max - HU_min) / 2).
+
+* **Paired** (``--paired``: the i-th CT and the i-th MR are registered scans of one patient): the synthetic volume
+  against the real target, on the CT's grid (the MR resampled there by its physical coordinates, trilinear), inside
+  the CT's mask and the MR's footprint: MAE (in HU for MR -> CT, as Wolterink et al. 2017 report), PSNR, SSIM; per
+  volume, with mean +- std, and paired t-tests between models in ``ct2mr compare`` (:func:`paired_ttest`).
+
+* **Harmonisation** (thesis 7.6): the post-hoc methods of :mod:`ct2mr.harmonization` applied to G(x), and the
+  baseline "copy CT" (G = identity) with and without them, scored for realism like the model.
+
+The evaluation mask (:mod:`ct2mr.masks`) is the body mask by default (``mask="none"``: every voxel but the padding).
+Outputs (:func:`evaluate`): ``table.csv``/``table.md`` (thesis Table 6/7/9 columns, aggregated: FID, KID (%),
+SSIM_cyc, PSNR_cyc (dB), MAE, MAE (HU), W1 with mean +- std over volumes), ``per_volume.csv``/``.md``,
+``paired.csv``/``.md``, ``metrics.json`` (everything, with the extractor's identity and the sampling rule),
+``figures/*.png`` and TensorBoard event files in ``tensorboard/``.
+
+Arrays are NumPy (z, y, x); torch tensors (B, C, D, H, W).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .inference import InferenceSettings
+
+__all__ = [
+    "HISTOGRAM_BINS",
+    "TABLE_COLUMNS",
+    "PER_VOLUME_COLUMNS",
+    "PAIRED_COLUMNS",
+    "frechet_distance",
+    "fid",
+    "mmd2_unbiased",
+    "kid",
+    "ssim3d",
+    "psnr",
+    "mae",
+    "intensity_histogram",
+    "histogram_w1",
+    "paired_ttest",
+    "sample_patch_corners",
+    "extract_patches",
+    "EvaluationConfig",
+    "EvaluationResult",
+    "evaluate",
+    "load_evaluation",
+    "compare",
+    "markdown_table",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Bins of the intensity histograms over [-1, 1] (W1 and the histogram figures).
+HISTOGRAM_BINS = 256
+HISTOGRAM_RANGE = (-1.0, 1.0)
+
+#: Aggregated table (thesis Tables 6, 7, 9, plus MAE in HU and the histogram distance): Markdown header.
+TABLE_COLUMNS = ["Model", "Direction", "FID↓", "KID↓ (%)", "SSIM_cyc↑", "PSNR_cyc↑ (dB)", "MAE↓", "MAE (HU)↓", "W1↓",
+                 "Volumes"]
+#: Per-volume rows (CSV keys).
+PER_VOLUME_COLUMNS = ["model", "variant", "direction", "volume", "ssim_cyc", "psnr_cyc_db", "mae", "mae_hu", "w1",
+                      "patches"]
+#: Paired rows (CSV keys).
+PAIRED_COLUMNS = ["model", "direction", "volume", "mae", "mae_hu", "psnr_db", "ssim", "voxels"]
+
+SAMPLING_RULE = ("For each volume, N = patches_per_volume patch centres are drawn uniformly at random without "
+                 "replacement among the voxels of the evaluation mask whose patch_size^3 patch lies inside the padded "
+                 "1 mm RAS network grid (with replacement only when fewer candidates exist), using "
+                 "numpy.random.default_rng([seed, domain, index]) with domain 0 for CT and 1 for MR and index the "
+                 "volume's position in sorted path order. A volume and its translation share the positions (x and "
+                 "G(x); y and F(y)). Patches are in the network's normalised intensity [-1, 1].")
+
+
+# --- Metrics ------------------------------------------------------------------------------------------------------
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance between two Gaussians: ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
+
+    The matrix square root is ``scipy.linalg.sqrtm``; when it is not finite (near-singular covariances), ``1e-6``
+    is added to both diagonals, as in the reference FID implementation (pytorch-fid); a negligible imaginary part is
+    dropped.
+
+    Args:
+        mu1, mu2: means, shape (d,).
+        sigma1, sigma2: covariances, shape (d, d).
+
+    Returns:
+        The distance (>= 0 up to rounding), in squared feature units.
+
+    Raises:
+        ValueError: mismatching shapes, or an imaginary part that is not negligible.
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"Shapes do not match: mu {mu1.shape}/{mu2.shape}, sigma {sigma1.shape}/{sigma2.shape}.")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3 * max(1.0, float(np.abs(covmean).max()))):
+            raise ValueError(f"sqrtm(S1 S2) has a large imaginary part ({np.abs(covmean.imag).max():g}).")
+        covmean = covmean.real
+    return float(max(0.0, diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)))
+
+
+def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Frechet distance between Gaussian fits (mean, unbiased covariance) of two feature sets (FID).
+
+    Args:
+        features_a: (N_a, d) features, e.g. of synthetic patches.
+        features_b: (N_b, d) features, e.g. of real patches.
+
+    Returns:
+        The FID, or NaN when a set has fewer than 2 samples.
+
+    Raises:
+        ValueError: different feature dimensions.
+    """
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"Feature sets must be (N, d) with the same d, got {a.shape} and {b.shape}.")
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def _polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a @ b.T / a.shape[1] + 1.0) ** 3
+
+
+def mmd2_unbiased(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel ``k(a, b) = (a.b / d + 1)^3`` (Binkowski et al. 2018).
+
+    ``MMD^2_u = 1/(m(m-1)) sum_{i!=j} k(a_i, a_j) + 1/(n(n-1)) sum_{i!=j} k(b_i, b_j) - 2/(mn) sum_{i,j} k(a_i, b_j)``.
+
+    Args:
+        features_a: (m, d), m >= 2.
+        features_b: (n, d), n >= 2.
+
+    Returns:
+        The estimate (may be slightly negative: it is unbiased).
+    """
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    m, n = len(a), len(b)
+    kaa, kbb, kab = _polynomial_kernel(a, a), _polynomial_kernel(b, b), _polynomial_kernel(a, b)
+    return float((kaa.sum() - np.trace(kaa)) / (m * (m - 1)) + (kbb.sum() - np.trace(kbb)) / (n * (n - 1))
+                 - 2.0 * kab.mean())
+
+
+def kid(features_a: np.ndarray, features_b: np.ndarray, n_subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance: :func:`mmd2_unbiased` averaged over random subsets (Binkowski et al. 2018).
+
+    Each of ``n_subsets`` draws takes ``min(subset_size, N_a, N_b)`` samples of each set without replacement
+    (``numpy.random.default_rng(seed)``). When the subset covers both sets entirely, one draw is made (every draw
+    would give the same value).
+
+    Args:
+        features_a: (N_a, d) features.
+        features_b: (N_b, d) features.
+        n_subsets: number of subsets (>= 1).
+        subset_size: samples per subset.
+        seed: subset sampling seed.
+
+    Returns:
+        ``(mean, std)`` over subsets (the thesis reports the mean x 100 as "KID (%)"); NaN when a set has < 2 samples,
+        and a NaN std when a single draw covers both sets.
+
+    Raises:
+        ValueError: different feature dimensions or ``n_subsets`` < 1.
+    """
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"Feature sets must be (N, d) with the same d, got {a.shape} and {b.shape}.")
+    if n_subsets < 1:
+        raise ValueError(f"n_subsets must be >= 1, got {n_subsets}.")
+    size = min(int(subset_size), len(a), len(b))
+    if size < 2:
+        return float("nan"), float("nan")
+    if size == len(a) == len(b):
+        return mmd2_unbiased(a, b), float("nan")
+    rng = np.random.default_rng(seed)
+    values = [mmd2_unbiased(a[rng.choice(len(a), size, replace=False)], b[rng.choice(len(b), size, replace=False)])
+              for _ in range(int(n_subsets))]
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    dist = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    window = torch.exp(-0.5 * (dist / sigma) ** 2)
+    return window / window.sum()
+
+
+def _filter3d(volume: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Separable 'valid' filtering of a (1, 1, D, H, W) tensor."""
+    k = window.numel()
+    out = torch.nn.functional.conv3d(volume, window.view(1, 1, k, 1, 1))
+    out = torch.nn.functional.conv3d(out, window.view(1, 1, 1, k, 1))
+    return torch.nn.functional.conv3d(out, window.view(1, 1, 1, 1, k))
+
+
+def ssim3d(a: np.ndarray, b: np.ndarray, data_range: float = 2.0, mask: np.ndarray | None = None,
+           win_size: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> float:
+    """3D SSIM with a Gaussian window (Wang et al. 2004), as MONAI's ``SSIMMetric(spatial_dims=3)`` computes it.
+
+    Local means, variances and covariance come from a separable Gaussian filter (``win_size`` taps, ``sigma``
+    voxels) applied in 'valid' mode, so the SSIM map covers the voxels at least ``win_size // 2`` from the border;
+    ``C1 = (k1 R)^2``, ``C2 = (k2 R)^2`` with ``R = data_range``. The score is the map's mean, or its mean over the
+    voxels of ``mask`` (cropped like the map). Computed in float32 (as MONAI) on the mask's bounding box plus a
+    margin, which keeps a whole-thorax volume within a few GB.
+
+    Args:
+        a: (z, y, x) volume, e.g. the input x in [-1, 1].
+        b: (z, y, x) volume of the same shape, e.g. the round trip F(G(x)).
+        data_range: ``R``, the intensity range (2 for [-1, 1]).
+        mask: boolean (z, y, x) mask; ``None``: every voxel of the map.
+        win_size: window taps per axis (odd).
+        sigma: Gaussian standard deviation in voxels.
+        k1, k2: SSIM constants.
+
+    Returns:
+        SSIM in [-1, 1]; 1 for identical volumes.
+
+    Raises:
+        ValueError: mismatching shapes, a volume smaller than the window, or an empty mask.
+    """
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"ssim3d needs two (z, y, x) volumes of the same shape, got {a.shape} and {b.shape}.")
+    half = win_size // 2
+    if mask is not None:
+        mask = np.asarray(mask, bool)
+        if mask.shape != a.shape:
+            raise ValueError(f"mask shape {mask.shape} does not match the volume shape {a.shape}.")
+        if not mask.any():
+            raise ValueError("The SSIM mask is empty.")
+        idx = np.nonzero(mask)
+        box = tuple(slice(max(0, int(i.min()) - half), min(n, int(i.max()) + half + 1)) for i, n in zip(idx, a.shape))
+        a, b, mask = a[box], b[box], mask[box]
+    if min(a.shape) < win_size:
+        raise ValueError(f"Volume {a.shape} is smaller than the SSIM window ({win_size}).")
+    window = _gaussian_window(win_size, sigma).float()
+    x, y = torch.from_numpy(np.ascontiguousarray(a))[None, None], torch.from_numpy(np.ascontiguousarray(b))[None, None]
+    mu_x, mu_y = _filter3d(x, window), _filter3d(y, window)
+    sigma_x = _filter3d(x * x, window) - mu_x ** 2
+    sigma_y = _filter3d(y * y, window) - mu_y ** 2
+    sigma_xy = _filter3d(x * y, window) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)) / (
+        (mu_x ** 2 + mu_y ** 2 + c1) * (sigma_x + sigma_y + c2))
+    ssim_map = ssim_map[0, 0].numpy()
+    if mask is None:
+        return float(ssim_map.mean(dtype=np.float64))
+    inner = mask[tuple(slice(half, n - half) for n in mask.shape)]
+    if not inner.any():
+        return float(ssim_map.mean(dtype=np.float64))
+    return float(ssim_map[inner].mean(dtype=np.float64))
+
+
+def _masked_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"Shapes differ: {a.shape} and {b.shape}.")
+    diff = a - b
+    if mask is not None:
+        mask = np.asarray(mask, bool)
+        if mask.shape != a.shape:
+            raise ValueError(f"mask shape {mask.shape} does not match the volume shape {a.shape}.")
+        diff = diff[mask]
+    if diff.size == 0:
+        raise ValueError("The mask is empty.")
+    return diff
+
+
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 2.0, mask: np.ndarray | None = None) -> float:
+    """Peak signal-to-noise ratio ``10 log10(R^2 / MSE)`` in dB, inside ``mask``.
+
+    Args:
+        a, b: arrays of the same shape (e.g. (z, y, x) in [-1, 1]).
+        data_range: ``R`` (2 for [-1, 1]; 1600 for HU in the thesis's CT window gives the same number).
+        mask: boolean mask of the voxels to use; ``None``: all.
+
+    Returns:
+        PSNR in dB (``inf`` for identical inputs).
+    """
+    mse = float(np.mean(_masked_diff(a, b, mask) ** 2))
+    return float("inf") if mse == 0 else float(10.0 * math.log10(data_range ** 2 / mse))
+
+
+def mae(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean absolute error inside ``mask``, in the inputs' units (Wolterink et al. 2017, eq. 4).
+
+    Args:
+        a, b: arrays of the same shape.
+        mask: boolean mask of the voxels to use; ``None``: all.
+
+    Returns:
+        The MAE.
+    """
+    return float(np.mean(np.abs(_masked_diff(a, b, mask))))
+
+
+def intensity_histogram(values: np.ndarray, bins: int = HISTOGRAM_BINS,
+                        value_range: tuple[float, float] = HISTOGRAM_RANGE) -> np.ndarray:
+    """Counts of ``values`` over ``bins`` equal bins of ``value_range``; values outside are clipped into the end bins.
+
+    Args:
+        values: any array (flattened).
+        bins: number of bins.
+        value_range: (low, high).
+
+    Returns:
+        int64 counts, shape (bins,).
+    """
+    values = np.clip(np.asarray(values, np.float64).ravel(), value_range[0], value_range[1])
+    return np.histogram(values, bins=bins, range=value_range)[0].astype(np.int64)
+
+
+def histogram_w1(counts_a: np.ndarray, counts_b: np.ndarray, value_range: tuple[float, float] = HISTOGRAM_RANGE
+                 ) -> float:
+    """1-Wasserstein distance between two histograms on the same bins (thesis eq. 7.2 with hard counts).
+
+    ``W1 = Delta * sum_k |H_a(k) - H_b(k)|`` with ``H`` the normalised cumulative counts and ``Delta`` the bin width
+    in intensity units; for distributions on bin centres it is exact.
+
+    Args:
+        counts_a, counts_b: counts over the same bins of ``value_range``.
+        value_range: (low, high) of the bins.
+
+    Returns:
+        W1 in intensity units (normalised [-1, 1] units by default: at most 2); NaN when a histogram is empty.
+
+    Raises:
+        ValueError: different numbers of bins.
+    """
+    a, b = np.asarray(counts_a, np.float64), np.asarray(counts_b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"Histograms have different bins: {a.shape} and {b.shape}.")
+    if a.sum() <= 0 or b.sum() <= 0:
+        return float("nan")
+    delta = (value_range[1] - value_range[0]) / a.size
+    return float(delta * np.abs(np.cumsum(a) / a.sum() - np.cumsum(b) / b.sum()).sum())
+
+
+def paired_ttest(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Paired two-sided t-test of ``a`` against ``b`` (``scipy.stats.ttest_rel``), as Wolterink et al. report.
+
+    ``t = mean(d) / (std(d, ddof=1) / sqrt(n))`` with ``d = a - b``, ``n - 1`` degrees of freedom.
+
+    Args:
+        a, b: per-volume values of two models on the same volumes, in the same order.
+
+    Returns:
+        ``{"n", "mean_a", "mean_b", "mean_diff", "t", "p"}`` (NaN t and p with fewer than 2 pairs).
+
+    Raises:
+        ValueError: different lengths.
+    """
+    from scipy import stats
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_ttest needs two sequences of the same length, got {a.size} and {b.size}.")
+    out = {"n": int(a.size), "mean_a": float(np.mean(a)) if a.size else float("nan"),
+           "mean_b": float(np.mean(b)) if b.size else float("nan"),
+           "mean_diff": float(np.mean(a - b)) if a.size else float("nan"), "t": float("nan"), "p": float("nan")}
+    if a.size >= 2:
+        result = stats.ttest_rel(a, b)
+        out["t"], out["p"] = float(result.statistic), float(result.pvalue)
+    return out
+
+
+# --- Patches ------------------------------------------------------------------------------------------------------
+
+def sample_patch_corners(mask: np.ndarray, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw patch positions uniformly inside a mask (see the module docstring for the exact rule).
+
+    Args:
+        mask: boolean (z, y, x) mask of allowed patch centres; every axis must be >= ``size``.
+        n: number of patches.
+        size: patch side in voxels.
+        rng: the generator.
+
+    Returns:
+        int (n, 3) array of the patches' first corners (z, y, x).
+
+    Raises:
+        ValueError: the volume is smaller than a patch.
+    """
+    mask = np.asarray(mask, bool)
+    if any(s < size for s in mask.shape):
+        raise ValueError(f"Volume {mask.shape} is smaller than a {size}^3 patch.")
+    half = size // 2
+    interior = np.zeros_like(mask)
+    interior[tuple(slice(half, s - size + half + 1) for s in mask.shape)] = True
+    candidates = np.argwhere(mask & interior)
+    if len(candidates) == 0:
+        logger.warning("No mask voxel admits a whole %d^3 patch; sampling anywhere in the volume", size)
+        candidates = np.argwhere(interior)
+    chosen = rng.choice(len(candidates), size=n, replace=len(candidates) < n)
+    return candidates[np.sort(chosen)] - half
+
+
+def extract_patches(volume: np.ndarray, corners: np.ndarray, size: int) -> torch.Tensor:
+    """Cut cubic patches out of a volume.
+
+    Args:
+        volume: (z, y, x) array.
+        corners: (n, 3) first corners (z, y, x), from :func:`sample_patch_corners`.
+        size: patch side in voxels.
+
+    Returns:
+        float32 tensor (n, 1, size, size, size).
+    """
+    patches = np.stack([volume[z:z + size, y:y + size, x:x + size] for z, y, x in np.asarray(corners)]) \
+        if len(corners) else np.zeros((0, size, size, size), np.float32)
+    return torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32))[:, None]
+
+
+def _pad_to_patch(volume: np.ndarray, size: int, value: float) -> np.ndarray:
+    pads = [(0, max(0, size - s)) for s in volume.shape]
+    return np.pad(volume, pads, constant_values=value) if any(p[1] for p in pads) else volume
+
+
+# --- Configuration and results -----------------------------------------------------------------------------------
+
+@dataclass
+class EvaluationConfig:
+    """Settings of ``ct2mr evaluate``.
+
+    Attributes:
+        patch_size: side of the cubic patches for FID/KID, voxels of the 1 mm grid (>= 8).
+        patches_per_volume: patches drawn per volume (>= 1).
+        seed: seed of patch sampling, KID subsets and the random feature extractor.
+        features: feature extractor, one of :data:`ct2mr.features.FEATURE_EXTRACTORS`.
+        feature_weights: ``"medicalnet"``: local file or URL of the weights.
+        feature_sha256: their SHA-256 (required for a URL).
+        kid_subsets: KID subsets.
+        kid_subset_size: samples per KID subset (capped by the set sizes).
+        mask: ``"body"`` or ``"none"`` (:data:`ct2mr.masks.MASK_MODES`).
+        harmonize: post-hoc harmonisation methods evaluated on G(x) (subset of ``histogram``, ``nyul``, ``zscore``).
+        reference_mr: reference MR paths for harmonisation; empty: the evaluation MR set itself (optimistic).
+        baselines: also score "copy CT" (G = identity) and copy CT + each harmonisation.
+        paired: the i-th CT and i-th MR are registered scans of one patient.
+        figures: write PNG figures.
+        figure_volumes: CT volumes that get tri-planar and round-trip figures.
+        tensorboard: also write scalars and figures as TensorBoard events (when ``tensorboard`` is installed).
+    """
+
+    patch_size: int = 32
+    patches_per_volume: int = 64
+    seed: int = 0
+    features: str = "random"
+    feature_weights: str | None = None
+    feature_sha256: str | None = None
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    mask: str = "body"
+    harmonize: tuple[str, ...] = ("histogram", "nyul", "zscore")
+    reference_mr: tuple[str, ...] = ()
+    baselines: bool = True
+    paired: bool = False
+    figures: bool = True
+    figure_volumes: int = 1
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        from .features import FEATURE_EXTRACTORS
+        from .harmonization import HARMONIZATION_METHODS
+        from .masks import MASK_MODES
+
+        if int(self.patch_size) < 8:
+            raise ValueError(f"patch_size must be >= 8 voxels, got {self.patch_size}.")
+        if int(self.patches_per_volume) < 1:
+            raise ValueError(f"patches_per_volume must be >= 1, got {self.patches_per_volume}.")
+        if self.features not in FEATURE_EXTRACTORS:
+            raise ValueError(f"features must be one of {FEATURE_EXTRACTORS}, got {self.features!r}.")
+        if self.mask not in MASK_MODES:
+            raise ValueError(f"mask must be one of {MASK_MODES}, got {self.mask!r}.")
+        methods = tuple(m for m in (self.harmonize or ()) if m != "none")
+        bad = [m for m in methods if m not in HARMONIZATION_METHODS]
+        if bad:
+            raise ValueError(f"harmonize must be among {HARMONIZATION_METHODS}, got {bad}.")
+        self.harmonize = tuple(dict.fromkeys(methods))
+        self.reference_mr = tuple(str(p) for p in (self.reference_mr or ()))
+        if int(self.kid_subsets) < 1 or int(self.kid_subset_size) < 2:
+            raise ValueError("kid_subsets must be >= 1 and kid_subset_size >= 2.")
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` measured and wrote.
+
+    Attributes:
+        out_dir: the output folder.
+        aggregate: one dict per (variant, direction) row of the aggregated table.
+        per_volume: one dict per (variant, direction, volume), keys :data:`PER_VOLUME_COLUMNS`.
+        paired: paired rows (``--paired``), keys :data:`PAIRED_COLUMNS`.
+        metrics: the full ``metrics.json`` content.
+        files: every file written.
+        markdown: the aggregated table as Markdown.
+    """
+
+    out_dir: Path
+    aggregate: list[dict[str, Any]]
+    per_volume: list[dict[str, Any]]
+    paired: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    files: list[Path] = field(default_factory=list)
+    markdown: str = ""
+
+
+# --- Tables -------------------------------------------------------------------------------------------------------
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pm(mean: Any, std: Any, digits: int = 4) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return _fmt(mean, digits)
+    return f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table (cells converted with ``str``)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _aggregate_cells(row: dict[str, Any]) -> list[str]:
+    return [row["model"], row["direction"], _fmt(row["fid"], 2), _pm(row["kid_percent"], row["kid_percent_std"], 4),
+            _pm(row["ssim_cyc"], row["ssim_cyc_std"]), _pm(row["psnr_cyc_db"], row["psnr_cyc_db_std"], 2),
+            _pm(row["mae"], row["mae_std"]), _pm(row["mae_hu"], row["mae_hu_std"], 1), _pm(row["w1"], row["w1_std"]),
+            str(row["volumes"])]
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    os.replace(tmp, path)
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+AGGREGATE_KEYS = ["model", "variant", "direction", "fid", "kid_percent", "kid_percent_std", "ssim_cyc", "ssim_cyc_std",
+                  "psnr_cyc_db", "psnr_cyc_db_std", "mae", "mae_std", "mae_hu", "mae_hu_std", "w1", "w1_std",
+                  "w1_pooled", "volumes", "patches"]
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+
+
+# --- Evaluation ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Domain:
+    """Per-domain accumulators of one variant (the synthetic set of one direction, or a real set)."""
+
+    features: list[np.ndarray] = field(default_factory=list)
+    histograms: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add(self, name: str, features: np.ndarray, values: np.ndarray) -> None:
+        self.features.append(features)
+        self.histograms[name] = intensity_histogram(values)
+
+    def stacked(self) -> np.ndarray:
+        return np.concatenate(self.features) if self.features else np.zeros((0, 1))
+
+    def pooled(self) -> np.ndarray:
+        return np.sum(list(self.histograms.values()), axis=0) if self.histograms else np.zeros(HISTOGRAM_BINS)
+
+
+def _resample_between(array: np.ndarray, source_grid: dict, target_grid: dict) -> np.ndarray:
+    """Resample a network-grid array onto another grid by physical coordinates (trilinear; NaN outside)."""
+    import SimpleITK as sitk
+
+    from .preprocessing import grid_image
+
+    image = grid_image(np.asarray(array, np.float32), source_grid)
+    out = sitk.Resample(image, [int(v) for v in target_grid["size"]], sitk.Transform(), sitk.sitkLinear,
+                        tuple(float(v) for v in target_grid["origin"]), tuple(float(v) for v in target_grid["spacing"]),
+                        tuple(float(v) for v in target_grid["direction"]), float("nan"), sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)
+
+
+def _crop_to(volume: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    idx = np.nonzero(valid)
+    return volume[tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)]
+
+
+def _slices(volume: np.ndarray, valid: np.ndarray, mask: np.ndarray) -> list[tuple[str, np.ndarray, float]]:
+    from .figures import triplanar_slices
+
+    cropped, cropped_mask = _crop_to(volume, valid), _crop_to(mask, valid)
+    centre = [int(round(c.mean())) for c in np.nonzero(cropped_mask)] if cropped_mask.any() else None
+    return triplanar_slices(cropped, (1.0, 1.0, 1.0), centre)
+
+
+def _tensorboard(out_dir: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.warning("tensorboard is not installed: no TensorBoard events are written (pip install tensorboard)")
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def _log_figure(writer, tag: str, path: Path) -> None:
+    if writer is None:
+        return
+    import matplotlib.image as mpimg
+
+    image = mpimg.imread(str(path))
+    writer.add_image(tag, image[..., :3], 0, dataformats="HWC")
+
+
+def _software() -> dict[str, str]:
+    import monai
+    import scipy
+
+    from . import __version__
+
+    return {"ct2mr": __version__, "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__, "python": platform.python_version()}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def _clean(value: Any) -> Any:
+    """Replace NaN/inf floats by None (JSON null) recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def evaluate(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathLike],
+             mr_inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+             config: EvaluationConfig | None = None, settings: InferenceSettings | None = None,
+             progress: Callable[[str, float, str], None] | None = None, name: str | None = None) -> EvaluationResult:
+    """Evaluate a checkpoint on held-out CT and MR volumes and write tables, figures and TensorBoard events.
+
+    Args:
+        model: a ct2mr checkpoint; ``None``: the bundled default model.
+        ct_inputs: CT files or folders (raw in HU, or outputs of ``ct2mr preprocess``).
+        mr_inputs: MR files or folders (4D series split into 3D volumes).
+        out_dir: output folder (created).
+        config: evaluation settings.
+        settings: :class:`ct2mr.inference.InferenceSettings` of the sliding window.
+        progress: ``callback(stage, fraction, message)`` with stage ``"evaluate"`` and the overall fraction.
+        name: model name in the tables (default: the checkpoint's name).
+
+    Returns:
+        The :class:`EvaluationResult`.
+
+    Raises:
+        FileNotFoundError, ct2mr.io.ImageReadError, ct2mr.checkpoint.CheckpointError, ValueError, RuntimeError:
+        unreadable inputs, bad settings (e.g. ``paired`` with different numbers of CT and MR volumes), missing
+        feature weights, or out of memory.
+    """
+    from .checkpoint import load_checkpoint
+    from .data import load_domain
+    from .features import build_feature_extractor
+    from .harmonization import fit_harmonizer, load_reference_mrs
+    from .inference import InferenceSettings, resolve_device, translate_volume
+    from .masks import evaluation_mask
+
+    config = config or EvaluationConfig()
+    settings = settings or InferenceSettings()
+    report = progress or (lambda stage, fraction, message: None)
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report("evaluate", 0.0, "Loading the model and the volumes")
+    checkpoint = load_checkpoint(model)
+    model_name = name or checkpoint.name
+    window = tuple(checkpoint.preprocessing.ct_window)
+    hu_per_unit = (window[1] - window[0]) / 2.0
+    cts = load_domain(ct_inputs, "ct", checkpoint.preprocessing)
+    mrs = load_domain(mr_inputs, "mr", checkpoint.preprocessing)
+    if config.paired and len(cts) != len(mrs):
+        raise ValueError(f"--paired needs as many CT as MR volumes (the i-th of each registered), got {len(cts)} CT "
+                         f"and {len(mrs)} MR volumes.")
+    extractor = build_feature_extractor(config.features, config.feature_weights, config.feature_sha256, config.seed,
+                                        resolve_device(settings.device))
+    ct_masks = [evaluation_mask(v.array, "ct", v.record, config.mask) for v in cts]
+    mr_masks = [evaluation_mask(v.array, "mr", v.record, config.mask) for v in mrs]
+
+    # harmonisation, fitted on the reference MRs (or the evaluation MR set)
+    if config.reference_mr:
+        ref_arrays, ref_masks, ref_names = load_reference_mrs(list(config.reference_mr), checkpoint.preprocessing,
+                                                              config.mask)
+        reference_note = "reference MR: " + ", ".join(ref_names)
+    else:
+        ref_arrays, ref_masks, ref_names = [v.array for v in mrs], mr_masks, [v.name for v in mrs]
+        reference_note = "reference MR: the evaluation MR set itself (optimistic)"
+    harmonizers = {m: fit_harmonizer(m, ref_arrays, ref_masks, ref_names) for m in config.harmonize}
+    del ref_arrays
+
+    size = int(config.patch_size)
+    n_patches = int(config.patches_per_volume)
+    variants: dict[str, _Domain] = {"model": _Domain()}
+    for m in harmonizers:
+        variants[f"model+{m}"] = _Domain()
+    if config.baselines:
+        variants["identity"] = _Domain()
+        for m in harmonizers:
+            variants[f"identity+{m}"] = _Domain()
+    real_mr, real_ct, synthetic_ct = _Domain(), _Domain(), _Domain()
+    per_volume: list[dict[str, Any]] = []
+    paired_rows: list[dict[str, Any]] = []
+    figure_data: dict[str, Any] = {}
+    writer = _tensorboard(out_dir, config.tensorboard)
+    total = max(1, len(cts) + len(mrs))
+
+    def stage_report(done: int, label: str, first: str):
+        """Map translate_volume's two passes (first, then the other) onto this volume's share of the progress."""
+        def inner(stage: str, fraction: float, message: str) -> None:
+            step = 0.5 * min(1.0, fraction) + (0.0 if stage == first else 0.5)
+            report("evaluate", 0.05 + 0.85 * (done + step) / total, f"{label}: {message}")
+        return inner
+
+    # --- CT volumes: G(x), F(G(x)) -----------------------------------------------------------------------------
+    for i, (vol, mask) in enumerate(zip(cts, ct_masks)):
+        x = vol.array
+        fake_mr, rec_ct, _ = translate_volume(x, checkpoint, "ct2mr", settings, stage_report(i, f"CT {vol.name}", "G"))
+        valid = _valid(vol)
+        ssim_value = ssim3d(x, rec_ct, 2.0, mask)
+        mae_value = mae(x, rec_ct, mask)
+        row = {"model": model_name, "variant": "model", "direction": "CT→MR", "volume": vol.name,
+               "ssim_cyc": ssim_value, "psnr_cyc_db": psnr(x, rec_ct, 2.0, mask), "mae": mae_value,
+               "mae_hu": mae_value * hu_per_unit, "patches": n_patches}
+        per_volume.append(row)
+        rng = np.random.default_rng([config.seed, 0, i])
+        x_p, fake_p = _pad_to_patch(x, size, -1.0), _pad_to_patch(fake_mr, size, -1.0)
+        mask_p = _pad_to_patch(mask, size, False)
+        corners = sample_patch_corners(mask_p, n_patches, size, rng)
+        real_ct.add(vol.name, extractor(extract_patches(x_p, corners, size)), x[mask])
+        variants["model"].add(vol.name, extractor(extract_patches(fake_p, corners, size)), fake_mr[mask])
+        harmonised = {}
+        for m, harmonizer in harmonizers.items():
+            harmonised[m] = harmonizer.apply(fake_mr, mask)
+            variants[f"model+{m}"].add(vol.name, extractor(extract_patches(_pad_to_patch(harmonised[m], size, -1.0),
+                                                                           corners, size)), harmonised[m][mask])
+        if config.baselines:
+            variants["identity"].add(vol.name, real_ct.features[-1], x[mask])
+            for m, harmonizer in harmonizers.items():
+                copy = harmonizer.apply(x, mask)
+                variants[f"identity+{m}"].add(vol.name, extractor(extract_patches(_pad_to_patch(copy, size, -1.0),
+                                                                                  corners, size)), copy[mask])
+        if config.paired:
+            target = _resample_between(mrs[i].array, mrs[i].record.padded_grid, vol.record.padded_grid)
+            paired_rows.append(_paired_row(model_name, "CT→MR", vol.name, fake_mr, target, mask, None))
+        if config.figures and i < config.figure_volumes:
+            error_hu = np.abs(rec_ct - x) * hu_per_unit
+            figure_data[f"ct{i}"] = {"name": vol.name, "ct": _slices(x, valid, mask),
+                                     "synthetic_mr": _slices(fake_mr, valid, mask),
+                                     "roundtrip_ct": _slices(rec_ct, valid, mask),
+                                     "error_hu": _slices(error_hu, valid, mask),
+                                     "harmonised": {m: _slices(h, valid, mask) for m, h in harmonised.items()},
+                                     "error_max": float(max(1.0, np.percentile(error_hu[mask], 99)))}
+        report("evaluate", 0.05 + 0.85 * (i + 1) / total, f"CT {vol.name} done")
+
+    # --- MR volumes: F(y), G(F(y)) -----------------------------------------------------------------------------
+    for j, (vol, mask) in enumerate(zip(mrs, mr_masks)):
+        y = vol.array
+        fake_ct, rec_mr, _ = translate_volume(y, checkpoint, "mr2ct", settings,
+                                              stage_report(len(cts) + j, f"MR {vol.name}", "F"))
+        per_volume.append({"model": model_name, "variant": "model", "direction": "MR→CT", "volume": vol.name,
+                           "ssim_cyc": ssim3d(y, rec_mr, 2.0, mask), "psnr_cyc_db": psnr(y, rec_mr, 2.0, mask),
+                           "mae": mae(y, rec_mr, mask), "mae_hu": None, "patches": n_patches})
+        rng = np.random.default_rng([config.seed, 1, j])
+        y_p, fake_p = _pad_to_patch(y, size, -1.0), _pad_to_patch(fake_ct, size, -1.0)
+        corners = sample_patch_corners(_pad_to_patch(mask, size, False), n_patches, size, rng)
+        real_mr.add(vol.name, extractor(extract_patches(y_p, corners, size)), y[mask])
+        synthetic_ct.add(vol.name, extractor(extract_patches(fake_p, corners, size)), fake_ct[mask])
+        if config.paired:
+            ct_vol = cts[j]
+            on_ct = _resample_between(fake_ct, vol.record.padded_grid, ct_vol.record.padded_grid)
+            paired_rows.append(_paired_row(model_name, "MR→CT", ct_vol.name, on_ct, ct_vol.array, ct_masks[j],
+                                           hu_per_unit))
+        if config.figures and j == 0:
+            valid = _valid(vol)
+            figure_data["mr0"] = {"name": vol.name, "mr": _slices(y, valid, mask)}
+        report("evaluate", 0.05 + 0.85 * (len(cts) + j + 1) / total, f"MR {vol.name} done")
+
+    # --- Distribution realism ------------------------------------------------------------------------------------
+    report("evaluate", 0.92, "FID, KID and histogram distances")
+    real_mr_features, real_ct_features = real_mr.stacked(), real_ct.stacked()
+    real_mr_hist, real_ct_hist = real_mr.pooled(), real_ct.pooled()
+    labels = {"model": model_name, "identity": "copy CT (identity)"}
+    aggregate: list[dict[str, Any]] = []
+
+    def realism(domain: _Domain, real_features: np.ndarray, real_hist: np.ndarray) -> dict[str, Any]:
+        feats = domain.stacked()
+        k_mean, k_std = kid(feats, real_features, config.kid_subsets, config.kid_subset_size, config.seed)
+        w1s = {n: histogram_w1(h, real_hist) for n, h in domain.histograms.items()}
+        w1_mean, w1_std = _mean_std(list(w1s.values()))
+        return {"fid": fid(feats, real_features), "kid_percent": 100.0 * k_mean, "kid_percent_std": 100.0 * k_std,
+                "w1": w1_mean, "w1_std": w1_std, "w1_pooled": histogram_w1(domain.pooled(), real_hist),
+                "patches": int(len(feats)), "per_volume_w1": w1s}
+
+    for variant, domain in variants.items():
+        base, _, method = variant.partition("+")
+        label = labels[base] + (f" + {method}" if method else "")
+        scores = realism(domain, real_mr_features, real_mr_hist)
+        cyc = [r for r in per_volume if r["variant"] == variant and r["direction"] == "CT→MR"]
+        aggregate.append(_aggregate_row(label, variant, "CT→MR", scores, cyc, len(domain.histograms)))
+        if variant != "model":
+            for name_, w in scores["per_volume_w1"].items():
+                per_volume.append({"model": label, "variant": variant, "direction": "CT→MR", "volume": name_,
+                                   "ssim_cyc": None, "psnr_cyc_db": None, "mae": None, "mae_hu": None, "w1": w,
+                                   "patches": n_patches})
+        else:
+            for r in cyc:
+                r["w1"] = scores["per_volume_w1"].get(r["volume"])
+    scores = realism(synthetic_ct, real_ct_features, real_ct_hist)
+    cyc = [r for r in per_volume if r["variant"] == "model" and r["direction"] == "MR→CT"]
+    for r in cyc:
+        r["w1"] = scores["per_volume_w1"].get(r["volume"])
+    aggregate.append(_aggregate_row(model_name, "model", "MR→CT", scores, cyc, len(synthetic_ct.histograms)))
+    per_volume.sort(key=lambda r: (r["direction"], list(variants).index(r["variant"]) if r["variant"] in variants
+                                   else 0, r["volume"]))
+
+    # --- Outputs ---------------------------------------------------------------------------------------------------
+    report("evaluate", 0.95, "Writing tables and figures")
+    files: list[Path] = []
+    table_md = _aggregate_markdown(aggregate, model_name, extractor.identity, config, reference_note)
+    files.append(_write_csv(out_dir / "table.csv", aggregate, AGGREGATE_KEYS))
+    files.append(_write_text(out_dir / "table.md", table_md))
+    files.append(_write_csv(out_dir / "per_volume.csv", per_volume, PER_VOLUME_COLUMNS))
+    files.append(_write_text(out_dir / "per_volume.md", _per_volume_markdown(per_volume)))
+    if config.paired:
+        files.append(_write_csv(out_dir / "paired.csv", paired_rows, PAIRED_COLUMNS))
+        files.append(_write_text(out_dir / "paired.md", _paired_markdown(paired_rows)))
+    histograms = {"edges": np.linspace(*HISTOGRAM_RANGE, HISTOGRAM_BINS + 1), "real_mr": real_mr_hist,
+                  "real_ct": real_ct_hist, "synthetic_ct": synthetic_ct.pooled(),
+                  **{f"synthetic_mr/{v}": d.pooled() for v, d in variants.items()}}
+    if config.figures:
+        files += _evaluation_figures(out_dir, model_name, figure_data, histograms, aggregate, reference_note, writer)
+        files.append(_save_figure_data(out_dir / "figure_data.npz", figure_data, histograms))
+    if writer is not None:
+        for row in aggregate:
+            for key in ("fid", "kid_percent", "ssim_cyc", "psnr_cyc_db", "mae", "mae_hu", "w1"):
+                if row.get(key) is not None and math.isfinite(float(row[key])):
+                    tag = f"{row['direction'].replace('→', '2')}/{row['variant']}/{key}"
+                    writer.add_scalar(tag, float(row[key]), 0)
+        writer.add_text("table", table_md, 0)
+        writer.flush()
+        writer.close()
+        files += sorted((out_dir / "tensorboard").glob("events.*"))
+    metrics = _clean({
+        "model": {"name": model_name, "path": str(checkpoint.path), "sha256": checkpoint.sha256},
+        "inputs": {"ct": [v.source for v in cts], "mr": [v.source for v in mrs]},
+        "config": asdict(config), "inference": {k: (list(v) if isinstance(v, tuple) else v)
+                                               for k, v in asdict(settings).items()},
+        "feature_extractor": extractor.identity, "patch_sampling": SAMPLING_RULE,
+        "metric_definitions": {
+            "fid": "Frechet distance of Gaussian fits of patch features (scipy.linalg.sqrtm)",
+            "kid_percent": "100 x unbiased MMD^2, kernel (a.b/d + 1)^3, mean (std) over subsets",
+            "ssim_cyc": "3D SSIM, Gaussian window 11 / sigma 1.5, data range 2, mean in the mask",
+            "psnr_cyc_db": "10 log10(2^2 / MSE) on [-1, 1] in the mask",
+            "mae": "mean |a - b| on [-1, 1] in the mask", "mae_hu": f"mae x {hu_per_unit:g} HU (CT window {window})",
+            "w1": f"Delta sum |CDF_a - CDF_b|, {HISTOGRAM_BINS} bins on [-1, 1], per volume vs the pooled real set",
+            "w1_pooled": "W1 of the pooled synthetic set vs the pooled real set"},
+        "mask": config.mask, "harmonization": {m: h.to_dict() for m, h in harmonizers.items()},
+        "harmonization_reference": reference_note,
+        "aggregate": aggregate, "per_volume": per_volume, "paired": paired_rows,
+        "seconds": round(time.perf_counter() - started, 3), "software": _software()})
+    files.append(_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default)))
+    report("evaluate", 1.0, f"Wrote {out_dir}")
+    return EvaluationResult(out_dir, metrics["aggregate"], metrics["per_volume"], metrics["paired"], metrics, files,
+                            table_md)
+
+
+def _valid(volume) -> np.ndarray:
+    from .masks import valid_mask
+
+    return valid_mask(volume.array.shape, volume.record.pad_before, volume.record.pad_after)
+
+
+def _paired_row(model: str, direction: str, volume: str, synthetic: np.ndarray, target: np.ndarray,
+                mask: np.ndarray, hu_per_unit: float | None) -> dict[str, Any]:
+    footprint = mask & np.isfinite(synthetic) & np.isfinite(target)
+    if not footprint.any():
+        raise ValueError(f"--paired: {volume} and its MR do not overlap in space; are they registered?")
+    a, b = np.nan_to_num(synthetic, nan=-1.0), np.nan_to_num(target, nan=-1.0)
+    error = mae(a, b, footprint)
+    return {"model": model, "direction": direction, "volume": volume, "mae": error,
+            "mae_hu": error * hu_per_unit if hu_per_unit else None, "psnr_db": psnr(a, b, 2.0, footprint),
+            "ssim": ssim3d(a, b, 2.0, footprint), "voxels": int(footprint.sum())}
+
+
+def _aggregate_row(label: str, variant: str, direction: str, scores: dict[str, Any], cyc: list[dict[str, Any]],
+                   volumes: int) -> dict[str, Any]:
+    row = {"model": label, "variant": variant, "direction": direction, "volumes": volumes,
+           **{k: scores[k] for k in ("fid", "kid_percent", "kid_percent_std", "w1", "w1_std", "w1_pooled", "patches")}}
+    for key in ("ssim_cyc", "psnr_cyc_db", "mae", "mae_hu"):
+        row[key], row[f"{key}_std"] = _mean_std([r.get(key) for r in cyc])
+    return row
+
+
+def _aggregate_markdown(aggregate: list[dict[str, Any]], model: str, identity: dict[str, Any],
+                        config: EvaluationConfig, reference_note: str) -> str:
+    text = f"# Evaluation of {model} (thesis Tables 6, 7, 9 layout)\n\n"
+    text += markdown_table(TABLE_COLUMNS, [_aggregate_cells(r) for r in aggregate])
+    text += (f"\nFID/KID: {config.patches_per_volume} patches of {config.patch_size}^3 voxels per volume inside the "
+             f"{config.mask} mask, features `{identity['name']}` ({identity.get('dim')} values, weights SHA-256 "
+             f"{identity.get('weights_sha256', '')[:16]}...); comparable only between runs with the same extractor. "
+             "KID (%) = 100 x unbiased MMD^2 (mean ± std over subsets). Cycle metrics: CT→MR rows compare x with "
+             "F(G(x)), MR→CT rows y with G(F(y)); SSIM/PSNR/MAE on the [-1, 1] range (PSNR data range 2), mean ± "
+             "std over volumes; MAE (HU) for the CT cycle. W1: histogram distance (thesis eq. 7.2) of each "
+             "synthetic volume to the pooled real target domain, in [-1, 1] units. Harmonised rows (thesis 7.6) "
+             f"change G(x) after the fact, so they have no cycle metrics; {reference_note}.\n")
+    return text
+
+
+def _per_volume_markdown(rows: list[dict[str, Any]]) -> str:
+    header = ["Model", "Direction", "Volume", "SSIM_cyc↑", "PSNR_cyc↑ (dB)", "MAE↓", "MAE (HU)↓", "W1↓"]
+    cells = [[r["model"], r["direction"], r["volume"], _fmt(r.get("ssim_cyc")), _fmt(r.get("psnr_cyc_db"), 2),
+              _fmt(r.get("mae")), _fmt(r.get("mae_hu"), 1), _fmt(r.get("w1"))] for r in rows]
+    return "# Per-volume metrics\n\n" + markdown_table(header, cells)
+
+
+def _paired_markdown(rows: list[dict[str, Any]]) -> str:
+    header = ["Model", "Direction", "Volume", "MAE↓", "MAE (HU)↓", "PSNR↑ (dB)", "SSIM↑"]
+    cells = [[r["model"], r["direction"], r["volume"], _fmt(r["mae"]), _fmt(r.get("mae_hu"), 1),
+              _fmt(r["psnr_db"], 2), _fmt(r["ssim"])] for r in rows]
+    for direction in sorted({r["direction"] for r in rows}):
+        sel = [r for r in rows if r["direction"] == direction]
+        stats = {k: _mean_std([r.get(k) for r in sel]) for k in ("mae", "mae_hu", "psnr_db", "ssim")}
+        cells.append([sel[0]["model"], direction, "**Average ± SD**", _pm(*stats["mae"]), _pm(*stats["mae_hu"], 1),
+                      _pm(*stats["psnr_db"], 2), _pm(*stats["ssim"])])
+    return ("# Synthetic vs real target in registered pairs (Wolterink et al. 2017, Table 1 layout)\n\n"
+            + markdown_table(header, cells)
+            + "\nInside the CT's evaluation mask and the MR's footprint, on the CT's 1 mm grid. MAE (HU) for MR→CT "
+              "(synthetic CT vs real CT); CT→MR values are in normalised MR units. PSNR: data range 2 on [-1, 1].\n")
+
+
+def _evaluation_figures(out_dir: Path, model: str, figure_data: dict[str, Any], histograms: dict[str, np.ndarray],
+                        aggregate: list[dict[str, Any]], reference_note: str, writer) -> list[Path]:
+    from .figures import plot_histogram_overlay, plot_triplanar_panels
+
+    figures = out_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    files = []
+    mr = figure_data.get("mr0")
+    for key, data in sorted((k, v) for k, v in figure_data.items() if k.startswith("ct")):
+        panels = [("CT x [-1, 1]", data["ct"], (-1, 1), "gray"), (f"synthetic MR G(x)\n{model}", data["synthetic_mr"],
+                                                                    (-1, 1), "gray")]
+        panels += [(f"G(x) + {m}", s, (-1, 1), "gray") for m, s in data["harmonised"].items()]
+        if mr is not None:
+            panels.append((f"real MR reference\n{mr['name']}", mr["mr"], (-1, 1), "gray"))
+        path = plot_triplanar_panels(figures / f"triplanar_{data['name']}.png", panels,
+                                     f"CT → MR: {data['name']} (thesis figs. 5, 10)",
+                                     "normalised intensities [-1, 1]; the real MR is another subject")
+        files.append(path)
+        _log_figure(writer, f"figures/triplanar_{data['name']}", path)
+        panels = [("CT x [-1, 1]", data["ct"], (-1, 1), "gray"),
+                  ("round trip F(G(x)) [-1, 1]", data["roundtrip_ct"], (-1, 1), "gray"),
+                  ("|F(G(x)) - x| (HU)", data["error_hu"], (0, data["error_max"]), "magma")]
+        path = plot_triplanar_panels(figures / f"roundtrip_{data['name']}.png", panels,
+                                     f"Cycle consistency: {data['name']} (thesis fig. 6)",
+                                     "error map clipped at its 99th percentile in the mask "
+                                     f"({data['error_max']:.0f} HU)")
+        files.append(path)
+        _log_figure(writer, f"figures/roundtrip_{data['name']}", path)
+    def w1_label(label: str, value: float | None) -> str:
+        return label + (f" (W1 {value:.4f})" if value is not None and math.isfinite(value) else "")
+
+    w1 = {r["variant"]: r["w1_pooled"] for r in aggregate if r["direction"] == "CT→MR"}
+    synthetic = [(w1_label("synthetic MR G(x)" if v == "model" else v.replace("model+", "G(x) + "), w1[v]),
+                  histograms[f"synthetic_mr/{v}"]) for v in w1 if v.startswith("model")]
+    if "identity" in w1:
+        synthetic.append((w1_label("copy CT (identity)", w1["identity"]), histograms["synthetic_mr/identity"]))
+    path = plot_histogram_overlay(figures / "histogram_ct2mr.png", histograms["edges"],
+                                  ("real MR", histograms["real_mr"]), synthetic,
+                                  f"CT → MR intensity distributions in the masks: {model} (thesis figs. 8, 11)",
+                                  note="W1: pooled synthetic vs pooled real MR")
+    files.append(path)
+    _log_figure(writer, "figures/histogram_ct2mr", path)
+    w1_ct = next((r["w1_pooled"] for r in aggregate if r["direction"] == "MR→CT"), None)
+    path = plot_histogram_overlay(figures / "histogram_mr2ct.png", histograms["edges"],
+                                  ("real CT", histograms["real_ct"]),
+                                  [(w1_label("synthetic CT F(y)", w1_ct), histograms["synthetic_ct"])],
+                                  f"MR → CT intensity distributions in the masks: {model}",
+                                  xlabel="normalised CT intensity [-1, 1] (CT window)")
+    files.append(path)
+    _log_figure(writer, "figures/histogram_mr2ct", path)
+    return files
+
+
+def _save_figure_data(path: Path, figure_data: dict[str, Any], histograms: dict[str, np.ndarray]) -> Path:
+    """Slices and histograms that ``ct2mr compare`` draws side by side (plain arrays, no pickles)."""
+    arrays: dict[str, np.ndarray] = {f"hist/{k}": np.asarray(v) for k, v in histograms.items()}
+    names: dict[str, Any] = {}
+    for key, data in figure_data.items():
+        names[key] = data["name"]
+        for kind in ("ct", "synthetic_mr", "mr"):
+            if kind in data:
+                for plane, image, aspect in data[kind]:
+                    arrays[f"{key}/{kind}/{plane}"] = np.asarray(image, np.float32)
+                    arrays[f"{key}/{kind}/{plane}/aspect"] = np.asarray(aspect)
+    arrays["names_json"] = np.asarray(json.dumps(names))
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+# --- Comparison ---------------------------------------------------------------------------------------------------
+
+def load_evaluation(run: str | os.PathLike) -> dict[str, Any]:
+    """Read the ``metrics.json`` of an ``ct2mr evaluate`` output folder (or the file itself).
+
+    Raises:
+        FileNotFoundError: no ``metrics.json``; the message says to run ``ct2mr evaluate`` first.
+    """
+    path = Path(run)
+    if path.is_dir():
+        path = path / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} holds no metrics.json: run `ct2mr evaluate --out {run} ...` first, or pass a "
+                                "checkpoint together with --ct and --mr.")
+    return json.loads(path.read_text())
+
+
+def _load_slices(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    path = run_dir / "figure_data.npz"
+    if not path.is_file():
+        return {}, {}
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    names = json.loads(str(arrays.pop("names_json")))
+    return names, arrays
+
+
+def _planes(arrays: dict[str, np.ndarray], prefix: str) -> list[tuple[str, np.ndarray, float]] | None:
+    out = []
+    for plane in ("axial", "coronal", "sagittal"):
+        key = f"{prefix}/{plane}"
+        if key not in arrays:
+            return None
+        out.append((plane, arrays[key], float(arrays[f"{key}/aspect"])))
+    return out
+
+
+def compare(runs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, ct_inputs: Sequence[str] | None = None,
+            mr_inputs: Sequence[str] | None = None, config: EvaluationConfig | None = None,
+            settings: InferenceSettings | None = None, progress: Callable[[str, float, str], None] | None = None
+            ) -> dict[str, Any]:
+    """Compare two or more models side by side: one table, paired t-tests, tri-planar and histogram figures.
+
+    Each run is an ``ct2mr evaluate`` output folder, or a checkpoint (``.safetensors``) that is evaluated first into
+    ``out_dir/runs/<stem>`` with ``ct_inputs``, ``mr_inputs`` and ``config``. Paired t-tests
+    (:func:`paired_ttest`) compare every run with the first on the per-volume metrics of the volumes both scored
+    (cycle SSIM, PSNR, MAE, W1 of the model rows, and the paired metrics when present).
+
+    Args:
+        runs: two or more evaluation folders or checkpoints.
+        out_dir: output folder (created): ``compare.csv``/``.md``, ``ttests.csv``/``.md``,
+            ``figures/compare_triplanar.png``, ``figures/compare_histogram.png``, ``tensorboard/``.
+        ct_inputs, mr_inputs: evaluation sets for checkpoints.
+        config: evaluation settings for checkpoints.
+        settings: inference settings for checkpoints.
+        progress: ``callback(stage, fraction, message)``.
+
+    Returns:
+        ``{"table": rows, "ttests": rows, "files": [paths], "markdown": text}``.
+
+    Raises:
+        ValueError: fewer than two runs, or a checkpoint without ``ct_inputs``/``mr_inputs``.
+        FileNotFoundError: a folder without ``metrics.json``.
+    """
+    if len(runs) < 2:
+        raise ValueError("compare needs at least two runs (evaluation folders or checkpoints).")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = progress or (lambda stage, fraction, message: None)
+    run_dirs: list[Path] = []
+    for k, run in enumerate(runs):
+        path = Path(run)
+        if path.is_file() and path.suffix == ".safetensors":
+            if not ct_inputs or not mr_inputs:
+                raise ValueError(f"{path} is a checkpoint: pass --ct and --mr so that compare can evaluate it, or "
+                                 "pass the folders written by `ct2mr evaluate`.")
+            target = out_dir / "runs" / f"{k}_{path.stem}"
+            report("compare", k / len(runs), f"Evaluating {path.name}")
+            evaluate(path, ct_inputs, mr_inputs, target, config, settings,
+                     lambda s, f, m, k=k: report("compare", (k + f) / len(runs), m))
+            run_dirs.append(target)
+        else:
+            run_dirs.append(path)
+    metrics = [load_evaluation(d) for d in run_dirs]
+    labels = []
+    for d, m in zip(run_dirs, metrics):
+        label = m["model"]["name"]
+        labels.append(label if labels.count(label) == 0 else f"{label} ({d.name})")
+    table = []
+    for label, m in zip(labels, metrics):
+        for row in m["aggregate"]:
+            table.append({**row, "run": label, "model": row["model"] if row["variant"] != "model" else label})
+    ttests = _ttests(labels, metrics)
+    files: list[Path] = []
+    md = "# Model comparison\n\n" + markdown_table(["Run"] + TABLE_COLUMNS, [[r["run"]] + _aggregate_cells(r)
+                                                                            for r in table])
+    extractors = {json.dumps(m["feature_extractor"], sort_keys=True) for m in metrics}
+    if len(extractors) > 1:
+        md += "\n**Warning**: the runs used different feature extractors; their FID/KID are not comparable.\n"
+    md += ("\nPaired t-tests (two-sided, each run vs the first, on the volumes both scored):\n\n"
+           + markdown_table(["Run", "vs", "Direction", "Metric", "n", "mean (run)", "mean (first)", "t", "p"],
+                            [[t["run"], t["reference"], t["direction"], t["metric"], t["n"], _fmt(t["mean_a"]),
+                              _fmt(t["mean_b"]), _fmt(t["t"], 3), _fmt(t["p"], 4)] for t in ttests]))
+    files.append(_write_csv(out_dir / "compare.csv", table, ["run"] + AGGREGATE_KEYS))
+    files.append(_write_text(out_dir / "compare.md", md))
+    files.append(_write_csv(out_dir / "ttests.csv", ttests, ["run", "reference", "direction", "metric", "n", "mean_a",
+                                                              "mean_b", "mean_diff", "t", "p"]))
+    writer = _tensorboard(out_dir, config.tensorboard if config else True)
+    files += _compare_figures(out_dir, labels, run_dirs, writer)
+    if writer is not None:
+        for r in table:
+            for key in ("fid", "kid_percent", "ssim_cyc", "psnr_cyc_db", "mae", "w1"):
+                if r.get(key) is not None:
+                    writer.add_scalar(f"{r['direction'].replace('→', '2')}/{r['variant']}/{key}/{r['run']}",
+                                      float(r[key]), 0)
+        writer.add_text("compare", md, 0)
+        writer.close()
+        files += sorted((out_dir / "tensorboard").glob("events.*"))
+    report("compare", 1.0, f"Wrote {out_dir}")
+    return {"table": table, "ttests": ttests, "files": files, "markdown": md}
+
+
+def _ttests(labels: list[str], metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def by_volume(m: dict[str, Any], rows_key: str, metric: str) -> dict[tuple[str, str], float]:
+        rows = m.get(rows_key) or []
+        return {(r["direction"], r["volume"]): r[metric] for r in rows
+                if r.get("variant", "model") == "model" and r.get(metric) is not None}
+
+    out = []
+    candidates = [("per_volume", k) for k in ("ssim_cyc", "psnr_cyc_db", "mae", "w1")]
+    candidates += [("paired", k) for k in ("mae", "mae_hu", "psnr_db", "ssim")]
+    for k in range(1, len(metrics)):
+        for rows_key, metric in candidates:
+            first, other = by_volume(metrics[0], rows_key, metric), by_volume(metrics[k], rows_key, metric)
+            for direction in sorted({d for d, _ in first} & {d for d, _ in other}):
+                keys = sorted(v for d, v in set(first) & set(other) if d == direction)
+                if not keys:
+                    continue
+                test = paired_ttest([other[(direction, v)] for v in keys], [first[(direction, v)] for v in keys])
+                out.append({"run": labels[k], "reference": labels[0], "direction": direction,
+                            "metric": ("paired " if rows_key == "paired" else "") + metric, **test})
+    return out
+
+
+def _compare_figures(out_dir: Path, labels: list[str], run_dirs: list[Path], writer) -> list[Path]:
+    from .figures import plot_histogram_overlay, plot_triplanar_panels
+
+    figures = out_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    loaded = [_load_slices(d) for d in run_dirs]
+    files = []
+    panels, real_mr, ct_names = [], None, set()
+    for label, (names, arrays) in zip(labels, loaded):
+        if not arrays:
+            logger.warning("%s has no figure_data.npz (evaluated with --no-figures?); left out of the figures", label)
+            continue
+        if not panels and _planes(arrays, "ct0/ct") is not None:
+            panels.append((f"CT {names.get('ct0', '')}", _planes(arrays, "ct0/ct"), (-1, 1), "gray"))
+        slices = _planes(arrays, "ct0/synthetic_mr")
+        if slices is not None:
+            ct_names.add(names.get("ct0"))
+            panels.append((f"G(x): {label}", slices, (-1, 1), "gray"))
+        if real_mr is None and _planes(arrays, "mr0/mr") is not None:
+            real_mr = (f"real MR reference\n{names.get('mr0', '')}", _planes(arrays, "mr0/mr"), (-1, 1), "gray")
+    if real_mr is not None:
+        panels.append(real_mr)
+    if len(panels) > 1:
+        note = "normalised intensities [-1, 1]"
+        if len(ct_names) > 1:
+            note += f"; WARNING: the runs show different CTs ({', '.join(sorted(map(str, ct_names)))})"
+        path = plot_triplanar_panels(figures / "compare_triplanar.png", panels,
+                                     "Side-by-side comparison (thesis figs. 5, 10)", note)
+        files.append(path)
+        _log_figure(writer, "figures/compare_triplanar", path)
+    hists = [(label, arrays) for label, (_, arrays) in zip(labels, loaded) if "hist/real_mr" in arrays]
+    if hists:
+        edges = hists[0][1]["hist/edges"]
+        path = plot_histogram_overlay(figures / "compare_histogram.png", edges,
+                                      ("real MR", hists[0][1]["hist/real_mr"]),
+                                      [(f"G(x): {label}", a["hist/synthetic_mr/model"]) for label, a in hists],
+                                      "Synthetic vs real MR intensity distributions (thesis figs. 8, 11)")
+        files.append(path)
+        _log_figure(writer, "figures/compare_histogram", path)
+    return files
