@@ -30,7 +30,9 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from CT2MRTranslationLib import install
 from CT2MRTranslationLib.logic import CT2MRTranslationLogic, CT2MRTranslationResult  # noqa: F401  (re-export)
+from CT2MRTranslationLib.parameters import CT2MRTranslationParameters
 
 __all__ = ["CT2MRTranslation", "CT2MRTranslationLogic", "CT2MRTranslationTest", "CT2MRTranslationWidget"]
 
@@ -73,9 +75,13 @@ Built on the method of N. Arifette, "CT to MRI Translation using CycleGAN for Me
 
 
 class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Module panel: input CT, model, device; Translate, Cancel, progress.
+    """Module panel: inputs, model list, device, Advanced settings, batch, label transfer, dependencies; Translate
+    (which turns into Cancel while running), progress bar, status and log.
 
-    The translation runs as a background process; a ``QTimer`` polls it every ``POLL_INTERVAL_MS`` milliseconds.
+    Every choice is kept in the module's parameter node (saved and restored with the scene). Translations and model
+    downloads run as background processes; a ``QTimer`` polls them every ``POLL_INTERVAL_MS`` milliseconds, so the
+    GUI never freezes. The CUDA devices are listed by a background process too (the GUI process never initialises
+    CUDA).
     """
 
     POLL_INTERVAL_MS = 200
@@ -84,8 +90,16 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic: CT2MRTranslationLogic | None = None
-        self.job = None
+        self.batch = None
+        self.downloadJob = None
+        self.deviceQuery = None
+        self.devices: list[tuple[str, str]] = []
         self.timer: qt.QTimer | None = None
+        self._parameterNode = None
+        self._parameters: CT2MRTranslationParameters | None = None
+        self._updatingGUIFromParameterNode = False
+        self._dependenciesChecked = False
+        self._loggedEvents = 0
 
     def setup(self) -> None:
         """Build the panel from ``Resources/UI/CT2MRTranslation.ui`` and connect it."""
@@ -102,20 +116,56 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.setInterval(self.POLL_INTERVAL_MS)
         self.timer.connect("timeout()", self.onPollTimer)
 
-        self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        # GUI -> parameter node
+        for selector in (self.ui.inputSelector, self.ui.referenceMRSelector, self.ui.segmentationSelector):
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.batchInputsSelector.connect("checkedNodesChanged()", self.updateParameterNodeFromGUI)
+        for comboBox in (self.ui.modelComboBox, self.ui.deviceComboBox, self.ui.precisionComboBox,
+                         self.ui.harmonizeComboBox):
+            comboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.overlapSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
+        for spinBox in (self.ui.roiSizeSpinBox, self.ui.swBatchSizeSpinBox):
+            spinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
+        for checkBox in (self.ui.computeMetricsCheckBox, self.ui.showLayoutCheckBox, self.ui.batchModeCheckBox,
+                         self.ui.exportPairCheckBox):
+            checkBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        for pathLineEdit in (self.ui.modelPathLineEdit, self.ui.exportFolderPathLineEdit):
+            pathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
 
+        # actions
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModelButton)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModelButton)
+        self.ui.clearModelsButton.connect("clicked(bool)", self.onClearModelsButton)
+        self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependenciesButton)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependenciesButton)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.refreshModelList()
+        self.startDeviceQuery()
+        self.initializeParameterNode()
         self.setRunning(False)
         self.ui.statusLabel.text = _("Select a CT volume and click Translate.")
 
     def cleanup(self) -> None:
-        """Stop a running translation (and its process) when the module is destroyed."""
+        """Stop a running translation or download (and its process) when the module is destroyed."""
         self.cancelJob()
+        if self.deviceQuery is not None and self.deviceQuery.poll() is None:
+            self.deviceQuery.cancel()
         if self.timer is not None:
             self.timer.stop()
         self.removeObservers()
+
+    def enter(self) -> None:
+        """The module is shown: make sure a parameter node exists and the GUI shows it."""
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """The module is hidden: stop following the parameter node (a running translation goes on)."""
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onReload(self) -> None:
         """Reload the module together with its library (CT2MRTranslationLib), without ``imp``."""
@@ -125,87 +175,375 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event) -> None:
-        """The input node is about to disappear: stop the translation."""
-        self.cancelJob()
-        self.ui.statusLabel.text = _("Translation cancelled: the scene was closed.")
+        """The input node is about to disappear: stop the translation and forget the parameter node."""
+        if self.batch is not None or self.downloadJob is not None:
+            self.cancelJob()
+            self.ui.statusLabel.text = _("Translation cancelled: the scene was closed.")
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        """A new, empty scene: create its parameter node when the module is shown."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # ------------------------------------------------------------------ parameter node
+
+    def initializeParameterNode(self) -> None:
+        """Use the scene's parameter node (created with the defaults when missing); pick a first input CT."""
+        self.setParameterNode(self.logic.getParameters(slicer.mrmlScene).node)
+        if self._parameters.inputVolume is None:
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume is not None and not firstVolume.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameters.inputVolume = firstVolume
+
+    def setParameterNode(self, parameterNode) -> None:
+        """Follow ``parameterNode`` (or none): observe it and show its values."""
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = parameterNode
+        self._parameters = CT2MRTranslationParameters(parameterNode) if parameterNode is not None else None
+        if parameterNode is not None:
+            self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        """Show the parameter node's values in the widgets (without writing them back)."""
+        if self._parameters is None or self._updatingGUIFromParameterNode:
+            return
+        self._updatingGUIFromParameterNode = True
+        try:
+            p = self._parameters
+            self.ui.inputSelector.setCurrentNode(p.inputVolume)
+            self.ui.referenceMRSelector.setCurrentNode(p.referenceMR)
+            self.ui.segmentationSelector.setCurrentNode(p.segmentation)
+            checked = {node.GetID() for node in p.batchInputs}
+            for index in range(self.ui.batchInputsSelector.nodeCount()):
+                node = self.ui.batchInputsSelector.nodeFromIndex(index)
+                self.ui.batchInputsSelector.setCheckState(node, qt.Qt.Checked if node.GetID() in checked
+                                                          else qt.Qt.Unchecked)
+            self.ui.batchModeCheckBox.checked = p.batchMode
+            modelIndex = self.ui.modelComboBox.findData(f"{p.modelName}|{p.modelVersion}")
+            self.ui.modelComboBox.setCurrentIndex(max(modelIndex, 0))
+            self.ui.modelPathLineEdit.currentPath = p.modelPath
+            deviceIndex = self.ui.deviceComboBox.findData(p.device)
+            if deviceIndex < 0:
+                deviceIndex = self.ui.deviceComboBox.findText(p.device)
+            self.ui.deviceComboBox.setCurrentIndex(max(deviceIndex, 0))
+            self.ui.overlapSpinBox.value = p.overlap
+            self.ui.roiSizeSpinBox.value = p.roiSize
+            self.ui.swBatchSizeSpinBox.value = p.swBatchSize
+            self.ui.precisionComboBox.setCurrentIndex(max(self.ui.precisionComboBox.findText(p.precision), 0))
+            self.ui.harmonizeComboBox.setCurrentIndex(max(self.ui.harmonizeComboBox.findText(p.harmonize), 0))
+            self.ui.computeMetricsCheckBox.checked = p.computeMetrics
+            self.ui.showLayoutCheckBox.checked = p.showCompareLayout
+            self.ui.exportPairCheckBox.checked = p.exportPair
+            self.ui.exportFolderPathLineEdit.currentPath = p.exportFolder
+        finally:
+            self._updatingGUIFromParameterNode = False
+        self.updateModelInfo()
+        self.updateButtons()
+
+    def updateParameterNodeFromGUI(self, *_args) -> None:
+        """Write the widgets' values into the parameter node (one Modified event)."""
+        if self._parameters is None or self._updatingGUIFromParameterNode:
+            return
+        p = self._parameters
+        wasModifying = self._parameterNode.StartModify()
+        try:
+            p.inputVolume = self.ui.inputSelector.currentNode()
+            p.referenceMR = self.ui.referenceMRSelector.currentNode()
+            p.segmentation = self.ui.segmentationSelector.currentNode()
+            p.batchInputs = list(self.ui.batchInputsSelector.checkedNodes())
+            p.batchMode = self.ui.batchModeCheckBox.checked
+            name, _, version = str(self.ui.modelComboBox.currentData or "|").partition("|")
+            p.modelName, p.modelVersion = name, version
+            p.modelPath = self.ui.modelPathLineEdit.currentPath.strip()
+            p.device = str(self.ui.deviceComboBox.currentData or self.ui.deviceComboBox.currentText)
+            p.overlap = self.ui.overlapSpinBox.value
+            p.roiSize = self.ui.roiSizeSpinBox.value
+            p.swBatchSize = self.ui.swBatchSizeSpinBox.value
+            p.precision = self.ui.precisionComboBox.currentText
+            p.harmonize = self.ui.harmonizeComboBox.currentText
+            p.computeMetrics = self.ui.computeMetricsCheckBox.checked
+            p.showCompareLayout = self.ui.showLayoutCheckBox.checked
+            p.exportPair = self.ui.exportPairCheckBox.checked
+            p.exportFolder = self.ui.exportFolderPathLineEdit.currentPath.strip()
+        finally:
+            self._parameterNode.EndModify(wasModifying)
+        self.updateModelInfo()
+        self.updateButtons()
+
+    # ------------------------------------------------------------------ models and devices
+
+    def refreshModelList(self) -> None:
+        """Fill the model list (name, version, status) from the engine's model lists and the user cache."""
+        self._modelRows = {}
+        wasBlocked = self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.clear()
+        self.ui.modelComboBox.addItem(_("default model"), "|")
+        try:
+            rows = self.logic.modelList()
+        except Exception as error:  # ct2mr not installed yet: only the default entry
+            logging.info("CT2MR model list unavailable: %s", error)
+            rows = []
+        for row in rows:
+            key = f"{row['name']}|{row['version']}"
+            self._modelRows[key] = row
+            self.ui.modelComboBox.addItem(f"{row['name']} {row['version']} ({row['status']})", key)
+        self.ui.modelComboBox.blockSignals(wasBlocked)
+        self.updateGUIFromParameterNode()
+
+    def selectedModelRow(self) -> dict | None:
+        """The model list's row of the selected model, or ``None`` for the default model."""
+        return getattr(self, "_modelRows", {}).get(str(self.ui.modelComboBox.currentData or "|"))
+
+    def updateModelInfo(self) -> None:
+        """Describe the selected model (training data, licence, size, SHA-256) and enable its buttons."""
+        row = self.selectedModelRow()
+        if row is None:
+            self.ui.modelInfoLabel.text = _("The bundled default model (always available).")
+            self.ui.downloadModelButton.enabled = False
+            return
+        self.ui.modelInfoLabel.text = _(
+            "{description}\nTraining data: {data}\nLicence: {licence}. Size: {size:.1f} MB. SHA-256: {sha}...\n{where}"
+        ).format(description=row.get("description", ""), data=row.get("training_data", ""),
+                 licence=row.get("licence", ""), size=row["size"] / 1e6, sha=row["sha256"][:16],
+                 where=row.get("path") or row.get("url") or "")
+        self.ui.downloadModelButton.enabled = row["status"] == "downloadable" and self.batch is None \
+            and self.downloadJob is None
+
+    def selectedModelPath(self) -> str | None:
+        """The checkpoint to run: the checkpoint file when given, else the selected model's local file.
+
+        Raises:
+            ValueError: the selected model is not downloaded yet.
+        """
+        p = self._parameters
+        if p.modelPath:
+            return p.modelPath
+        if not p.modelName:
+            return None
+        try:
+            return self.logic.modelPath(p.modelName, p.modelVersion or None)
+        except ValueError as error:
+            raise ValueError(_("{error}\nIn this panel: select the model and click Download, or Import file... on a "
+                               "computer without internet.").format(error=error)) from error
+
+    def startDeviceQuery(self) -> None:
+        """List the CUDA devices in a background process; the device list is filled when it answers."""
+        try:
+            self.deviceQuery = self.logic.startDeviceQuery()
+        except Exception as error:  # noqa: BLE001 - no Python/torch yet: auto, cuda and cpu stay
+            logging.info("CT2MR device query not started: %s", error)
+            self.deviceQuery = None
+            return
+        self.timer.start()
+
+    def updateDevices(self) -> None:
+        """Fill the device list once the device query has answered: auto, each CUDA GPU by name, CPU."""
+        query, self.deviceQuery = self.deviceQuery, None
+        found = self.logic.deviceQueryResult(query)
+        self.devices = self.logic.deviceLabels(found["devices"])
+        wasBlocked = self.ui.deviceComboBox.blockSignals(True)
+        self.ui.deviceComboBox.clear()
+        for device, label in self.devices:
+            self.ui.deviceComboBox.addItem(label, device)
+        self.ui.deviceComboBox.blockSignals(wasBlocked)
+        if found["error"]:
+            self.ui.deviceComboBox.toolTip = _("PyTorch could not list the GPUs ({error}); install the dependencies "
+                                               "(Dependencies section).").format(error=found["error"])
+        elif not found["devices"]:
+            self.ui.deviceComboBox.toolTip = _("No CUDA GPU found (PyTorch {torch}): the translation runs on the "
+                                               "CPU.").format(torch=found["torch"])
+        self.updateGUIFromParameterNode()
 
     # ------------------------------------------------------------------ state
 
     def setRunning(self, running: bool) -> None:
-        """Enable the controls that make sense while a translation runs (or not)."""
-        for widget in (self.ui.inputSelector, self.ui.modelPathLineEdit, self.ui.deviceComboBox,
-                       self.ui.overlapSpinBox, self.ui.segmentationSelector, self.ui.exportPairCheckBox,
-                       self.ui.exportFolderPathLineEdit):
+        """While a translation or download runs, Translate turns into Cancel and the inputs are locked."""
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton,
+                       self.ui.batchCollapsibleButton, self.ui.labelTransferCollapsibleButton,
+                       self.ui.dependenciesCollapsibleButton):
             widget.enabled = not running
-        self.ui.cancelButton.enabled = running
+        self.ui.applyButton.text = _("Cancel") if running else _("Translate")
         self.ui.progressBar.visible = running
         if running:
             self.ui.progressBar.value = 0
         self.updateButtons()
 
+    def inputNodes(self) -> list:
+        """What Translate works on: the checked batch inputs in batch mode, else the input CT."""
+        p = self._parameters
+        if p is None:
+            return []
+        if p.batchMode:
+            return list(p.batchInputs)
+        return [p.inputVolume] if p.inputVolume is not None else []
+
     def updateButtons(self, *_args) -> None:
-        """Translate needs an input volume and no running translation."""
-        hasInput = self.ui.inputSelector.currentNode() is not None
-        self.ui.applyButton.enabled = hasInput and self.job is None
-        self.ui.applyButton.toolTip = (
-            _("Translate the selected CT into a synthetic MR, a round-trip CT and an error map.")
-            if hasInput else _("Select an input CT volume.")
-        )
+        """Translate needs an input (Cancel is always enabled while something runs)."""
+        running = self.batch is not None or self.downloadJob is not None
+        count = len(self.inputNodes())
+        self.ui.applyButton.enabled = running or count > 0
+        if running:
+            self.ui.applyButton.toolTip = _("Stop the running process and every process it started; no partial "
+                                            "result is kept.")
+        elif count == 0:
+            self.ui.applyButton.toolTip = _("Select an input CT volume (or check volumes in Batch).")
+        else:
+            self.ui.applyButton.toolTip = _("Translate {count} input(s) into a synthetic MR, a round-trip CT and an "
+                                            "error map.").format(count=count)
 
     def onProgress(self, fraction: float, message: str) -> None:
         """Progress callback of the Logic (called from the timer, in the GUI thread)."""
         self.ui.progressBar.value = int(round(100 * fraction))
         self.ui.statusLabel.text = message
 
+    def appendLog(self, batch) -> None:
+        """Add the batch's new engine events to the log (progress lines only when the stage changes)."""
+        for label, event in batch.events[self._loggedEvents:]:
+            kind = event.get("event")
+            if kind == "progress":
+                if (label, event.get("stage")) == self._lastStage:
+                    continue
+                self._lastStage = (label, event.get("stage"))
+                line = f"{event.get('stage')}: {event.get('message', '')}"
+            elif kind == "start":
+                line = f"start on {event.get('device', '?')} (model: {event.get('model') or 'default'})"
+            elif kind == "done":
+                line = f"done in {event.get('seconds', '?')} s on {event.get('device', '?')}"
+            else:
+                line = f"{kind}: {event.get('message', '')}"
+            self.ui.logTextEdit.appendPlainText(f"[{label}] {line}")
+        self._loggedEvents = len(batch.events)
+
+    # ------------------------------------------------------------------ dependencies
+
+    def ensureDependencies(self, force: bool = False) -> bool:
+        """Check the engine's dependencies once per session; offer to install what is missing (one confirmation).
+
+        Returns:
+            ``True`` when everything is installed (and no restart is pending).
+        """
+        if self._dependenciesChecked and not force:
+            return True
+        plan = self.logic.dependencyPlan()
+        self.ui.dependencyStatusLabel.text = "\n".join(status.describe() for status in plan.statuses)
+        if plan.nothingToDo:
+            self._dependenciesChecked = True
+            return True
+        text = install.confirmationText(plan)
+        if plan.blockers:
+            slicer.util.errorDisplay(text, windowTitle=_("CT to MR Translation: dependencies"))
+            return False
+        if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("CT to MR Translation: install dependencies")):
+            return False
+
+        def installTorch(requirement: str):
+            import PyTorchUtils
+
+            return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                                 torchVersionRequirement=requirement)
+
+        with slicer.util.WaitCursor():
+            install.runInstallPlan(plan, slicer.util.pip_install, installTorch,
+                                   log=lambda message: self.ui.logTextEdit.appendPlainText(message))
+        if plan.restartNeeded:
+            if slicer.util.confirmYesNoDisplay(_("The dependencies are installed. A package that was already loaded "
+                                                 "was upgraded: restart Slicer now?")):
+                slicer.util.restart()
+            return False
+        self.refreshModelList()
+        self.startDeviceQuery()
+        return self.ensureDependencies(force=True)
+
+    def onCheckDependenciesButton(self) -> None:
+        """Show what is installed and what is missing."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to check the dependencies."), waitCursor=True):
+            plan = self.logic.dependencyPlan()
+            self.ui.dependencyStatusLabel.text = "\n".join(status.describe() for status in plan.statuses) + (
+                "\n" + _("Everything is installed.") if plan.nothingToDo else "")
+
+    def onInstallDependenciesButton(self) -> None:
+        """Install what is missing (after one confirmation)."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to install the dependencies."), waitCursor=False):
+            if self.ensureDependencies(force=True):
+                self.ui.statusLabel.text = _("Every dependency is installed.")
+
     # ------------------------------------------------------------------ actions
 
     def onApplyButton(self) -> None:
-        """Start the translation in the background."""
+        """Translate (in the background), or cancel what is running."""
+        if self.batch is not None or self.downloadJob is not None:
+            self.onCancel()
+            return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the CT to MR translation."), waitCursor=True):
-            self.job = self.logic.startTranslation(
-                self.ui.inputSelector.currentNode(),
-                modelPath=self.ui.modelPathLineEdit.currentPath.strip() or None,
-                device=self.ui.deviceComboBox.currentText,
-                overlap=self.ui.overlapSpinBox.value,
-                progressCallback=self.onProgress,
-            )
-            self.ui.modelPathLineEdit.addCurrentPathToHistory()
+            if not self.ensureDependencies():
+                return
+            keywords = self._parameters.translateKeywords()
+            keywords["modelPath"] = self.selectedModelPath()
+            self.ui.logTextEdit.clear()
+            self._loggedEvents, self._lastStage = 0, None
+            self.batch = self.logic.startBatch(self.inputNodes(), progressCallback=self.onProgress, **keywords)
+            if self._parameters.modelPath:
+                self.ui.modelPathLineEdit.addCurrentPathToHistory()
             self.setRunning(True)
             self.timer.start()
 
     def onPollTimer(self) -> None:
-        """Handle the engine's events; load the results once the process has ended."""
-        job = self.job
-        if job is None:
+        """Drive the device query, the download and the batch; load results as translations end."""
+        if self.deviceQuery is not None and self.deviceQuery.poll() is not None:
+            self.updateDevices()
+        if self.downloadJob is not None:
+            self.pollDownload()
+        if self.batch is not None:
+            self.pollBatch()
+        if self.batch is None and self.downloadJob is None and self.deviceQuery is None:
             self.timer.stop()
-            return
+
+    def pollBatch(self) -> None:
+        """One step of the running batch."""
+        batch = self.batch
         try:
             with slicer.util.tryWithErrorDisplay(_("Could not complete the CT to MR translation."), waitCursor=False):
-                if not job.update():
+                done = batch.update()
+                self.appendLog(batch)
+                if not done:
                     return
-                self.timer.stop()
-                self.job = None
-                result = self.logic.finishTranslation(job)
+                self.batch = None
                 self.setRunning(False)
-                slicer.util.resetSliceViews()
-                self.ui.statusLabel.text = _("Done in {seconds:.1f} s: {names}.").format(
-                    seconds=result.seconds, names=", ".join(node.GetName() for node in result.volumeNodes))
-                self.transferLabels(result)
+                self.reportBatch(batch)
         except Exception:
             # The dialog shows the details; the log keeps them (also when testing, where no dialog is shown).
             logging.exception("CT to MR translation failed")
             self.cancelJob()
-            self.ui.statusLabel.text = _("Translation failed; see the error message.")
+            finished = batch.message + "\n" if batch.state != "running" else ""
+            self.ui.statusLabel.text = finished + _("Translation failed; see the error message.")
+
+    def reportBatch(self, batch) -> None:
+        """Status line, device and retry messages, label transfer; raise for failed items (shown as a dialog)."""
+        lines = [batch.message]
+        for result in batch.results:
+            if result.deviceMessage:
+                lines.append(result.deviceMessage)
+            lines += result.retryMessages
+            if result.analysis is not None and result.analysis.metricsError:
+                lines.append(_("Metrics not computed: {error}").format(error=result.analysis.metricsError))
+        self.ui.statusLabel.text = "\n".join(dict.fromkeys(lines))
+        if len(batch.results) == 1 and not batch.outputSequences:
+            self.transferLabels(batch.results[0])
+        if batch.failures:
+            raise RuntimeError("\n\n".join(f"{label}: {message}" for label, message in batch.failures))
 
     def transferLabels(self, result: CT2MRTranslationResult) -> None:
         """Show the CT's segmentation over the synthetic MR and, if asked, export the pair as training data."""
-        segmentationNode = self.ui.segmentationSelector.currentNode()
+        segmentationNode = self._parameters.segmentation
         if segmentationNode is None:
             return
         self.logic.showSegmentationOver(segmentationNode, result.syntheticMR)
-        if not self.ui.exportPairCheckBox.checked:
+        if not self._parameters.exportPair:
             return
-        folder = self.ui.exportFolderPathLineEdit.currentPath.strip()
+        folder = self._parameters.exportFolder
         if not folder:
             raise ValueError(_("Choose a dataset folder to export the training pair to."))
         paths = self.logic.exportTrainingPair(result.syntheticMR, segmentationNode, folder)
@@ -213,19 +551,73 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text += " " + _("Exported {image} and {label}.").format(
             image=os.path.basename(paths["image"]), label=os.path.basename(paths["label"]))
 
-    def onCancelButton(self) -> None:
-        """Kill the engine process tree and forget the job."""
-        with slicer.util.tryWithErrorDisplay(_("Failed to cancel the translation."), waitCursor=True):
+    def onDownloadModelButton(self) -> None:
+        """Download the selected model into the user cache in the background."""
+        row = self.selectedModelRow()
+        if row is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the model download."), waitCursor=True):
+            if not self.ensureDependencies():
+                return
+            self.ui.logTextEdit.appendPlainText(f"download: {row['url']} ({row['size'] / 1e6:.1f} MB)")
+            self.downloadJob = self.logic.startModelDownload(row["name"], row["version"],
+                                                             progressCallback=self.onProgress)
+            self.setRunning(True)
+            self.timer.start()
+
+    def pollDownload(self) -> None:
+        """One step of the running download."""
+        job = self.downloadJob
+        with slicer.util.tryWithErrorDisplay(_("The model download failed."), waitCursor=False):
+            if not job.update():
+                return
+            self.downloadJob = None
+            self.setRunning(False)
+            try:
+                path = self.logic.finishModelDownload(job)
+            finally:
+                self.refreshModelList()
+            self.ui.statusLabel.text = _("Downloaded {name} {version} to {path}.").format(
+                name=job.name, version=job.version or "", path=path)
+
+    def onImportModelButton(self) -> None:
+        """Import a checkpoint file into the user cache (offline computers) and select it."""
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Import a ct2mr checkpoint"), "",
+                                              _("Model checkpoints (*.safetensors)"))
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to import the checkpoint."), waitCursor=True):
+            if not self.ensureDependencies():
+                return
+            imported = self.logic.importModel(path)
+            self._parameters.modelName, self._parameters.modelVersion = imported["name"], imported["version"]
+            self.refreshModelList()
+            self.ui.statusLabel.text = _("Imported {name} {version} into {path}.").format(**imported)
+
+    def onClearModelsButton(self) -> None:
+        """Remove the old versions of downloaded and imported models (after a confirmation)."""
+        if not slicer.util.confirmOkCancelDisplay(_("Remove every downloaded or imported model version older than "
+                                                    "the newest of its model? The default model is kept.")):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to clear the model cache."), waitCursor=True):
+            removed = self.logic.clearModels(keepLatest=True)
+            self.refreshModelList()
+            self.ui.statusLabel.text = _("Removed {count} old model version(s).").format(count=len(removed))
+
+    def onCancel(self) -> None:
+        """Kill the running process tree and forget the job."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to cancel."), waitCursor=True):
             self.cancelJob()
-            self.ui.statusLabel.text = _("Translation cancelled.")
+            self.ui.statusLabel.text = _("Cancelled: no partial result was kept.")
 
     def cancelJob(self) -> None:
-        """Cancel the running job, if any, and reset the panel."""
-        if self.timer is not None:
-            self.timer.stop()
-        job, self.job = self.job, None
-        if job is not None and self.logic is not None:
-            self.logic.cancel(job)
+        """Cancel the running batch or download, if any, and reset the panel."""
+        batch, self.batch = self.batch, None
+        download, self.downloadJob = self.downloadJob, None
+        if batch is not None:
+            batch.cancel()
+        if download is not None and self.logic is not None:
+            self.logic.cancelModelDownload(download)
         if hasattr(self, "ui"):
             self.setRunning(False)
 
@@ -283,7 +675,8 @@ class CT2MRTranslationTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Translating (this takes a while on a CPU)")
         fractions = []
         logic = CT2MRTranslationLogic()
-        result = logic.translate(inputNode, progressCallback=lambda fraction, message: fractions.append(fraction))
+        result = logic.translate(inputNode, progressCallback=lambda fraction, message: fractions.append(fraction),
+                                 computeMetrics=True)
 
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
         inputParent = shNode.GetItemParent(shNode.GetItemByDataNode(inputNode))
@@ -302,4 +695,29 @@ class CT2MRTranslationTest(ScriptedLoadableModuleTest):
             self.assertEqual(shNode.GetItemParent(shNode.GetItemByDataNode(node)), inputParent)
         self.assertGreaterEqual(float(slicer.util.arrayFromVolume(result.errorMap).min()), 0.0)
         self.assertEqual(fractions[-1], 1.0)
+        self.assertEqual(fractions, sorted(fractions))
+
+        self.delayDisplay("Checking the analysis and the compare layout")
+        from CT2MRTranslationLib import views
+
+        analysis = result.analysis
+        self.assertIsNotNone(analysis)
+        self.assertEqual(analysis.histogramTable.GetColumnName(1), "Synthetic MR")
+        self.assertEqual(analysis.chart.GetNumberOfPlotSeriesNodes(), 1)
+        self.assertEqual(analysis.metricsError, "")
+        self.assertEqual(analysis.metricsTable.GetCellText(0, 0), "SSIM_cyc")
+        layoutNode = slicer.mrmlScene.GetSingletonNode("vtkMRMLLayoutNode", "vtkMRMLLayoutNode")
+        self.assertEqual(layoutNode.GetViewArrangement(), views.COMPARE_ANALYSIS_LAYOUT_ID)
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None:  # absent with --no-main-window
+            slicer.app.processEvents()
+            for column in views.COMPARE_COLUMNS:
+                for orientation, _color in views.COMPARE_ORIENTATIONS:
+                    self.assertIsNotNone(layoutManager.sliceWidget(views.compareViewName(column, orientation)))
+
+        self.delayDisplay("Checking that the parameters are saved with the scene")
+        parameters = logic.getParameters()
+        parameters.inputVolume = inputNode
+        parameters.overlap = 0.5
+        self.assertEqual(logic.getParameterNode().GetParameter("Overlap"), "0.5")  # Slicer's own parameter node
         self.delayDisplay("Test passed")

@@ -9,13 +9,20 @@ hierarchy, shown in the compare layout (:mod:`CT2MRTranslationLib.views`):
 - round-trip CT ``F(G(x))``: HU;
 - error map ``|F(G(x)) - x|``: HU, >= 0 (thesis, section 7, cycle-consistency analysis).
 
+On request it adds the histogram plot and the cycle metrics table (:mod:`CT2MRTranslationLib.plots`). When the GPU
+runs out of memory, the run is retried with one window per forward pass and a smaller window, then reported. When
+CUDA is asked for but missing, the engine runs on the CPU and the result says so. Several CT volumes (or the items
+of a sequence) are translated one after another by :class:`CT2MRTranslationBatch`. Models come from the engine's
+model list (:mod:`ct2mr.registry`): bundled, downloaded into the user cache (in a background process) or imported.
+
 The Logic never touches Qt or ``slicer.app`` (DESIGN.md): it runs in Slicer and in plain Python with the
-``slicer-core`` wheel ("Can be used without GUI widget"). The Widget uses :meth:`startTranslation`,
-:meth:`CT2MRTranslationJob.update` from a timer and :meth:`finishTranslation`; scripts use :meth:`translate`.
+``slicer-core`` wheel ("Can be used without GUI widget"). The Widget uses :meth:`startBatch` (or
+:meth:`startTranslation`) and ``update()`` from a timer; scripts use :meth:`translate` and :meth:`translateBatch`.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -27,9 +34,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import slicer
+import vtk
 
-from . import export, nodes, views
-from .runner import EngineEvent, ProcessFactory, TranslationProcess, TranslationProcessProtocol, engineCommand
+from . import export, install, nodes, plots, views
+from .parameters import CT2MRTranslationParameters, HARMONIZATIONS, PRECISIONS
+from .runner import (
+    EngineEvent,
+    ProcessFactory,
+    TranslationProcess,
+    TranslationProcessProtocol,
+    deviceQueryCommand,
+    engineCommand,
+)
 
 try:  # In Slicer; absent from the slicer-core wheel.
     from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic as _LogicBase
@@ -37,12 +53,18 @@ except ImportError:  # pragma: no cover - depends on the environment
     _LogicBase = object
 
 __all__ = [
+    "DEFAULT_ROI_SIZE",
     "DEVICES",
+    "MIN_ROI_SIZE",
     "OUTPUT_KEYS",
+    "CT2MRModelDownloadJob",
+    "CT2MRTranslationBatch",
     "CT2MRTranslationJob",
     "CT2MRTranslationLogic",
     "CT2MRTranslationResult",
     "ProgressCallback",
+    "isOutOfMemoryMessage",
+    "smallerRoiSize",
 ]
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -56,10 +78,34 @@ OUTPUT_KEYS = {
 }
 """Engine output key -> (file name in OUT_DIR, suffix of the node name)."""
 
+DEFAULT_ROI_SIZE = 96
+"""Window side (voxels) the engine uses when neither the user nor the model gives one (``ct2mr.inference``)."""
+
+MIN_ROI_SIZE = 32
+"""Smallest window side (voxels) an out-of-memory retry goes down to."""
+
 ProgressCallback = Callable[[float, str], None]
 """``progressCallback(fraction, message)``: overall fraction in [0, 1] and a line for the user."""
 
 _log = logging.getLogger(__name__)
+
+
+def isOutOfMemoryMessage(text: str | None) -> bool:
+    """True when an engine error or stderr text reports that the device ran out of memory."""
+    text = (text or "").lower()
+    return "out of memory" in text or "outofmemoryerror" in text
+
+
+def smallerRoiSize(roiSize: int | None) -> int | None:
+    """The window side for the next out-of-memory retry: two thirds, down to a multiple of 16, at least
+    :data:`MIN_ROI_SIZE`; ``None`` when the window cannot shrink further.
+
+    Args:
+        roiSize: the current side in voxels; ``None`` means the engine's default (:data:`DEFAULT_ROI_SIZE`).
+    """
+    current = int(roiSize or DEFAULT_ROI_SIZE)
+    smaller = max(MIN_ROI_SIZE, (current * 2 // 3) // 16 * 16)
+    return smaller if smaller < current else None
 
 
 @dataclass
@@ -75,6 +121,11 @@ class CT2MRTranslationResult:
         log: every engine event of the run, in order (``start``, ``progress``, ``warning``, ``log``, ``done``).
         seconds: wall-clock time of the run (s).
         layoutId: ID of the compare layout that was set up, or ``None`` when it was not requested.
+        device: the device the engine ran on (``"cpu"``, ``"cuda:0"``, ...), from its ``done`` event.
+        deviceMessage: why the device differs from the one asked for (CUDA missing), else ``""``.
+        attempts: engine runs needed (more than 1 after out-of-memory retries).
+        retryMessages: one line per out-of-memory retry.
+        analysis: histogram chart and metrics table when requested (:class:`plots.AnalysisNodes`), else ``None``.
     """
 
     syntheticMR: slicer.vtkMRMLScalarVolumeNode
@@ -84,11 +135,21 @@ class CT2MRTranslationResult:
     log: list[EngineEvent] = field(default_factory=list)
     seconds: float = 0.0
     layoutId: int | None = None
+    device: str = ""
+    deviceMessage: str = ""
+    attempts: int = 1
+    retryMessages: list[str] = field(default_factory=list)
+    analysis: plots.AnalysisNodes | None = None
 
     @property
     def volumeNodes(self) -> tuple[slicer.vtkMRMLScalarVolumeNode, ...]:
         """``(syntheticMR, roundTripCT, errorMap)``."""
         return (self.syntheticMR, self.roundTripCT, self.errorMap)
+
+    @property
+    def nodes(self) -> list[slicer.vtkMRMLNode]:
+        """Every node the translation added (volumes, and the analysis' tables, chart and series)."""
+        return [*self.volumeNodes, *(self.analysis.nodes if self.analysis else [])]
 
 
 @dataclass
@@ -96,12 +157,13 @@ class CT2MRTranslationJob:
     """A translation running in the background.
 
     Call :meth:`update` regularly (the Widget does it from a ``QTimer``): it drains the engine's events, keeps the
-    latest progress and calls the progress callback in the caller's thread. Then hand the job to
-    :meth:`CT2MRTranslationLogic.finishTranslation` or :meth:`CT2MRTranslationLogic.cancel`.
+    latest progress, calls the progress callback in the caller's thread and restarts the engine with smaller
+    windows after an out-of-memory failure. Then hand the job to :meth:`CT2MRTranslationLogic.finishTranslation` or
+    :meth:`CT2MRTranslationLogic.cancel`.
 
     Attributes:
         inputVolumeNode: the CT volume node being translated.
-        process: the running engine process.
+        process: the running engine process (replaced by a retry).
         workDir: temporary folder holding the input file (and the outputs unless ``outputDir`` was given).
         outputDir: folder the engine writes to.
         keepOutputDir: ``outputDir`` was chosen by the caller and is kept after loading.
@@ -109,11 +171,20 @@ class CT2MRTranslationJob:
         setupLayout: set up the compare layout when the results are loaded.
         fraction: latest overall progress in [0, 1].
         message: latest progress or status message.
-        log: every event received so far.
+        log: every event received so far (all attempts).
         doneEvent: the engine's ``done`` event once received.
         errorMessage: the engine's ``error`` message once received.
         startTime: ``time.monotonic()`` at start.
         state: ``"running"``, ``"finished"``, ``"failed"`` or ``"cancelled"``.
+        options: the engine options of the current attempt (see :meth:`CT2MRTranslationLogic.engineOptions`).
+        baseArguments: ``["translate", INPUT, "-o", OUT_DIR, "--progress", "json"]``.
+        processFactory: builds the engine process from its arguments (used again by retries).
+        oomRetries: how many out-of-memory retries are left.
+        attempts: engine runs started so far.
+        retryMessages: one line per out-of-memory retry.
+        deviceMessage: the engine's CUDA fallback warning, if any.
+        referenceMRNode: reference MR (harmonisation, histogram, W1).
+        computeMetrics: add the histogram chart and metrics table when the results are loaded.
     """
 
     inputVolumeNode: slicer.vtkMRMLScalarVolumeNode
@@ -130,12 +201,21 @@ class CT2MRTranslationJob:
     errorMessage: str | None = None
     startTime: float = field(default_factory=time.monotonic)
     state: str = "running"
+    options: dict[str, Any] = field(default_factory=dict)
+    baseArguments: list[str] = field(default_factory=list)
+    processFactory: ProcessFactory | None = None
+    oomRetries: int = 0
+    attempts: int = 1
+    retryMessages: list[str] = field(default_factory=list)
+    deviceMessage: str = ""
+    referenceMRNode: slicer.vtkMRMLScalarVolumeNode | None = None
+    computeMetrics: bool = False
 
     def update(self) -> bool:
-        """Handle the events received since the last call.
+        """Handle the events received since the last call; retry after an out-of-memory failure.
 
         Returns:
-            ``True`` once the engine process has ended and all its output is handled.
+            ``True`` once the engine process has ended (and will not be retried) and all its output is handled.
         """
         for event in self.process.events():
             self._handle(event)
@@ -143,12 +223,45 @@ class CT2MRTranslationJob:
         if finished:
             for event in self.process.events():  # lines read between the two calls
                 self._handle(event)
+            if self._retryAfterOutOfMemory():
+                return False
         return finished
 
     @property
     def isRunning(self) -> bool:
         """The engine process has not been finished or cancelled yet."""
         return self.state == "running"
+
+    @property
+    def engineArguments(self) -> list[str]:
+        """The full engine argument list of the current attempt."""
+        return [*self.baseArguments, *CT2MRTranslationLogic.engineOptions(**self.options)]
+
+    def _retryAfterOutOfMemory(self) -> bool:
+        if self.state != "running" or self.oomRetries <= 0 or self.processFactory is None:
+            return False
+        if self.process.returncode == 0 and self.errorMessage is None:
+            return False
+        if not isOutOfMemoryMessage(self.errorMessage) and not isOutOfMemoryMessage(self.process.stderrTail):
+            return False
+        roiSize = smallerRoiSize(self.options.get("roiSize"))
+        if roiSize is None and self.options.get("swBatchSize") in (None, 1):
+            return False
+        self.oomRetries -= 1
+        if roiSize is not None:
+            self.options["roiSize"] = roiSize
+        self.options["swBatchSize"] = 1
+        text = (f"Out of memory on the device (attempt {self.attempts}); retrying with 1 window per pass"
+                + (f" and a {roiSize}-voxel window" if roiSize is not None else "") + ".")
+        self.retryMessages.append(text)
+        self.log.append({"event": "warning", "message": text, "retry": self.attempts})
+        _log.warning("ct2mr: %s", text)
+        self.errorMessage, self.doneEvent = None, None
+        self.attempts += 1
+        self.process = self.processFactory(self.engineArguments)
+        self.message = text
+        self._notify()
+        return True
 
     def _handle(self, event: EngineEvent) -> None:
         self.log.append(event)
@@ -166,7 +279,10 @@ class CT2MRTranslationJob:
             self.message = f"Started on {event.get('device', 'unknown device')}"
             self._notify()
         elif kind == "warning":
-            _log.warning("ct2mr: %s", event.get("message", ""))
+            message = str(event.get("message", ""))
+            if "cuda" in message.lower() and "not available" in message.lower():
+                self.deviceMessage = message
+            _log.warning("ct2mr: %s", message)
         elif kind == "log":
             _log.info("ct2mr: %s", event.get("message", ""))
         elif kind == "done":
@@ -182,6 +298,319 @@ class CT2MRTranslationJob:
             self.progressCallback(self.fraction, self.message)
 
 
+@dataclass
+class _BatchItem:
+    label: str
+    inputNode: Any = None
+    sequenceNode: Any = None
+    itemIndex: int = -1
+
+
+class CT2MRTranslationBatch:
+    """Several translations run one after another (the Widget's Translate, scripts' :meth:`translateBatch`).
+
+    Inputs are scalar volume nodes and sequence nodes (each item of a sequence is one translation; its outputs go
+    into three new sequences ``"<sequence> synthetic MR"`` etc. with the same index values, placed next to the
+    input sequence and added to the browsers that show it). Overall progress is ``(i + fraction of item i) / n``.
+    A failed item is recorded and the batch goes on (unless ``stopOnError``); :meth:`cancel` stops the running
+    engine and skips the rest: the finished items stay, the running one leaves no node or file, partly filled
+    output sequences are removed.
+
+    Args:
+        logic: the Logic.
+        inputNodes: scalar volume nodes and/or sequence nodes of scalar volumes.
+        progressCallback: ``progressCallback(fraction, message)`` with the overall fraction.
+        stopOnError: stop at the first failed item.
+        options: keyword arguments of :meth:`CT2MRTranslationLogic.startTranslation`.
+
+    Attributes:
+        results: one result per finished volume item (sequence items are moved into the output sequences).
+        failures: ``(label, message)`` per failed item.
+        events: ``(label, event)`` for every engine event of every item, in order (for a log view).
+        outputSequences: input sequence ID -> ``(synthetic MR, round-trip CT, error map)`` sequence nodes.
+        state: ``"running"``, ``"finished"`` or ``"cancelled"``.
+
+    Raises:
+        ValueError: no input, or an input that is neither a scalar volume nor a sequence.
+    """
+
+    def __init__(self, logic: CT2MRTranslationLogic, inputNodes: Sequence[Any],
+                 progressCallback: ProgressCallback | None = None, stopOnError: bool = False, **options: Any) -> None:
+        self.logic = logic
+        self.progressCallback = progressCallback
+        self.stopOnError = stopOnError
+        self.options = options
+        self.items: list[_BatchItem] = []
+        for node in inputNodes or ():
+            if node is not None and node.IsA("vtkMRMLSequenceNode"):
+                for index in range(node.GetNumberOfDataNodes()):
+                    value = node.GetNthIndexValue(index)
+                    self.items.append(_BatchItem(f"{node.GetName()} [{value}]", None, node, index))
+            else:
+                CT2MRTranslationLogic._validateInput(node)
+                self.items.append(_BatchItem(node.GetName(), node))
+        if not self.items:
+            raise ValueError("No input: select at least one CT volume or a sequence of CT volumes.")
+        self.results: list[CT2MRTranslationResult] = []
+        self.failures: list[tuple[str, str]] = []
+        self.events: list[tuple[str, EngineEvent]] = []
+        self._collected = 0
+        self.outputSequences: dict[str, tuple[Any, Any, Any]] = {}
+        self.index = 0
+        self.job: CT2MRTranslationJob | None = None
+        self.state = "running"
+        self.message = "Starting"
+        self._temporaryInput = None
+        self.startTime = time.monotonic()
+
+    @property
+    def count(self) -> int:
+        """Number of translations in the batch (sequence items counted one by one)."""
+        return len(self.items)
+
+    @property
+    def fraction(self) -> float:
+        """Overall progress ``(finished items + fraction of the running one) / count``."""
+        current = self.job.fraction if self.job is not None else 0.0
+        return min(1.0, (self.index + current) / self.count)
+
+    @property
+    def isRunning(self) -> bool:
+        """Items are left and the batch was not cancelled."""
+        return self.state == "running"
+
+    def _notify(self, message: str, final: bool = False) -> None:
+        prefix = f"[{min(self.index + 1, self.count)}/{self.count}] " if self.count > 1 and not final else ""
+        self.message = prefix + message
+        if self.progressCallback is not None:
+            self.progressCallback(self.fraction, self.message)
+
+    def _inputFor(self, item: _BatchItem):
+        if item.sequenceNode is None:
+            return item.inputNode
+        dataNode = item.sequenceNode.GetNthDataNode(item.itemIndex)
+        if dataNode is None or not dataNode.IsA("vtkMRMLScalarVolumeNode") or dataNode.GetImageData() is None:
+            raise ValueError(f"{item.label} is not a scalar volume with image data.")
+        scene = item.sequenceNode.GetScene()
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", item.label)
+        matrix = vtk.vtkMatrix4x4()
+        dataNode.GetIJKToRASMatrix(matrix)
+        node.SetIJKToRASMatrix(matrix)
+        node.SetAndObserveImageData(dataNode.GetImageData())
+        self._temporaryInput = node
+        return node
+
+    def _removeTemporaryInput(self) -> None:
+        node, self._temporaryInput = self._temporaryInput, None
+        if node is not None and node.GetScene() is not None:
+            node.GetScene().RemoveNode(node)
+
+    def start(self) -> CT2MRTranslationBatch:
+        """Start the first translation (``update`` does it too). Returns ``self``."""
+        if self.job is None and self.isRunning:
+            self._startNext()
+        return self
+
+    def _startNext(self) -> None:
+        while self.index < self.count:
+            item = self.items[self.index]
+            try:
+                inputNode = self._inputFor(item)
+                options = dict(self.options)
+                if item.sequenceNode is not None:  # no per-item layout or analysis for sequence items
+                    options.update(setupLayout=False, computeMetrics=False)
+                self._collected = 0
+                self.job = self.logic.startTranslation(
+                    inputNode, progressCallback=lambda fraction, message: self._notify(message), **options)
+                return
+            except Exception as error:  # noqa: BLE001 - recorded, reported by the caller
+                self._removeTemporaryInput()
+                self._recordFailure(item, error)
+                if not self.isRunning:
+                    return
+                self.index += 1
+        self._finish()
+
+    def _collectEvents(self, item: _BatchItem, job: CT2MRTranslationJob | None) -> None:
+        if job is not None:
+            self.events += [(item.label, event) for event in job.log[self._collected:]]
+            self._collected = len(job.log)
+
+    def _recordFailure(self, item: _BatchItem, error: BaseException) -> None:
+        _log.error("CT2MR batch: %s failed: %s", item.label, error)
+        self.failures.append((item.label, str(error)))
+        self.events.append((item.label, {"event": "error", "message": str(error)}))
+        if self.stopOnError:
+            self.state = "failed"
+            self._removePartialSequences()
+
+    def update(self) -> bool:
+        """Drive the running translation; load it when it ends and start the next one.
+
+        Returns:
+            ``True`` once every item is done (or the batch was cancelled or stopped at an error).
+        """
+        if not self.isRunning:
+            return True
+        if self.job is None:
+            self._startNext()
+            return not self.isRunning
+        item = self.items[self.index]
+        finished = self.job.update()
+        self._collectEvents(item, self.job)
+        if not finished:
+            return False
+        job, self.job = self.job, None
+        try:
+            result = self.logic.finishTranslation(job)
+        except Exception as error:  # noqa: BLE001 - recorded, reported by the caller
+            self._removeTemporaryInput()
+            self._recordFailure(item, error)
+            if not self.isRunning:
+                return True
+        else:
+            if item.sequenceNode is not None:
+                self._storeSequenceItem(item, result)
+            else:
+                self.results.append(result)
+        self._removeTemporaryInput()
+        self.index += 1
+        self._startNext()
+        return not self.isRunning
+
+    def _storeSequenceItem(self, item: _BatchItem, result: CT2MRTranslationResult) -> None:
+        sequence = item.sequenceNode
+        scene = sequence.GetScene()
+        outputs = self.outputSequences.get(sequence.GetID())
+        if outputs is None:
+            created = []
+            for _, suffix in OUTPUT_KEYS.values():
+                output = scene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{sequence.GetName()} {suffix}")
+                output.SetIndexName(sequence.GetIndexName())
+                output.SetIndexUnit(sequence.GetIndexUnit())
+                output.SetIndexType(sequence.GetIndexType())
+                created.append(output)
+            outputs = self.outputSequences[sequence.GetID()] = tuple(created)
+        value = sequence.GetNthIndexValue(item.itemIndex)
+        for output, node in zip(outputs, result.volumeNodes):
+            output.SetDataNodeAtValue(node, value)  # a copy: the scene's node is removed below
+        for node in result.nodes:
+            for index in range(node.GetNumberOfDisplayNodes()) if node.IsA("vtkMRMLDisplayableNode") else ():
+                display = node.GetNthDisplayNode(index)
+                if display is not None:
+                    scene.RemoveNode(display)
+            scene.RemoveNode(node)
+
+    def _finishSequences(self) -> None:
+        for sequenceID, outputs in self.outputSequences.items():
+            sequence = outputs[0].GetScene().GetNodeByID(sequenceID)
+            if sequence is None:
+                continue
+            for output in outputs:
+                nodes.placeNextTo(output, sequence)
+            scene = sequence.GetScene()
+            for browser in scene.GetNodesByClass("vtkMRMLSequenceBrowserNode"):
+                if browser.IsSynchronizedSequenceNodeID(sequenceID, True):
+                    for output in outputs:
+                        browser.AddSynchronizedSequenceNodeID(output.GetID())
+
+    def _removePartialSequences(self) -> None:
+        for outputs in self.outputSequences.values():
+            for output in outputs:
+                if output.GetScene() is not None:
+                    output.GetScene().RemoveNode(output)
+        self.outputSequences.clear()
+
+    def _finish(self) -> None:
+        self.job = None
+        self.state = "finished"
+        self._finishSequences()
+        done = self.count - len(self.failures)
+        self._notify(f"Done: {done} of {self.count} translated in {time.monotonic() - self.startTime:.1f} s"
+                     + (f"; {len(self.failures)} failed" if self.failures else "") + ".", final=True)
+
+    def cancel(self) -> None:
+        """Stop the running engine (no partial node or file is left) and skip the remaining items."""
+        if not self.isRunning:
+            return
+        job, self.job = self.job, None
+        if job is not None:
+            self.logic.cancel(job)
+        self._removeTemporaryInput()
+        self._removePartialSequences()
+        self.state = "cancelled"
+        self._notify(f"Cancelled after {len(self.results)} of {self.count}.", final=True)
+
+    def run(self, pollInterval: float = 0.1, shouldCancel: Callable[[], bool] | None = None,
+            timeout: float | None = None) -> CT2MRTranslationBatch:
+        """Run the whole batch in this thread.
+
+        Args:
+            pollInterval: seconds between progress checks.
+            shouldCancel: called at each check; when it returns ``True`` the batch is cancelled.
+            timeout: seconds after which the batch is cancelled; ``None`` waits as long as it takes.
+
+        Returns:
+            ``self`` (see ``results``, ``failures``, ``state``).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.start()
+        while not self.update():
+            if (shouldCancel is not None and shouldCancel()) or (deadline is not None and time.monotonic() > deadline):
+                self.cancel()
+                break
+            time.sleep(pollInterval)
+        return self
+
+
+@dataclass
+class CT2MRModelDownloadJob:
+    """A model download running in the background (``python -m ct2mr models download NAME --progress json``).
+
+    Attributes:
+        name: model name.
+        version: model version (``None``: the newest listed).
+        process: the engine process.
+        progressCallback: ``progressCallback(fraction, message)``.
+        fraction: latest progress in [0, 1].
+        message: latest message.
+        path: the downloaded file, once done.
+        errorMessage: the engine's error, if any.
+        state: ``"running"``, ``"finished"``, ``"failed"`` or ``"cancelled"``.
+        log: every event.
+    """
+
+    name: str
+    version: str | None
+    process: TranslationProcessProtocol
+    progressCallback: ProgressCallback | None = None
+    fraction: float = 0.0
+    message: str = "Starting the download"
+    path: str | None = None
+    errorMessage: str | None = None
+    state: str = "running"
+    log: list[EngineEvent] = field(default_factory=list)
+
+    def update(self) -> bool:
+        """Handle new events; ``True`` once the process has ended."""
+        finished = self.process.poll() is not None
+        for event in self.process.events():
+            self.log.append(event)
+            kind = event.get("event")
+            if kind == "progress":
+                self.fraction = min(max(float(event.get("fraction") or 0.0), 0.0), 1.0)
+                self.message = f"Downloading {self.name}: {event.get('message', '')}"
+            elif kind == "start" and event.get("version"):
+                self.version = str(event["version"])
+            elif kind == "done":
+                self.path, self.fraction, self.message = event.get("path"), 1.0, f"Downloaded {self.name}"
+            elif kind == "error":
+                self.errorMessage = str(event.get("message") or "unknown error")
+            if self.progressCallback is not None and kind in ("progress", "done"):
+                self.progressCallback(self.fraction, self.message)
+        return finished
+
+
 class CT2MRTranslationLogic(_LogicBase):
     """Translate CT volume nodes with the ``ct2mr`` engine. Can be used without the GUI widget.
 
@@ -192,6 +621,7 @@ class CT2MRTranslationLogic(_LogicBase):
     Attributes:
         temporaryDirectory: parent folder of the per-run temporary folders; ``None`` means the system's.
             The Widget sets it to Slicer's temporary path.
+        registryFiles: extra model lists (besides the engine's own and ``$CT2MR_MODEL_REGISTRY``).
     """
 
     def __init__(self, pythonExecutable: str | None = None) -> None:
@@ -199,6 +629,14 @@ class CT2MRTranslationLogic(_LogicBase):
             _LogicBase.__init__(self)
         self.pythonExecutable = pythonExecutable
         self.temporaryDirectory: str | None = None
+        self.registryFiles: list[str] = []
+
+    # ------------------------------------------------------------------ parameters
+
+    @staticmethod
+    def getParameters(scene: slicer.vtkMRMLScene | None = None) -> CT2MRTranslationParameters:
+        """The module's parameters of ``scene`` (default ``slicer.mrmlScene``), saved with the scene."""
+        return CT2MRTranslationParameters.get(scene or slicer.mrmlScene)
 
     # ------------------------------------------------------------------ synchronous
 
@@ -215,34 +653,52 @@ class CT2MRTranslationLogic(_LogicBase):
         extraArguments: Sequence[str] = (),
         timeout: float | None = None,
         pollInterval: float = 0.1,
+        roiSize: int | None = None,
+        swBatchSize: int | None = None,
+        precision: str | None = None,
+        harmonize: str | None = None,
+        referenceMRNode: slicer.vtkMRMLScalarVolumeNode | None = None,
+        computeMetrics: bool = False,
+        oomRetries: int = 2,
     ) -> CT2MRTranslationResult:
         """Translate a CT volume and wait for the result.
 
         Args:
             inputVolumeNode: CT in HU (scalar volume node in a scene; arrays are (z, y, x)).
-            modelPath: checkpoint file; ``None`` or ``""`` uses the engine's default model.
-            device: one of :data:`DEVICES`, or ``"cuda:N"`` for GPU number N.
-            overlap: sliding-window overlap in [0, 1); ``None`` uses the engine's default (0.5).
+            modelPath: checkpoint file; ``None`` or ``""`` uses the engine's default model (see :meth:`modelPath`
+                for models of the list).
+            device: one of :data:`DEVICES`, or ``"cuda:N"`` for GPU number N. Without CUDA the engine runs on the
+                CPU and ``result.deviceMessage`` says so.
+            overlap: sliding-window overlap in [0, 1); ``None`` uses the engine's default (0.25).
             processFactory: builds the process from the engine arguments; ``None`` runs ``python -m ct2mr``.
             progressCallback: ``progressCallback(fraction, message)``, called in this thread.
             outputDirectory: keep the engine's output files in this folder; ``None`` uses a temporary folder.
             setupLayout: show the results in the compare layout.
-            extraArguments: further ``ct2mr translate`` options, e.g. ``["--roi-size", "96", "--precision", "fp32"]``.
+            extraArguments: further ``ct2mr translate`` options.
             timeout: seconds after which the run is cancelled; ``None`` waits as long as it takes.
             pollInterval: seconds between progress checks.
+            roiSize: sliding-window side in voxels (multiple of 4); ``None``: the model's default.
+            swBatchSize: windows per forward pass; ``None``: the engine's default (1).
+            precision: one of :data:`parameters.PRECISIONS`; ``None``: the engine's default (auto).
+            harmonize: one of :data:`parameters.HARMONIZATIONS`; ``None`` or ``"none"``: no harmonisation.
+            referenceMRNode: reference MR volume: passed to the engine for harmonisation, and used for the
+                histogram and W1 when ``computeMetrics``.
+            computeMetrics: add the histogram plot and the cycle metrics table (:mod:`plots`).
+            oomRetries: out-of-memory retries with 1 window per pass and a smaller window (0: none).
 
         Returns:
-            The three new volume nodes and the run's log.
+            The new nodes and the run's log.
 
         Raises:
             ValueError, FileNotFoundError: invalid arguments (see :meth:`startTranslation`).
-            RuntimeError: the engine failed or timed out, or its outputs are not on the input's voxel grid; no node is
-                added and the temporary files are removed.
+            RuntimeError: the engine failed (also after the out-of-memory retries) or timed out, or its outputs are
+                not on the input's voxel grid; no node is added and the temporary files are removed.
         """
         job = self.startTranslation(
             inputVolumeNode, modelPath=modelPath, device=device, overlap=overlap, processFactory=processFactory,
             progressCallback=progressCallback, outputDirectory=outputDirectory, setupLayout=setupLayout,
-            extraArguments=extraArguments,
+            extraArguments=extraArguments, roiSize=roiSize, swBatchSize=swBatchSize, precision=precision,
+            harmonize=harmonize, referenceMRNode=referenceMRNode, computeMetrics=computeMetrics, oomRetries=oomRetries,
         )
         deadline = None if timeout is None else time.monotonic() + timeout
         while not job.update():
@@ -255,7 +711,48 @@ class CT2MRTranslationLogic(_LogicBase):
             time.sleep(pollInterval)
         return self.finishTranslation(job)
 
+    def translateBatch(
+        self,
+        inputNodes: Sequence[Any],
+        progressCallback: ProgressCallback | None = None,
+        shouldCancel: Callable[[], bool] | None = None,
+        stopOnError: bool = False,
+        pollInterval: float = 0.1,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> CT2MRTranslationBatch:
+        """Translate several CT volumes (or the items of sequences) one after another, and wait.
+
+        Args:
+            inputNodes: scalar volume nodes and/or sequence nodes.
+            progressCallback: ``progressCallback(fraction, message)`` with the overall fraction ``(i + f) / n``.
+            shouldCancel: polled; returning ``True`` cancels the running translation and skips the rest.
+            stopOnError: stop at the first failure (else failures are recorded and the batch goes on).
+            pollInterval: seconds between progress checks.
+            timeout: seconds after which the batch is cancelled.
+            options: keyword arguments of :meth:`translate` (``modelPath``, ``device``, ``overlap``, ...).
+
+        Returns:
+            The finished (or cancelled) batch: ``results``, ``failures``, ``outputSequences``, ``state``.
+
+        Raises:
+            ValueError: no input, or an input that is not a scalar volume or a sequence.
+        """
+        batch = CT2MRTranslationBatch(self, inputNodes, progressCallback, stopOnError, **options)
+        return batch.run(pollInterval, shouldCancel, timeout)
+
     # ------------------------------------------------------------------ asynchronous
+
+    def startBatch(self, inputNodes: Sequence[Any], progressCallback: ProgressCallback | None = None,
+                   stopOnError: bool = False, **options: Any) -> CT2MRTranslationBatch:
+        """Start a batch in the background; drive it with :meth:`CT2MRTranslationBatch.update` from a timer.
+
+        Args: as :meth:`translateBatch`.
+
+        Returns:
+            The running batch (its first translation started).
+        """
+        return CT2MRTranslationBatch(self, inputNodes, progressCallback, stopOnError, **options).start()
 
     def startTranslation(
         self,
@@ -268,8 +765,15 @@ class CT2MRTranslationLogic(_LogicBase):
         outputDirectory: str | None = None,
         setupLayout: bool = True,
         extraArguments: Sequence[str] = (),
+        roiSize: int | None = None,
+        swBatchSize: int | None = None,
+        precision: str | None = None,
+        harmonize: str | None = None,
+        referenceMRNode: slicer.vtkMRMLScalarVolumeNode | None = None,
+        computeMetrics: bool = False,
+        oomRetries: int = 2,
     ) -> CT2MRTranslationJob:
-        """Write the input to a temporary file and start the engine in the background.
+        """Write the input (and reference MR) to temporary files and start the engine in the background.
 
         Args: as :meth:`translate`.
 
@@ -278,12 +782,22 @@ class CT2MRTranslationLogic(_LogicBase):
 
         Raises:
             ValueError: no input volume, a label map, a volume without image data or outside a scene; ``device``
-                neither in :data:`DEVICES` nor ``"cuda:N"``; ``overlap`` outside [0, 1).
+                neither in :data:`DEVICES` nor ``"cuda:N"``; ``overlap`` outside [0, 1); ``roiSize`` not a multiple
+                of 4 in [16, 512]; ``swBatchSize`` < 1; unknown ``precision`` or ``harmonize``; histogram or Nyul
+                harmonisation without a reference MR.
             FileNotFoundError: ``modelPath`` does not exist.
             RuntimeError: the input could not be written or the engine could not be started.
         """
         self._validateInput(inputVolumeNode)
-        arguments = self._engineOptions(modelPath, device, overlap) + [str(a) for a in extraArguments]
+        if referenceMRNode is not None:
+            self._validateInput(referenceMRNode, "reference MR")
+        if harmonize in ("histogram", "nyul") and referenceMRNode is None:
+            raise ValueError(f"Harmonisation '{harmonize}' needs a reference MR: select one, or choose 'none' or "
+                             "'zscore'.")
+        options = {"modelPath": modelPath, "device": device, "overlap": overlap, "roiSize": roiSize,
+                   "swBatchSize": swBatchSize, "precision": precision, "harmonize": harmonize,
+                   "referencePath": None, "extraArguments": [str(a) for a in extraArguments]}
+        self.engineOptions(**options)  # validates before anything is written
 
         parent = self.temporaryDirectory
         if parent:
@@ -291,10 +805,14 @@ class CT2MRTranslationLogic(_LogicBase):
         workDir = tempfile.mkdtemp(prefix="CT2MR-", dir=parent or None)
         try:
             inputPath = nodes.writeVolumeNode(inputVolumeNode, os.path.join(workDir, "input.nrrd"))
+            if referenceMRNode is not None and harmonize not in (None, "none"):
+                options["referencePath"] = nodes.writeVolumeNode(referenceMRNode,
+                                                                 os.path.join(workDir, "reference_mr.nrrd"))
             outputDir = os.path.abspath(outputDirectory) if outputDirectory else os.path.join(workDir, "output")
             os.makedirs(outputDir, exist_ok=True)
-            engineArgs = ["translate", inputPath, "-o", outputDir, "--progress", "json", *arguments]
+            baseArguments = ["translate", inputPath, "-o", outputDir, "--progress", "json"]
             factory = processFactory or self._defaultProcessFactory
+            engineArgs = [*baseArguments, *self.engineOptions(**options)]
             try:
                 process = factory(engineArgs)
             except OSError as error:
@@ -309,6 +827,8 @@ class CT2MRTranslationLogic(_LogicBase):
         job = CT2MRTranslationJob(
             inputVolumeNode=inputVolumeNode, process=process, workDir=workDir, outputDir=outputDir,
             keepOutputDir=bool(outputDirectory), progressCallback=progressCallback, setupLayout=setupLayout,
+            options=options, baseArguments=baseArguments, processFactory=factory, oomRetries=max(0, int(oomRetries)),
+            referenceMRNode=referenceMRNode, computeMetrics=computeMetrics,
         )
         job._notify()
         return job
@@ -318,8 +838,9 @@ class CT2MRTranslationLogic(_LogicBase):
 
         On success the three volume nodes are named ``"<input> synthetic MR"``, ``"<input> round-trip CT"`` and
         ``"<input> error map"``, get the input's exact IJK-to-RAS matrix and parent transform, display settings
-        (the input's window/level for the round-trip CT, a heat colour table for the error map), are placed beside
-        the input in subject hierarchy and, if the job asks for it, shown in the compare layout.
+        (robust window/level for the synthetic MR, the input's window/level for the round-trip CT, a heat colour
+        table for the error map), are placed beside the input in subject hierarchy and, if the job asks for it, get
+        the histogram chart and metrics table and are shown in the compare layout.
 
         Args:
             job: a job from :meth:`startTranslation`.
@@ -334,8 +855,8 @@ class CT2MRTranslationLogic(_LogicBase):
         if job.state != "running":
             raise RuntimeError(f"This translation job is {job.state}; start a new one.")
         try:
-            job.process.wait()
-            job.update()
+            while not job.update():  # also runs the out-of-memory retries
+                job.process.wait()
             returnCode = job.process.returncode
             if returnCode != 0 or job.errorMessage is not None or job.doneEvent is None:
                 raise RuntimeError(self._failureMessage(job, returnCode))
@@ -359,6 +880,7 @@ class CT2MRTranslationLogic(_LogicBase):
         """
         if job.state != "running":
             return
+        job.oomRetries = 0
         try:
             job.process.cancel()
             job.update()
@@ -366,6 +888,171 @@ class CT2MRTranslationLogic(_LogicBase):
             job.state = "cancelled"
             job.message = "Cancelled"
             shutil.rmtree(job.workDir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ devices
+
+    def startDeviceQuery(self, processFactory: Callable[[Sequence[str]], TranslationProcessProtocol] | None = None
+                         ) -> TranslationProcessProtocol:
+        """Start listing the CUDA devices in a background process (the GUI process never initialises CUDA).
+
+        Args:
+            processFactory: builds the process from a full command line; ``None`` runs
+                :func:`runner.deviceQueryCommand` with this Logic's Python.
+
+        Returns:
+            The process; pass it to :meth:`deviceQueryResult` once ``poll()`` is not ``None``.
+        """
+        command = deviceQueryCommand(self.pythonExecutable)
+        return (processFactory or TranslationProcess)(command)
+
+    @staticmethod
+    def deviceQueryResult(process: TranslationProcessProtocol) -> dict[str, Any]:
+        """Read the outcome of :meth:`startDeviceQuery`.
+
+        Returns:
+            ``{"devices": [{"device": "cuda:0", "name": ..., "memoryGiB": ...}, ...], "torch": version or None,
+            "cuda": CUDA version or None, "error": message or ""}``; ``devices`` is empty without CUDA.
+        """
+        result: dict[str, Any] = {"devices": [], "torch": None, "cuda": None, "error": ""}
+        for event in process.events():
+            if event.get("event") == "done":
+                result.update(devices=list(event.get("devices") or []), torch=event.get("torch"),
+                              cuda=event.get("cuda"))
+            elif event.get("event") == "error":
+                result["error"] = str(event.get("message"))
+        if process.returncode not in (0, None) and not result["error"]:
+            result["error"] = process.stderrTail.strip().splitlines()[-1] if process.stderrTail.strip() else (
+                f"the device query exited with code {process.returncode}")
+        return result
+
+    def cudaDevices(self, timeout: float = 120.0) -> dict[str, Any]:
+        """List the CUDA devices and wait (see :meth:`deviceQueryResult`)."""
+        process = self.startDeviceQuery()
+        try:
+            process.wait(timeout)
+        except Exception:  # noqa: BLE001 - a hung query is reported, not raised
+            process.cancel()
+            return {"devices": [], "torch": None, "cuda": None, "error": f"no answer within {timeout:g} s"}
+        return self.deviceQueryResult(process)
+
+    @staticmethod
+    def deviceLabels(devices: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+        """The device choices of the GUI: ``[(device, label), ...]``: auto, each CUDA device by name, the CPU."""
+        labels = [("auto", "auto (CUDA when available, else CPU)")]
+        for device in devices:
+            memory = f", {device['memoryGiB']:g} GiB" if device.get("memoryGiB") else ""
+            labels.append((str(device["device"]), f"{device['device']}: {device.get('name', 'GPU')}{memory}"))
+        labels.append(("cpu", "cpu"))
+        return labels
+
+    # ------------------------------------------------------------------ models
+
+    def _registry(self):
+        from ct2mr import registry
+
+        return registry, registry.load_registry(self.registryFiles)
+
+    def modelList(self) -> list[dict[str, Any]]:
+        """Every model version known (:func:`ct2mr.registry.list_models`): name, version, description, training
+        data, licence, URL, SHA-256, size, ``status`` (bundled, cached, imported, downloadable), ``path``."""
+        registry, listed = self._registry()
+        return registry.list_models(listed)
+
+    def modelPath(self, name: str | None = None, version: str | None = None) -> str:
+        """The local file of a model of the list (``None``: the default model).
+
+        Raises:
+            ValueError: unknown model, or not downloaded yet (the message says how to download or import it).
+        """
+        registry, listed = self._registry()
+        return str(registry.model_path(name or None, version or None, listed))
+
+    def importModel(self, path: str, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Copy a local checkpoint into the user cache (offline machines), checked as a ct2mr checkpoint.
+
+        Returns:
+            The cached model's entry with its ``path``.
+
+        Raises:
+            FileNotFoundError, ValueError: no such file, not a ct2mr checkpoint, or an invalid name/version.
+        """
+        from ct2mr import registry
+
+        cached = registry.import_checkpoint(path, name or None, version or None)
+        return {**cached.entry.to_dict(), "path": str(cached.path), "status": "imported"}
+
+    def clearModels(self, name: str | None = None, version: str | None = None, keepLatest: bool = False) -> list[str]:
+        """Remove cached model versions (never the bundled model); returns the folders removed."""
+        from ct2mr import registry
+
+        return [str(p) for p in registry.clear(name or None, version or None, keepLatest)]
+
+    def startModelDownload(self, name: str, version: str | None = None, processFactory: ProcessFactory | None = None,
+                           progressCallback: ProgressCallback | None = None) -> CT2MRModelDownloadJob:
+        """Download a model of the list into the user cache in a background process (SHA-256 checked).
+
+        Args:
+            name: model name.
+            version: version; ``None``: the newest listed.
+            processFactory: builds the process from the engine arguments; ``None`` runs ``python -m ct2mr``.
+            progressCallback: ``progressCallback(fraction, message)``.
+
+        Returns:
+            The running job; poll it, then :meth:`finishModelDownload` or :meth:`cancelModelDownload`.
+        """
+        arguments = ["models"]
+        for path in self.registryFiles:
+            arguments += ["--registry", str(path)]
+        arguments += ["download", name, "--progress", "json"]
+        if version:
+            arguments += ["--version", version]
+        process = (processFactory or self._defaultProcessFactory)(arguments)
+        return CT2MRModelDownloadJob(name, version or None, process, progressCallback)
+
+    def finishModelDownload(self, job: CT2MRModelDownloadJob) -> str:
+        """Wait for a download to end and return the model file.
+
+        Raises:
+            RuntimeError: the download failed (unreachable server, wrong SHA-256: nothing is kept) or was cancelled.
+        """
+        if job.state != "running":
+            raise RuntimeError(f"This download is {job.state}.")
+        job.process.wait()
+        job.update()
+        if job.process.returncode != 0 or job.path is None:
+            job.state = "failed"
+            message = job.errorMessage or (job.process.stderrTail.strip().splitlines() or ["unknown error"])[-1]
+            raise RuntimeError(f"Downloading model {job.name} failed: {message}")
+        job.state = "finished"
+        return job.path
+
+    def cancelModelDownload(self, job: CT2MRModelDownloadJob) -> None:
+        """Stop a download and remove its partial file (and the version's folder when the download created it)."""
+        if job.state != "running":
+            return
+        job.process.cancel()
+        job.state = "cancelled"
+        from ct2mr import registry
+
+        base = registry.models_cache_dir() / job.name
+        for part in glob.glob(str(base / "*" / ".*.part")):
+            os.remove(part)
+        for folder in glob.glob(str(base / "*")):
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        if base.is_dir() and not os.listdir(base):
+            os.rmdir(base)
+
+    # ------------------------------------------------------------------ dependencies
+
+    @staticmethod
+    def dependencyPlan() -> install.InstallPlan:
+        """Check the engine's dependencies in this Python and plan what to install (:mod:`install`)."""
+        import importlib.util
+
+        statuses = install.checkDependencies()
+        hasPyTorchUtils = importlib.util.find_spec("PyTorchUtils") is not None
+        return install.installPlan(statuses, hasPyTorchUtils, install.engineSource())
 
     # ------------------------------------------------------------------ label transfer
 
@@ -386,21 +1073,43 @@ class CT2MRTranslationLogic(_LogicBase):
         return TranslationProcess(engineCommand(engineArgs, python=self.pythonExecutable))
 
     @staticmethod
-    def _validateInput(inputVolumeNode: Any) -> None:
+    def _validateInput(inputVolumeNode: Any, what: str = "input") -> None:
         if inputVolumeNode is None:
-            raise ValueError("No input volume: select a CT volume.")
+            raise ValueError(f"No {what} volume: select a {'CT' if what == 'input' else 'MR'} volume.")
         if not inputVolumeNode.IsA("vtkMRMLScalarVolumeNode") or inputVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
             raise ValueError(
-                f"'{inputVolumeNode.GetName()}' is a {inputVolumeNode.GetClassName()}: select a scalar CT volume "
-                "(HU), not a label map, segmentation or vector volume."
+                f"'{inputVolumeNode.GetName()}' is a {inputVolumeNode.GetClassName()}: select a scalar "
+                f"{'CT volume (HU)' if what == 'input' else 'MR volume'}, not a label map, segmentation or vector "
+                "volume."
             )
         if inputVolumeNode.GetImageData() is None:
-            raise ValueError(f"'{inputVolumeNode.GetName()}' has no image data: load the CT first.")
+            raise ValueError(f"'{inputVolumeNode.GetName()}' has no image data: load it first.")
         if inputVolumeNode.GetScene() is None:
             raise ValueError(f"'{inputVolumeNode.GetName()}' is not in a scene: add it to the scene first.")
 
     @staticmethod
-    def _engineOptions(modelPath: str | None, device: str, overlap: float | None) -> list[str]:
+    def engineOptions(
+        modelPath: str | None = None,
+        device: str = "auto",
+        overlap: float | None = None,
+        roiSize: int | None = None,
+        swBatchSize: int | None = None,
+        precision: str | None = None,
+        harmonize: str | None = None,
+        referencePath: str | None = None,
+        extraArguments: Sequence[str] = (),
+    ) -> list[str]:
+        """Validate the translation options and turn them into ``ct2mr translate`` options.
+
+        Options left at ``None`` are not passed (the engine's defaults apply).
+
+        Returns:
+            e.g. ``["--device", "cuda", "--overlap", "0.5", "--roi-size", "64", "--sw-batch-size", "1"]``.
+
+        Raises:
+            ValueError: see :meth:`startTranslation`.
+            FileNotFoundError: ``modelPath`` does not exist.
+        """
         if device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(device)):
             raise ValueError(f"device must be one of {', '.join(DEVICES)} or cuda:N (GPU number N); got {device!r}.")
         options = ["--device", device]
@@ -419,7 +1128,26 @@ class CT2MRTranslationLogic(_LogicBase):
                     f"overlap must be in [0, 1) (fraction of the window shared by neighbours); got {overlap}."
                 )
             options += ["--overlap", f"{overlap:g}"]
-        return options
+        if roiSize:
+            roiSize = int(roiSize)
+            if roiSize % 4 or not 16 <= roiSize <= 512:
+                raise ValueError(f"roiSize must be a multiple of 4 in [16, 512] voxels; got {roiSize}.")
+            options += ["--roi-size", str(roiSize)]
+        if swBatchSize is not None:
+            if int(swBatchSize) < 1:
+                raise ValueError(f"swBatchSize must be at least 1; got {swBatchSize}.")
+            options += ["--sw-batch-size", str(int(swBatchSize))]
+        if precision is not None:
+            if precision not in PRECISIONS:
+                raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
+            options += ["--precision", precision]
+        if harmonize not in (None, "none"):
+            if harmonize not in HARMONIZATIONS:
+                raise ValueError(f"harmonize must be one of {', '.join(HARMONIZATIONS)}; got {harmonize!r}.")
+            options += ["--harmonize", harmonize]
+            if referencePath:
+                options += ["--reference-mr", str(referencePath)]
+        return options + [str(a) for a in extraArguments]
 
     @staticmethod
     def _failureMessage(job: CT2MRTranslationJob, returnCode: int | None) -> str:
@@ -433,6 +1161,10 @@ class CT2MRTranslationLogic(_LogicBase):
         else:
             message = f"the engine exited with code {returnCode}"
         text = f"CT to MR translation failed: {message}"
+        if isOutOfMemoryMessage(message) or isOutOfMemoryMessage(stderr):
+            tried = f" after {job.attempts} attempts ({'; '.join(job.retryMessages)})" if job.retryMessages else ""
+            text += (f"\nThe device ran out of memory{tried}. Choose the CPU as device (slower, limited only by the "
+                     "computer's memory), or a smaller window size in Advanced.")
         if "No module named" in stderr and "ct2mr" in stderr:
             text += (
                 "\nThe ct2mr engine is not installed in the Python that runs it. Install it there "
@@ -460,6 +1192,17 @@ class CT2MRTranslationLogic(_LogicBase):
             loaded[key] = node
         return loaded
 
+    @staticmethod
+    def _ctWindow(modelPath: str | None) -> tuple[float, float]:
+        """The model's CT window (HU) from its metadata, else the thesis default."""
+        try:
+            from ct2mr.checkpoint import default_model_path, read_metadata
+
+            window = read_metadata(modelPath or default_model_path())["preprocessing"].get("ct_window")
+            return (float(window[0]), float(window[1])) if window else plots.CT_WINDOW
+        except Exception:  # noqa: BLE001 - engine missing or odd metadata: the default window
+            return plots.CT_WINDOW
+
     def _addToScene(
         self, job: CT2MRTranslationJob, outputNodes: dict[str, slicer.vtkMRMLScalarVolumeNode]
     ) -> CT2MRTranslationResult:
@@ -474,13 +1217,32 @@ class CT2MRTranslationLogic(_LogicBase):
                 nodes.placeNextTo(node, inputNode)
             syntheticMR, roundTripCT, errorMap = (outputNodes[key] for key in OUTPUT_KEYS)
             self._setDisplay(inputNode, syntheticMR, roundTripCT, errorMap)
+            analysis = None
+            if job.computeMetrics:
+                analysis = plots.addAnalysis(inputNode, syntheticMR, roundTripCT, job.referenceMRNode,
+                                             self._ctWindow(job.options.get("modelPath")))
+                added += analysis.nodes
+                for node in analysis.nodes:
+                    if not node.IsA("vtkMRMLPlotSeriesNode"):
+                        nodes.placeNextTo(node, inputNode)
+                if analysis.metricsError:
+                    _log.warning("CT2MR metrics not computed: %s", analysis.metricsError)
             layoutId = None
             if job.setupLayout:
-                layoutId = views.setupCompareLayout(scene, [inputNode, syntheticMR, roundTripCT, errorMap])
+                layoutId = views.setupCompareLayout(
+                    scene, [inputNode, syntheticMR, roundTripCT, errorMap],
+                    plotChartNode=analysis.chart if analysis else None,
+                    tableNode=analysis.metricsTable if analysis else None)
         except BaseException:
             for node in added:
-                scene.RemoveNode(node)
+                if node.GetScene() is not None:
+                    scene.RemoveNode(node)
             raise
+        device = str((job.doneEvent or {}).get("device") or "")
+        deviceMessage = job.deviceMessage
+        requested = str(job.options.get("device") or "auto")
+        if not deviceMessage and requested.startswith("cuda") and device == "cpu":
+            deviceMessage = f"{requested} was requested but CUDA is not available: the translation ran on the CPU."
         return CT2MRTranslationResult(
             syntheticMR=syntheticMR,
             roundTripCT=roundTripCT,
@@ -489,6 +1251,11 @@ class CT2MRTranslationLogic(_LogicBase):
             log=list(job.log),
             seconds=time.monotonic() - job.startTime,
             layoutId=layoutId,
+            device=device,
+            deviceMessage=deviceMessage,
+            attempts=job.attempts,
+            retryMessages=list(job.retryMessages),
+            analysis=analysis,
         )
 
     @staticmethod

@@ -24,11 +24,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "DEVICE_QUERY_CODE",
     "EngineEvent",
     "ProcessFactory",
     "TranslationProcess",
     "TranslationProcessProtocol",
     "defaultPythonExecutable",
+    "deviceQueryCommand",
     "engineCommand",
     "parseEventLine",
 ]
@@ -99,6 +101,36 @@ def engineCommand(args: Sequence[str], python: str | None = None) -> list[str]:
         ``[python, "-m", "ct2mr", *args]``.
     """
     return [python or defaultPythonExecutable(), "-m", "ct2mr", *[str(a) for a in args]]
+
+
+DEVICE_QUERY_CODE = """
+import json
+try:
+    import torch
+except Exception as error:
+    print(json.dumps({"event": "error", "message": f"PyTorch cannot be imported: {error}"}), flush=True)
+    raise SystemExit(1)
+devices = []
+if torch.cuda.is_available():
+    for index in range(torch.cuda.device_count()):
+        properties = torch.cuda.get_device_properties(index)
+        devices.append({"device": f"cuda:{index}", "name": properties.name,
+                        "memoryGiB": round(properties.total_memory / 2 ** 30, 1)})
+print(json.dumps({"event": "done", "torch": torch.__version__, "cuda": torch.version.cuda, "devices": devices}),
+      flush=True)
+"""
+"""Python code that reports the CUDA devices PyTorch sees as one ``done`` event (``devices``: ``device``, ``name``,
+``memoryGiB``). It runs in a separate process so that the GUI process never creates a CUDA context (which would keep
+GPU memory for as long as Slicer runs)."""
+
+
+def deviceQueryCommand(python: str | None = None) -> list[str]:
+    """Build the command line that lists the CUDA devices (:data:`DEVICE_QUERY_CODE`).
+
+    Args:
+        python: interpreter to use; ``None`` means :func:`defaultPythonExecutable`.
+    """
+    return [python or defaultPythonExecutable(), "-c", DEVICE_QUERY_CODE]
 
 
 def parseEventLine(line: str) -> EngineEvent | None:

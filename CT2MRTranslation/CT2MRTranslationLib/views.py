@@ -3,7 +3,11 @@
 Three rows (axial, coronal, sagittal) by four columns of slice views, registered as a custom layout in the scene's
 layout node. Each view's slice composite node shows one volume as background; all twelve views share a view group
 of their own with linked control on, so scrolling or zooming one moves the views of the same orientation together
-without touching the standard Red/Green/Yellow views.
+without touching the standard Red/Green/Yellow views. The cursors are linked through the scene's crosshair node:
+Shift + mouse move puts the crosshair at the same RAS point in every view and the other views jump to it.
+
+With an analysis (:mod:`CT2MRTranslationLib.plots`), a fourth row holds a plot view showing the histogram chart and
+a table view showing the metrics table (layout :data:`COMPARE_ANALYSIS_LAYOUT_ID`).
 
 Only MRML is used (layout node, slice nodes, slice composite nodes): Slicer's layout manager builds the Qt views
 from the layout description. No Qt here; runs inside Slicer and in plain Python with the ``slicer-core`` wheel.
@@ -16,18 +20,31 @@ from collections.abc import Sequence
 import slicer
 
 __all__ = [
+    "COMPARE_ANALYSIS_LAYOUT_ID",
     "COMPARE_COLUMNS",
     "COMPARE_LAYOUT_ID",
     "COMPARE_ORIENTATIONS",
     "COMPARE_VIEW_GROUP",
+    "PLOT_VIEW_NAME",
+    "TABLE_VIEW_NAME",
     "compareLayoutDescription",
     "compareViewName",
     "getOrCreateLayoutNode",
+    "linkCursors",
     "setupCompareLayout",
 ]
 
 COMPARE_LAYOUT_ID = 18402
 """Layout ID of the compare layout (well above Slicer's built-in layouts, which end near 100)."""
+
+COMPARE_ANALYSIS_LAYOUT_ID = 18403
+"""Layout ID of the compare layout with the analysis row (histogram plot view | metrics table view)."""
+
+PLOT_VIEW_NAME = "CT2MRHistogramPlot"
+"""Layout name (singleton tag) of the plot view of the analysis row."""
+
+TABLE_VIEW_NAME = "CT2MRMetricsTable"
+"""Layout name (singleton tag) of the table view of the analysis row."""
 
 COMPARE_VIEW_GROUP = 18
 """View group of the compare views: linking acts within a group, so the standard views (group 0) stay apart."""
@@ -51,12 +68,16 @@ def compareViewName(column: str, orientation: str) -> str:
     return f"CT2MR_{column}_{orientation}"
 
 
-def compareLayoutDescription() -> str:
+def compareLayoutDescription(withAnalysis: bool = False) -> str:
     """Return the layout XML of the 3 x 4 compare layout.
+
+    Args:
+        withAnalysis: add a fourth row with a ``vtkMRMLPlotViewNode`` (:data:`PLOT_VIEW_NAME`) and a
+            ``vtkMRMLTableViewNode`` (:data:`TABLE_VIEW_NAME`).
 
     Returns:
         A ``<layout type="vertical">`` of three horizontal rows (axial, coronal, sagittal), each holding four
-        ``vtkMRMLSliceNode`` views in the order of :data:`COMPARE_COLUMNS`.
+        ``vtkMRMLSliceNode`` views in the order of :data:`COMPARE_COLUMNS` (and the analysis row).
     """
     rows = []
     for orientation, color in COMPARE_ORIENTATIONS:
@@ -74,6 +95,15 @@ def compareLayoutDescription() -> str:
                 "   </item>\n"
             )
         rows.append(' <item>\n  <layout type="horizontal">\n' + "".join(items) + "  </layout>\n </item>\n")
+    if withAnalysis:
+        rows.append(
+            ' <item>\n  <layout type="horizontal">\n'
+            f'   <item>\n    <view class="vtkMRMLPlotViewNode" singletontag="{PLOT_VIEW_NAME}">\n'
+            '     <property name="viewlabel" action="default">H</property>\n    </view>\n   </item>\n'
+            f'   <item>\n    <view class="vtkMRMLTableViewNode" singletontag="{TABLE_VIEW_NAME}">\n'
+            '     <property name="viewlabel" action="default">M</property>\n    </view>\n   </item>\n'
+            "  </layout>\n </item>\n"
+        )
     return '<layout type="vertical">\n' + "".join(rows) + "</layout>\n"
 
 
@@ -130,20 +160,62 @@ def _centerOn(sliceNode, volumeNode) -> None:
     sliceNode.JumpSliceByCentering(*center)
 
 
+def linkCursors(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLCrosshairNode:
+    """Show the crosshair in every view and make Shift + mouse move jump the other views to it (linked cursors).
+
+    Uses the scene's crosshair node (singleton ``"default"``, created by Slicer at start-up; created here when
+    missing, as in plain Python).
+
+    Returns:
+        The crosshair node.
+    """
+    crosshairNode = scene.GetSingletonNode("default", "vtkMRMLCrosshairNode")
+    if crosshairNode is None:
+        crosshairNode = scene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+    if crosshairNode is None:
+        crosshairNode = slicer.vtkMRMLCrosshairNode()
+        crosshairNode.SetSingletonTag("default")
+        crosshairNode.SetName("Crosshair")
+        crosshairNode = scene.AddNode(crosshairNode)
+    wasModifying = crosshairNode.StartModify()
+    crosshairNode.SetCrosshairMode(slicer.vtkMRMLCrosshairNode.ShowSmallBasic)
+    crosshairNode.SetCrosshairBehavior(slicer.vtkMRMLCrosshairNode.OffsetJumpSlice)
+    crosshairNode.EndModify(wasModifying)
+    return crosshairNode
+
+
+def _getOrCreateViewNode(scene: slicer.vtkMRMLScene, className: str, viewName: str, label: str):
+    viewNode = scene.GetSingletonNode(viewName, className)
+    if viewNode is None:  # created by vtkMRMLLayoutLogic from the description when it is attached
+        viewNode = scene.CreateNodeByClass(className)
+        viewNode.UnRegister(None)
+        viewNode.SetName(viewName)
+        viewNode.SetLayoutName(viewName)
+        viewNode.SetSingletonTag(viewName)
+        viewNode.SetLayoutLabel(label)
+        viewNode = scene.AddNode(viewNode)
+    return viewNode
+
+
 def setupCompareLayout(
     scene: slicer.vtkMRMLScene,
     volumeNodes: Sequence[slicer.vtkMRMLVolumeNode | None],
-    layoutId: int = COMPARE_LAYOUT_ID,
+    layoutId: int | None = None,
     activate: bool = True,
+    plotChartNode: slicer.vtkMRMLPlotChartNode | None = None,
+    tableNode: slicer.vtkMRMLTableNode | None = None,
 ) -> int:
-    """Register the compare layout, show it, and put each volume in its column.
+    """Register the compare layout, show it, put each volume in its column and link the cursors.
 
     Args:
         scene: the MRML scene.
         volumeNodes: four volume nodes (or ``None`` for an empty column) in the order of :data:`COMPARE_COLUMNS`:
             input CT, synthetic MR, round-trip CT, error map.
-        layoutId: ID under which the layout description is registered (replaced if it exists).
+        layoutId: ID under which the layout description is registered (replaced if it exists); ``None`` means
+            :data:`COMPARE_LAYOUT_ID`, or :data:`COMPARE_ANALYSIS_LAYOUT_ID` with a plot chart or table.
         activate: make it the layout node's view arrangement.
+        plotChartNode: histogram chart shown in the analysis row's plot view.
+        tableNode: metrics table shown in the analysis row's table view.
 
     Returns:
         The layout ID.
@@ -154,8 +226,11 @@ def setupCompareLayout(
     if len(volumeNodes) != len(COMPARE_COLUMNS):
         raise ValueError(f"Expected {len(COMPARE_COLUMNS)} volume nodes ({', '.join(COMPARE_COLUMNS)}), "
                          f"got {len(volumeNodes)}.")
+    withAnalysis = plotChartNode is not None or tableNode is not None
+    if layoutId is None:
+        layoutId = COMPARE_ANALYSIS_LAYOUT_ID if withAnalysis else COMPARE_LAYOUT_ID
     layoutNode = getOrCreateLayoutNode(scene)
-    description = compareLayoutDescription()
+    description = compareLayoutDescription(withAnalysis)
     if layoutNode.IsLayoutDescription(layoutId):
         layoutNode.SetLayoutDescription(layoutId, description)
     else:
@@ -177,4 +252,10 @@ def setupCompareLayout(
             compositeNode.EndModify(wasModifying)
             if volumeNode is not None:
                 _centerOn(sliceNode, volumeNode)
+    if withAnalysis:
+        plotView = _getOrCreateViewNode(scene, "vtkMRMLPlotViewNode", PLOT_VIEW_NAME, "H")
+        plotView.SetPlotChartNodeID(plotChartNode.GetID() if plotChartNode is not None else None)
+        tableView = _getOrCreateViewNode(scene, "vtkMRMLTableViewNode", TABLE_VIEW_NAME, "M")
+        tableView.SetTableNodeID(tableNode.GetID() if tableNode is not None else None)
+    linkCursors(scene)
     return layoutId

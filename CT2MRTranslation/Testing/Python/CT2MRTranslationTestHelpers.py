@@ -43,6 +43,7 @@ class SceneFixture:
     colorLogic: slicer.vtkSlicerColorLogic
     volumesLogic: slicer.vtkSlicerVolumesLogic
     layoutLogic: slicer.vtkMRMLLayoutLogic | None
+    sequencesLogic: slicer.vtkSlicerSequencesLogic | None = None
 
     def loadVolume(self, path: Path | str, name: str) -> slicer.vtkMRMLScalarVolumeNode:
         """Load a volume file as Slicer's "Add data" does (storage and display nodes included)."""
@@ -52,7 +53,8 @@ class SceneFixture:
 
 
 def makeScene(tmpDir: Path, withLayoutLogic: bool) -> SceneFixture:
-    """Create a scene, make it ``slicer.mrmlScene`` and attach the logics Slicer attaches at start-up."""
+    """Create a scene, make it ``slicer.mrmlScene`` and attach the logics Slicer attaches at start-up (application,
+    colour, volumes, sequences and, if asked, layout)."""
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
     appLogic = slicer.vtkMRMLApplicationLogic()
@@ -71,12 +73,16 @@ def makeScene(tmpDir: Path, withLayoutLogic: bool) -> SceneFixture:
     volumesLogic.SetMRMLApplicationLogic(appLogic)
     volumesLogic.SetMRMLScene(scene)
     appLogic.SetModuleLogic("Volumes", volumesLogic)
+    sequencesLogic = slicer.vtkSlicerSequencesLogic()  # registers the sequence browser node, makes proxy nodes
+    sequencesLogic.SetMRMLApplicationLogic(appLogic)
+    sequencesLogic.SetMRMLScene(scene)
+    appLogic.SetModuleLogic("Sequences", sequencesLogic)
     layoutLogic = None
     if withLayoutLogic:
         layoutLogic = slicer.vtkMRMLLayoutLogic()
         layoutLogic.SetMRMLApplicationLogic(appLogic)
         layoutLogic.SetMRMLScene(scene)
-    return SceneFixture(scene, appLogic, colorLogic, volumesLogic, layoutLogic)
+    return SceneFixture(scene, appLogic, colorLogic, volumesLogic, layoutLogic, sequencesLogic)
 
 
 def closeScene(fixture: SceneFixture) -> None:

@@ -10,7 +10,12 @@ arithmetic in place of the networks, so that the Logic is tested end to end with
 
 ``--mode`` (before the sub-command) selects a behaviour: ``ok``, ``fail`` (error event, exit 2), ``crash``
 (traceback on stderr, exit 1), ``shifted`` (outputs with the origin moved by 2 mm), ``resized`` (outputs one slice
-short), ``nodone`` (exit 0 without a done event), ``sleep`` (starts a child process, reports its pid, then waits).
+short), ``nodone`` (exit 0 without a done event), ``sleep`` (starts a child process, reports its pid, then waits),
+``oom`` (the engine's out-of-memory error, exit 1, unless ``--sw-batch-size 1 --roi-size N`` with N <= 64),
+``oomalways`` (out of memory whatever the window), ``slow`` (like ``ok``, after 0.5 s).
+
+Like the real engine, it has no CUDA: ``--device cuda`` gives the engine's fallback warning and runs "on the CPU".
+Every ``ct2mr translate`` option the Logic passes is accepted; ``--reference-mr`` files must exist.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ def emit(**event) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fake_ct2mr")
     parser.add_argument("--mode", default="ok",
-                        choices=["ok", "fail", "crash", "shifted", "resized", "nodone", "sleep"])
+                        choices=["ok", "fail", "crash", "shifted", "resized", "nodone", "sleep", "oom", "oomalways",
+                                 "slow"])
     commands = parser.add_subparsers(dest="command", required=True)
     translate = commands.add_parser("translate")
     translate.add_argument("input")
@@ -40,11 +46,31 @@ def main(argv: list[str] | None = None) -> int:
     translate.add_argument("--overlap", type=float, default=0.5)
     translate.add_argument("--progress", choices=["json", "bar", "none"], default="bar")
     translate.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    translate.add_argument("--roi-size", type=int, nargs="+")
+    translate.add_argument("--sw-batch-size", type=int, default=1)
+    translate.add_argument("--harmonize", choices=["none", "histogram", "nyul", "zscore"], default="none")
+    translate.add_argument("--reference-mr", nargs="+")
     args = parser.parse_args(argv)
 
     emit(event="start", input=args.input, device="cpu" if args.device == "auto" else args.device,
          model=args.model, overlap=args.overlap, argv=sys.argv[sys.argv.index("translate"):])
     print("plain text from a library", flush=True)
+    if args.device.startswith("cuda"):  # what ct2mr.inference.resolve_device warns on a machine without CUDA
+        emit(event="warning", message="CUDA was requested but is not available (no NVIDIA GPU, or a CPU-only "
+             "PyTorch); running on the CPU instead.", category="RuntimeWarning")
+    for path in args.reference_mr or ():
+        if not os.path.isfile(path):
+            emit(event="error", message=f"reference MR {path} does not exist")
+            return 1
+    roi = (args.roi_size or [96])[0]
+    if args.mode == "oomalways" or (args.mode == "oom" and (args.sw_batch_size != 1 or roi > 64)):
+        emit(event="progress", stage="G", fraction=0.2, message="G(x)")
+        emit(event="error", message=f"Out of memory on cuda:0 while translating a [128, 128, 128] volume (window "
+             f"{roi}, {args.sw_batch_size} per pass). Try a smaller --roi-size or --sw-batch-size, or --device cpu.",
+             type="RuntimeError")
+        return 1
+    if args.mode == "slow":
+        time.sleep(0.5)
     if args.mode == "sleep":
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
         emit(event="progress", stage="G", fraction=0.1, message="sleeping", child_pid=child.pid)
@@ -87,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         outputs[key] = os.path.join(args.output, f"{key}.nii.gz")
         sitk.WriteImage(result, outputs[key], useCompression=True, compressionLevel=1)
     emit(event="progress", stage="write", fraction=1.0, message="written")
-    emit(event="done", outputs=outputs, seconds=0.0)
+    emit(event="done", outputs=outputs, seconds=0.0, device="cpu", precision="float32", model="fake",
+         roi_size=roi, sw_batch_size=args.sw_batch_size, harmonize=args.harmonize)
     return 0
 
 

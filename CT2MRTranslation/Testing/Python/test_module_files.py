@@ -11,6 +11,7 @@ import pytest
 from CT2MRTranslationTestHelpers import MODULE_DIR
 
 from CT2MRTranslationLib.logic import DEVICES
+from CT2MRTranslationLib.parameters import HARMONIZATIONS, PRECISIONS, CT2MRTranslationParameters
 
 MODULE_SCRIPT = MODULE_DIR / "CT2MRTranslation.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "CT2MRTranslation.ui"
@@ -34,10 +35,47 @@ def widgetNamesUsedByTheWidget() -> set[str]:
 
 def test_every_ui_attribute_of_the_widget_exists_in_the_ui_file(uiWidgets):
     used = widgetNamesUsedByTheWidget()
-    assert {"inputSelector", "modelPathLineEdit", "deviceComboBox", "applyButton", "cancelButton", "progressBar",
-            "statusLabel"} <= used
+    assert {"inputSelector", "referenceMRSelector", "modelComboBox", "modelPathLineEdit", "deviceComboBox",
+            "overlapSpinBox", "roiSizeSpinBox", "swBatchSizeSpinBox", "precisionComboBox", "harmonizeComboBox",
+            "batchInputsSelector", "batchModeCheckBox", "downloadModelButton", "importModelButton",
+            "installDependenciesButton", "applyButton", "progressBar", "statusLabel", "logTextEdit"} <= used
     missing = sorted(used - set(uiWidgets))
     assert not missing, f"used as self.ui.<name> in CT2MRTranslation.py but not in the .ui: {missing}"
+    # widgets of the .ui the Widget never touches (labels, layouts' helpers and sections excepted) are dead weight
+    unused = sorted(name for name, widget in uiWidgets.items() if name not in used and widget.get("class") not in (
+        "QLabel", "ctkCollapsibleButton", "qMRMLWidget") or name == "cancelButton")
+    assert not unused, f"in the .ui but never used by the Widget: {unused}"
+
+
+def test_every_parameter_is_written_from_and_shown_in_the_gui():
+    text = MODULE_SCRIPT.read_text()
+    writes = set(re.findall(r"\bp\.(\w+) = ", text)) | set(re.findall(r"p\.(\w+), p\.(\w+) = ", text)[0])
+    names = {p.name for p in CT2MRTranslationParameters.parameters()} | {"inputVolume", "referenceMR", "segmentation",
+                                                                        "batchInputs"}
+    assert names <= writes, f"never written from the GUI: {sorted(names - writes)}"
+    for name in names:
+        shown = text.split("def updateGUIFromParameterNode")[1].split("def updateParameterNodeFromGUI")[0]
+        assert f"p.{name}" in shown, f"{name} is never shown in the GUI"
+
+
+def test_advanced_choices_match_the_logic(uiWidgets):
+    def items(name):
+        return tuple(s.text for s in uiWidgets[name].findall("./item/property[@name='text']/string"))
+
+    def number(name, propertyName):
+        return float(uiWidgets[name].find(f"./property[@name='{propertyName}']/*").text)
+
+    assert items("precisionComboBox") == PRECISIONS
+    assert items("harmonizeComboBox") == HARMONIZATIONS
+    for widgetName, parameter in (("overlapSpinBox", CT2MRTranslationParameters.overlap),
+                                  ("roiSizeSpinBox", CT2MRTranslationParameters.roiSize),
+                                  ("swBatchSizeSpinBox", CT2MRTranslationParameters.swBatchSize)):
+        assert (number(widgetName, "minimum"), number(widgetName, "maximum")) == (parameter.minimum, parameter.maximum)
+        assert number(widgetName, "value") == parameter.default
+    batchTypes = [s.text for s in uiWidgets["batchInputsSelector"].findall(
+        "./property[@name='nodeTypes']/stringlist/string")]
+    assert batchTypes == ["vtkMRMLScalarVolumeNode", "vtkMRMLSequenceNode"]
+    assert uiWidgets["advancedCollapsibleButton"].find("./property[@name='collapsed']/bool").text == "true"
 
 
 def test_ui_widget_classes_and_properties(uiTree, uiWidgets):
@@ -46,13 +84,21 @@ def test_ui_widget_classes_and_properties(uiTree, uiWidgets):
     assert (top.get("class"), top.get("name")) == ("qMRMLWidget", "CT2MRTranslation")
     expectedClasses = {
         "inputSelector": "qMRMLNodeComboBox",
+        "referenceMRSelector": "qMRMLNodeComboBox",
+        "batchInputsSelector": "qMRMLCheckableNodeComboBox",
+        "modelComboBox": "QComboBox",
         "modelPathLineEdit": "ctkPathLineEdit",
         "deviceComboBox": "QComboBox",
         "overlapSpinBox": "QDoubleSpinBox",
+        "roiSizeSpinBox": "QSpinBox",
+        "swBatchSizeSpinBox": "QSpinBox",
+        "precisionComboBox": "QComboBox",
+        "harmonizeComboBox": "QComboBox",
+        "advancedCollapsibleButton": "ctkCollapsibleButton",
         "applyButton": "QPushButton",
-        "cancelButton": "QPushButton",
         "progressBar": "QProgressBar",
         "statusLabel": "QLabel",
+        "logTextEdit": "QPlainTextEdit",
     }
     assert {name: uiWidgets[name].get("class") for name in expectedClasses} == expectedClasses
     nodeTypes = [s.text for s in uiWidgets["inputSelector"].findall("./property[@name='nodeTypes']/stringlist/string")]
@@ -68,8 +114,9 @@ def test_ui_custom_widgets_are_declared_and_scene_is_connected(uiTree, uiWidgets
     assert {c for c in used if not c.startswith("Q")} <= declared
     connections = {(c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
                    for c in uiTree.iter("connection")}
-    assert ("CT2MRTranslation", "mrmlSceneChanged(vtkMRMLScene*)", "inputSelector",
-            "setMRMLScene(vtkMRMLScene*)") in connections
+    for selector in ("inputSelector", "referenceMRSelector", "batchInputsSelector", "segmentationSelector"):
+        assert ("CT2MRTranslation", "mrmlSceneChanged(vtkMRMLScene*)", selector,
+                "setMRMLScene(vtkMRMLScene*)") in connections, selector
     names = [w.get("name") for w in uiTree.iter("widget")]
     assert len(names) == len(set(names)), "object names in the .ui must be unique"
 
@@ -85,7 +132,9 @@ def test_module_script_structure():
     text = MODULE_SCRIPT.read_text()
     for phrase in ("CT to MR Translation", "F(G(x))", "|F(G(x)) - x|", "Arifette",
                    "CT to MRI Translation using CycleGAN for Medical Imaging Applications", "CT2MRTranslation team",
-                   "tryWithErrorDisplay", "QTimer", "UI/CT2MRTranslation.ui"):
+                   "tryWithErrorDisplay", "QTimer", "UI/CT2MRTranslation.ui", "slicer.util.pip_install",
+                   "PyTorchUtils", "startBatch", "startModelDownload", "startDeviceQuery", "updateGUIFromParameterNode",
+                   "updateParameterNodeFromGUI", "computeMetrics=True"):
         assert phrase in text, phrase
 
 

@@ -116,3 +116,49 @@ def test_standard_views_are_left_alone(mrml):
 def test_wrong_number_of_volumes(mrml):
     with pytest.raises(ValueError, match="Expected 4 volume nodes"):
         views.setupCompareLayout(mrml.scene, addFourVolumes(mrml.scene)[:3])
+
+
+def test_analysis_row_holds_the_plot_and_table_views():
+    root = ET.fromstring(views.compareLayoutDescription(withAnalysis=True))
+    rows = root.findall("./item/layout")
+    assert len(rows) == 4
+    assert [(v.get("class"), v.get("singletontag")) for v in rows[3].findall("./item/view")] == [
+        ("vtkMRMLPlotViewNode", views.PLOT_VIEW_NAME), ("vtkMRMLTableViewNode", views.TABLE_VIEW_NAME)]
+    plainRows = ET.fromstring(views.compareLayoutDescription()).findall("./item/layout")
+    assert [ET.tostring(row) for row in rows[:3]] == [ET.tostring(row) for row in plainRows]
+
+
+@pytest.mark.parametrize("sceneFixture", ["mrml", "mrmlWithoutLayoutLogic"])
+def test_compare_layout_with_histogram_chart_and_metrics_table(request, sceneFixture):
+    scene = request.getfixturevalue(sceneFixture).scene
+    volumes = addFourVolumes(scene)
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", "histogram")
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", "metrics")
+
+    layoutId = views.setupCompareLayout(scene, volumes, plotChartNode=chart, tableNode=table)
+
+    assert layoutId == views.COMPARE_ANALYSIS_LAYOUT_ID
+    layoutNode = views.getOrCreateLayoutNode(scene)
+    assert layoutNode.GetViewArrangement() == layoutId
+    assert layoutNode.GetCurrentLayoutDescription() == views.compareLayoutDescription(withAnalysis=True)
+    assert len(compareSliceNodes(scene)) == 12
+    plotViews = [n for n in scene.GetNodesByClass("vtkMRMLPlotViewNode") if n.GetLayoutName() == views.PLOT_VIEW_NAME]
+    tableViews = [n for n in scene.GetNodesByClass("vtkMRMLTableViewNode")
+                  if n.GetLayoutName() == views.TABLE_VIEW_NAME]
+    assert len(plotViews) == len(tableViews) == 1
+    assert plotViews[0].GetPlotChartNodeID() == chart.GetID()
+    assert tableViews[0].GetTableNodeID() == table.GetID()
+
+    # back to the plain layout: the analysis views stay but the arrangement changes
+    assert views.setupCompareLayout(scene, volumes) == views.COMPARE_LAYOUT_ID
+    assert layoutNode.GetViewArrangement() == views.COMPARE_LAYOUT_ID
+
+
+def test_cursors_are_linked_through_the_crosshair(mrml):
+    views.setupCompareLayout(mrml.scene, addFourVolumes(mrml.scene))
+    crosshairs = list(mrml.scene.GetNodesByClass("vtkMRMLCrosshairNode"))
+    assert len(crosshairs) == 1
+    crosshair = crosshairs[0]
+    assert crosshair.GetCrosshairMode() == slicer.vtkMRMLCrosshairNode.ShowSmallBasic
+    assert crosshair.GetCrosshairBehavior() == slicer.vtkMRMLCrosshairNode.OffsetJumpSlice
+    assert views.linkCursors(mrml.scene) is crosshair  # reused, not duplicated
