@@ -35,6 +35,9 @@ __all__ = [
     "read_metadata",
     "sha256sum",
     "default_model_path",
+    "save_training_state",
+    "load_training_state",
+    "registry_entry",
     "DEFAULT_MODEL",
 ]
 
@@ -240,6 +243,11 @@ def _registry() -> dict[str, Any]:
     return json.loads((MODELS_DIR / "models.json").read_text())
 
 
+def registry_entry(sha256: str) -> dict[str, Any] | None:
+    """The entry of ``models/models.json`` (name, version, licence, ...) whose SHA-256 is ``sha256``, if any."""
+    return next((m for m in _registry()["models"] if m["sha256"] == sha256), None)
+
+
 def default_model_path() -> Path:
     """Path of the bundled default model, checked against the SHA-256 in ``models/models.json``.
 
@@ -259,3 +267,44 @@ def default_model_path() -> Path:
         raise CheckpointError(f"The default model {path} does not match its SHA-256 in models.json; the install is "
                               "damaged. Reinstall ct2mr or pass --model.")
     return path
+
+
+def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write a resumable training state atomically (temporary file, then rename).
+
+    The state holds only tensors, numbers, strings and nested dicts/lists/tuples of them (optimiser and scheduler
+    state dicts, RNG states), so :func:`load_training_state` reads it with ``torch.load(weights_only=True)``, which
+    never runs code.
+
+    Args:
+        path: destination file (``.pt``); its folder must exist.
+        state: the state.
+
+    Returns:
+        The destination path.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training state written by :func:`save_training_state` (safely: ``weights_only=True``, on CPU).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: unreadable or holding objects other than tensors and plain containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No training state at {path}; the checkpoint folder is incomplete.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError for damaged files
+        raise CheckpointError(f"{path} is not a readable ct2mr training state ({exc}).") from exc

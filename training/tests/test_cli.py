@@ -120,7 +120,8 @@ def test_train_writes_a_safe_checkpoint_with_every_preprocessing_parameter(tiny_
                                      "n4": False, "n4_shrink": 4, "n4_iterations": [50, 50, 30, 20]}
     assert meta["architecture"]["generator"]["name"] == "resnet"
     config = meta["training"]["config"]
-    assert (config["lambda_cyc"], config["lambda_id"], config["lr"], config["betas"]) == (10.0, 0.2, 2e-4, [0.5, 0.999])
+    assert (config["model"]["lambda_cyc"], config["model"]["lambda_id"], config["train"]["lr_g"],
+            config["train"]["betas"]) == (10.0, 0.2, 2e-4, [0.5, 0.999])
     assert meta["training"]["command"].startswith("ct2mr train")
     log = [json.loads(line) for line in (tiny_checkpoint.parent / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and np.isfinite(log[-1]["cycle"])
