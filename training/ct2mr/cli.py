@@ -8,8 +8,14 @@ Sub-commands:
 * ``ct2mr translate CT -o OUT_DIR``: synthetic MR, round-trip CT and error map on the CT's grid
   (:func:`ct2mr.inference.translate_file`).
 * ``ct2mr train --ct ... --mr ... --out RUN_DIR``: train a 3D CycleGAN (:func:`ct2mr.training.train`).
+* ``ct2mr evaluate --model CKPT --ct ... --mr ... --out DIR``: FID/KID, W1, cycle SSIM/PSNR/MAE, paired metrics,
+  harmonisation, tables and figures (:func:`ct2mr.evaluation.evaluate`).
+* ``ct2mr compare RUN_A RUN_B ... --out DIR``: side-by-side table, paired t-tests and figures
+  (:func:`ct2mr.evaluation.compare`).
 * ``ct2mr demo``: fetch a public chest CT and translate it with the default model.
 * ``ct2mr info CHECKPOINT``: what a checkpoint holds.
+* ``ct2mr models list|download NAME|import FILE|clear``: the model list, the user cache, offline import
+  (:mod:`ct2mr.registry`).
 """
 
 from __future__ import annotations
@@ -54,9 +60,35 @@ qc_report.md (printed), and <modality>_triplanar.png, <modality>_histogram_raw.p
 <modality>_histogram_preprocessed.png (thesis figures 12-17).
 """
 
+EXAMPLES_EVALUATE = """examples:
+  ct2mr evaluate --model runs/m1/model.safetensors --ct val/ct --mr val/mr --out eval/m1
+  ct2mr evaluate --ct val/ct --mr val/mr --out eval/default --harmonize histogram --reference-mr ref_mr.nii.gz
+  ct2mr evaluate --model m.safetensors --ct pairs/ct --mr pairs/mr --paired --out eval/paired   # registered pairs
+  ct2mr evaluate --ct val/ct --mr val/mr --out eval/mn --features medicalnet --feature-weights resnet_10_23dataset.pth
+
+outputs: DIR/table.csv, table.md (thesis Tables 6/7/9: FID, KID (%), SSIM_cyc, PSNR_cyc (dB), MAE, MAE (HU), W1),
+per_volume.csv/.md, paired.csv/.md (--paired), metrics.json (everything, with the feature extractor's identity and
+the patch sampling rule), figures/*.png (tri-planar CT | G(x) | real MR, round trip and error map, histogram
+overlays), figure_data.npz (for `ct2mr compare`) and tensorboard/ (scalars and figures).
+"""
+
+EXAMPLES_COMPARE = """examples:
+  ct2mr compare eval/m1 eval/m2 --out eval/m1_vs_m2
+  ct2mr compare runs/m1/model.safetensors runs/m2/model.safetensors --ct val/ct --mr val/mr --out eval/cmp
+
+outputs: DIR/compare.csv, compare.md (one table, paired t-tests of every run against the first), ttests.csv,
+figures/compare_triplanar.png, figures/compare_histogram.png, tensorboard/.
+"""
+
 EXAMPLES_TRAIN = """examples:
   ct2mr train --ct ct_folder/ --mr mr_folder/ --out runs/m1
+  ct2mr train --preset m3 --ct prep/ct --mr prep/mr --out runs/m3 model.alpha=0.84 train.steps=20000
   ct2mr train --ct a.nii.gz b.nrrd --mr cine_4d.nii.gz --out runs/small --steps 200 --patch-size 48 --width 8
+  ct2mr train --out runs/m3 --resume                          # continue exactly where it stopped
+  ct2mr train --out runs/m3 --resume train.steps=40000        # extend a finished run
+  torchrun --nproc-per-node 4 -m ct2mr train --preset m1 --split-file split.json --out runs/m1 --device cuda
+
+presets: m1 m2 m3 m4 hist hlsnc paired (training/ct2mr/configs/*.yaml); every key is listed in RUN_DIR/config.yaml.
 """
 
 
@@ -140,31 +172,59 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision; auto = bf16/fp16 on CUDA, fp32 on CPU (default: %(default)s)")
     t.add_argument("--progress", default="bar", choices=("bar", "json", "none"),
                    help="bar for people, json (one object per stdout line) for programs (default: %(default)s)")
+    t.add_argument("--harmonize", default="none", choices=("none", "histogram", "nyul", "zscore"),
+                   help="post-hoc intensity harmonisation of the synthetic MR (thesis 7.6): histogram matching to the "
+                   "reference MR, Nyul landmark standardisation learned from the reference MR(s), or median/MAD "
+                   "standardisation in the CT's body mask (matched to the reference's median/MAD; without a "
+                   "reference: robust z-scores) (default: %(default)s)")
+    t.add_argument("--reference-mr", nargs="+", metavar="PATH", help="reference MR file(s) or folder(s) for "
+                   "--harmonize (required by histogram and nyul)")
 
-    r = sub.add_parser("train", help="train a 3D CycleGAN on unpaired CT and MR volumes",
-                       description="Train generators G (CT -> MR) and F (MR -> CT) with 3D PatchGAN discriminators, "
-                       "LSGAN heads, cycle L1 and identity L1 (thesis model M1) on random unpaired 3D patches. "
-                       "Inputs go through the thesis's preprocessing chain (RAS, 1 mm, pad to K, CT window / MR "
-                       "percentiles). Writes RUN_DIR/model.safetensors (both generators, architecture and every "
-                       "preprocessing parameter; safe to load), last.safetensors, config.json and log.jsonl.",
+    r = sub.add_parser("train", help="train a 3D CycleGAN-family model (presets M1-M4, HIST, HLSNC, PAIRED)",
+                       description="Train generators G (CT -> MR) and F (MR -> CT) against 3D PatchGAN discriminators "
+                       "on random unpaired 3D patches, as a preset configures it (thesis Table 4: m1 ResNet-9b + "
+                       "LSGAN, m2 + WGAN-GP, m3 U-Net++ + WGAN-GP + SSIM-3D, m4 3D DC-CycleGAN; hist Hist-CycleGAN "
+                       "(7.7); hlsnc hinge + switchable norm; paired Jin et al.'s paired terms). Settings are "
+                       "KEY=VALUE overrides (positional or --set), the flags below are shorthands for common ones. "
+                       "Inputs go through the thesis's preprocessing chain (or are ct2mr preprocess HDF5 outputs). "
+                       "The same command runs on 1 CPU or, under torchrun, on N GPUs or nodes. Writes RUN_DIR/"
+                       "config.yaml (resolved config), split.json, log.jsonl, tb/ (TensorBoard), checkpoints/ + "
+                       "state.json (resumable with --resume), last.safetensors and model.safetensors.",
                        epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("--ct", nargs="+", required=True, metavar="PATH", help="CT files or folders")
-    r.add_argument("--mr", nargs="+", required=True, metavar="PATH", help="MR files or folders (4D series split)")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides, e.g. model.alpha=0.84 "
+                   "train.steps=100 data.patch_size=[48,48,48] (see RUN_DIR/config.yaml for every key)")
     r.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder")
-    r.add_argument("--name", default="ct2mr-m1", help="model name stored in the checkpoint")
-    r.add_argument("--steps", type=int, default=1000, help="optimisation steps (default: %(default)s)")
-    r.add_argument("--patch-size", type=int, nargs="+", default=[64], metavar="N",
-                   help="patch size in voxels, 1 or 3 values (default: 64)")
-    r.add_argument("--batch-size", type=int, default=1, help="patches per domain per step (default: %(default)s)")
-    r.add_argument("--width", type=int, default=64, help="base channels of G/F and D (default: %(default)s)")
-    r.add_argument("--blocks", type=int, default=9, help="residual blocks of the generators (default: %(default)s)")
-    r.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default: %(default)s)")
-    r.add_argument("--lambda-cyc", type=float, default=10.0, help="cycle loss weight (default: %(default)s)")
-    r.add_argument("--lambda-id", type=float, default=0.2, help="identity loss weight (default: %(default)s)")
-    r.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    r.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    r.add_argument("--checkpoint-every", type=int, default=100, help="steps between last.safetensors saves")
+    r.add_argument("--preset", metavar="NAME|YAML", help="m1, m2, m3, m4, hist, hlsnc, paired or a YAML file "
+                   "(default: m1; with --resume: the run's own config.yaml)")
+    r.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its latest checkpoint "
+                   "(exactly: optimisers, schedules, patch streams, RNGs); overrides such as train.steps=N extend it")
+    r.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a configuration override (repeatable; same as a positional KEY=VALUE)")
+    r.add_argument("--ct", nargs="+", metavar="PATH", help="training CT files or folders (data.ct)")
+    r.add_argument("--mr", nargs="+", metavar="PATH", help="training MR files or folders, 4D series split (data.mr)")
+    r.add_argument("--val-ct", nargs="+", metavar="PATH", help="held-out CT for validation (default: 20%% of the CT "
+                   "sources, data.val_fraction)")
+    r.add_argument("--val-mr", nargs="+", metavar="PATH", help="held-out MR for validation")
+    r.add_argument("--split-file", metavar="JSON|CSV", help="train/val/test lists per modality (replaces --ct/--mr)")
+    r.add_argument("--paired-ct", nargs="+", metavar="PATH", help="registered CT of paired mode (Jin et al.)")
+    r.add_argument("--paired-mr", nargs="+", metavar="PATH", help="registered MR, in the order of --paired-ct")
+    r.add_argument("--name", help="model name stored in the checkpoint")
+    r.add_argument("--steps", type=int, help="optimisation steps (train.steps; M1 default 1000)")
+    r.add_argument("--patch-size", type=int, nargs="+", metavar="N", help="patch size in voxels, 1 or 3 values "
+                   "(data.patch_size; default 64)")
+    r.add_argument("--batch-size", type=int, help="patches per domain per step and process (data.batch_size; 1)")
+    r.add_argument("--width", type=int, help="base channels of G/F and D (default 64)")
+    r.add_argument("--blocks", type=int, help="residual blocks of ResNet generators (default 9)")
+    r.add_argument("--lr", type=float, help="learning rate of G/F and D (train.lr_g, train.lr_d; 2e-4)")
+    r.add_argument("--lambda-cyc", type=float, help="cycle loss weight (model.lambda_cyc; 10)")
+    r.add_argument("--lambda-id", type=float, help="identity loss weight (model.lambda_id; 0.2)")
+    r.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="train.precision (auto: bf16 or "
+                   "fp16 on CUDA, fp32 on CPU)")
+    r.add_argument("--seed", type=int, help="random seed (train.seed; 0)")
+    r.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device; under torchrun auto = cuda:LOCAL_RANK)")
+    r.add_argument("--threads", type=int, help="CPU threads for torch (train.threads; 0: torch's default)")
+    r.add_argument("--checkpoint-every", type=int, help="steps between resumable checkpoints (100)")
+    r.add_argument("--val-every", type=int, help="steps between validations on held-out volumes (500; 0: none)")
     r.add_argument("--progress", default="bar", choices=("bar", "json", "none"), help="progress display")
 
     m = sub.add_parser("demo", help="translate a public chest CT with the default model",
@@ -179,10 +239,123 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     m.add_argument("--progress", default="bar", choices=("bar", "json", "none"), help="progress display")
 
+    s = sub.add_parser("synthesize-dataset", help="labelled CTs -> synthetic-MR training set with the same labels",
+                       description="Label transfer (thesis 1.2, E3): translate every CT, copy its label map unchanged "
+                       "(the synthetic MR keeps the CT's voxel grid, so the labels stay valid) and write an nnU-Net v2 "
+                       "raw dataset (imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, dataset.json with channel "
+                       "'MR') or a MONAI datalist. CTs and label maps are paired by case id (file name without suffix "
+                       "and without _0000); unmatched files are reported. Finished cases are skipped on a rerun. Under "
+                       "torchrun the cases are shared among the processes. ct2mr_dataset.json records the model "
+                       "(name, version, SHA-256), the preprocessing and inference parameters and the ct2mr version.",
+                       epilog="examples:\n  ct2mr synthesize-dataset --images ct/ --labels seg/ --out Dataset501_SynMR\n"
+                       "  ct2mr synthesize-dataset --images ct/ --labels seg/ --out ds/ --format monai --augment 2 "
+                       "--label-names names.json\n  torchrun --nproc-per-node 4 -m ct2mr synthesize-dataset --images "
+                       "ct/ --labels seg/ --out ds/ --device cuda\n", formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--images", nargs="+", required=True, metavar="PATH", help="CT files or folders (HU)")
+    s.add_argument("--labels", nargs="+", required=True, metavar="PATH", help="label-map files or folders")
+    s.add_argument("--out", required=True, metavar="DIR", help="dataset folder (created if missing)")
+    s.add_argument("--model", metavar="PATH", help="ct2mr checkpoint (default: the bundled model)")
+    s.add_argument("--format", default="nnunet", choices=("nnunet", "monai"), help="layout (default: %(default)s)")
+    s.add_argument("--label-names", metavar="JSON", help='label names, {"lung": 1, ...} or {"1": "lung", ...} '
+                   "(default: label_<value> for every value found)")
+    s.add_argument("--name", default="CT2MRSynthetic", help="dataset name (default: %(default)s)")
+    s.add_argument("--augment", type=int, default=0, metavar="N", help="N extra synthetic MRs per CT with a random "
+                   "bias field and Rician noise (default: 0)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s; under torchrun "
+                   "auto uses cuda:LOCAL_RANK)")
+    s.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: %(default)s)")
+    s.add_argument("--roi-size", type=int, nargs="+", metavar="N", help="window size in voxels (default: the model's)")
+    s.add_argument("--progress", default="bar", choices=("bar", "json", "none"), help="progress display")
+
+    e = sub.add_parser("evaluate", help="FID/KID, W1, cycle and paired metrics, tables and figures of a model",
+                       description="Run G and F over held-out CT and MR volumes (sliding window, as translate) and "
+                       "write the thesis's evaluation (section 5 E1-E2, section 7 Tables 6/7/9, figures 5, 6, 8, 10, "
+                       "11): distribution realism CT->MR and MR->CT (FID and KID on 3D patches, W1 between intensity "
+                       "histograms), self-consistency (SSIM, PSNR in dB on the [-1, 1] range, MAE of x vs F(G(x)) and "
+                       "y vs G(F(y)) inside the body mask), post-hoc harmonisation and the copy-CT baseline, and with "
+                       "--paired the synthetic vs the real target (MAE in HU, PSNR, SSIM). Patches: N per volume of "
+                       "S^3 voxels of the 1 mm grid, centres drawn uniformly inside the mask with a fixed seed, the "
+                       "same positions for a volume and its translation. Default features: a fixed-seed random 3D "
+                       "conv network (no download; identified by the SHA-256 of its weights in metrics.json).",
+                       epilog=EXAMPLES_EVALUATE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_evaluation_arguments(e)
+    e.add_argument("--model", metavar="PATH", help="ct2mr checkpoint (.safetensors); default: the bundled model")
+    e.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    e.add_argument("--name", help="model name in the tables (default: the checkpoint's)")
+
+    c = sub.add_parser("compare", help="compare two or more evaluated models side by side",
+                       description="Read the outputs of `ct2mr evaluate` (or evaluate checkpoints first, with --ct "
+                       "and --mr) and write one table, paired two-sided t-tests of every run against the first on the "
+                       "per-volume metrics, and side-by-side tri-planar and histogram figures.",
+                       epilog=EXAMPLES_COMPARE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("runs", nargs="+", metavar="RUN", help="evaluation folders (from ct2mr evaluate) or checkpoints")
+    c.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    _add_evaluation_arguments(c, required=False)
+
     i = sub.add_parser("info", help="show what a checkpoint holds", description="Print a checkpoint's metadata "
                        "(architecture, preprocessing, training summary) as JSON. Without a path: the default model.")
     i.add_argument("checkpoint", nargs="?", help="a ct2mr .safetensors checkpoint (default: the bundled model)")
+
+    mo = sub.add_parser("models", help="list, download, import or clear models (the user cache)",
+                        description="The model list (name, version, description, training data, licence, URL, "
+                        "SHA-256, size; models/models.json and its JSON Schema, plus the lists in "
+                        "$CT2MR_MODEL_REGISTRY or --registry) and the models in the user cache (downloaded, SHA-256 "
+                        "checked, or imported from local files for offline machines). Old versions stay until cleared.",
+                        epilog="examples:\n  ct2mr models list\n  ct2mr models download ct2mr-m1 --version 1.0\n"
+                        "  ct2mr models import m1.safetensors --name ct2mr-m1 --version 1.0\n"
+                        "  ct2mr models clear ct2mr-m1 --keep-latest\n",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    mo.add_argument("--registry", action="append", metavar="JSON", help="a further model list (same format; "
+                    "repeatable)")
+    mosub = mo.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ml = mosub.add_parser("list", help="every known model version and whether it is local")
+    ml.add_argument("--json", action="store_true", help="one JSON array (with paths) instead of a table")
+    md = mosub.add_parser("download", help="download a listed model into the user cache (SHA-256 checked)")
+    md.add_argument("name", help="model name")
+    md.add_argument("--version", help="version (default: the newest listed)")
+    md.add_argument("--progress", default="bar", choices=("bar", "json", "none"), help="progress display")
+    mi = mosub.add_parser("import", help="copy a local checkpoint into the user cache (offline machines)")
+    mi.add_argument("file", help="a ct2mr .safetensors checkpoint")
+    mi.add_argument("--name", help="model name (default: the listed name for a known SHA-256, else the "
+                    "checkpoint's training name)")
+    mi.add_argument("--version", help="version (default: the listed one, else local-<SHA-256 prefix>)")
+    mi.add_argument("--json", action="store_true", help="print the cached model as JSON")
+    mc = mosub.add_parser("clear", help="remove cached model versions (never the bundled model)")
+    mc.add_argument("name", nargs="?", help="model name (default: every cached model)")
+    mc.add_argument("--version", help="only this version")
+    mc.add_argument("--keep-latest", action="store_true", help="keep the newest version of each model")
     return parser
+
+
+def _models(args: argparse.Namespace) -> int:
+    from . import registry
+    from .progress import make_reporter
+
+    reg = registry.load_registry(args.registry)
+    if args.action == "list":
+        rows = registry.list_models(reg)
+        print(json.dumps(rows, indent=2) if args.json else registry.models_table(rows))
+    elif args.action == "download":
+        entry = reg.get(args.name, args.version)
+        reporter = make_reporter(args.progress)
+        reporter.event("start", command="models download", model=entry.name, version=entry.version, url=entry.url,
+                       size=entry.size)
+        try:
+            path = registry.download(entry, lambda done, total: reporter(
+                "download", done / total if total else 0.0, f"{done / 1e6:.1f} of {total / 1e6:.1f} MB"))
+        finally:
+            reporter.close()
+        reporter.event("done", path=str(path), model=entry.name, version=entry.version, sha256=entry.sha256)
+        if args.progress != "json":
+            print(path)
+    elif args.action == "import":
+        cached = registry.import_checkpoint(args.file, args.name, args.version)
+        print(json.dumps({**cached.entry.to_dict(), "path": str(cached.path)}) if args.json
+              else f"Imported {cached.entry.key}: {cached.path}")
+    else:
+        removed = registry.clear(args.name, args.version, args.keep_latest)
+        print("\n".join(f"Removed {path}" for path in removed) or "Nothing to clear.")
+    return 0
 
 
 def _translate(args: argparse.Namespace) -> int:
@@ -198,7 +371,8 @@ def _translate(args: argparse.Namespace) -> int:
             settings = InferenceSettings(roi_size=args.roi_size, overlap=args.overlap,
                                          sw_batch_size=args.sw_batch_size, precision=args.precision,
                                          device=args.device)
-            result = translate_file(args.input, args.output, args.model, settings, reporter)
+            result = translate_file(args.input, args.output, args.model, settings, reporter,
+                                    getattr(args, "harmonize", "none"), getattr(args, "reference_mr", None))
     finally:
         reporter.close()
     info = result["info"]
@@ -213,39 +387,54 @@ def _translate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .progress import make_reporter
-    from .training import TrainConfig, train
+    from .config import load_config, shorthand_overrides, split_overrides
+    from .training import command_line, resume_config, train_run
 
-    config = TrainConfig(
-        name=args.name, steps=args.steps, patch_size=args.patch_size, batch_size=args.batch_size, lr=args.lr,
-        lambda_cyc=args.lambda_cyc, lambda_id=args.lambda_id, seed=args.seed, device=args.device,
-        threads=args.threads, checkpoint_every=args.checkpoint_every,
-        generator={"name": "resnet", "base_channels": args.width, "n_blocks": args.blocks, "norm": "instance"},
-        discriminator={"name": "patchgan", "base_channels": args.width, "n_layers": 3, "norm": "instance"})
-    command = "ct2mr " + shlex.join(argv)
-    if args.progress == "bar":
+    moved: list[str] = []
+    for flag in ("ct", "mr", "val_ct", "val_mr", "paired_ct", "paired_mr"):  # KEY=VALUE swallowed by --ct A B k=v
+        if getattr(args, flag):
+            paths, found = split_overrides(getattr(args, flag))
+            setattr(args, flag, paths or None)
+            moved += found
+    overrides = shorthand_overrides(
+        name=args.name, steps=args.steps, patch_size=args.patch_size, batch_size=args.batch_size, width=args.width,
+        blocks=args.blocks, lr=args.lr, lambda_cyc=args.lambda_cyc, lambda_id=args.lambda_id, seed=args.seed,
+        device=args.device, threads=args.threads, checkpoint_every=args.checkpoint_every, val_every=args.val_every,
+        precision=args.precision, ct=args.ct, mr=args.mr, val_ct=args.val_ct, val_mr=args.val_mr,
+        paired_ct=args.paired_ct, paired_mr=args.paired_mr, split_file=args.split_file,
+    ) + moved + list(args.overrides) + list(args.set_overrides)
+    if args.resume:
+        config = resume_config(args.out, overrides)
+    else:
+        config = load_config(args.preset or "m1", overrides)
+    bar = None
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if args.progress == "bar" and rank0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.steps, unit="step", file=sys.stderr, desc="train")
-
-        def progress(step: int, total: int, losses: dict[str, float]) -> None:
-            bar.update(1)
-            bar.set_postfix(cyc=f"{losses['cycle']:.3f}", G=f"{losses['G_adv']:.3f}",
-                            D=f"{losses['D_MR'] + losses['D_CT']:.3f}", refresh=False)
-    elif args.progress == "json":
-        bar = None
-
-        def progress(step: int, total: int, losses: dict[str, float]) -> None:
+        def progress(step: int, total: int, info: dict) -> None:
+            nonlocal bar
+            if bar is None:  # created at the first step, so that loading the volumes does not count in the rate
+                bar = tqdm(total=total, initial=step, unit="step", file=sys.stderr, desc=f"train {config.preset}")
+            bar.update(step - bar.n)
+            bar.set_postfix(cyc=f"{info['cycle']:.3f}", G=f"{info['G_adv']:.3f}",
+                            D=f"{info['D_MR'] + info['D_CT']:.3f}", patch_s=f"{info['patches_per_s']:.2f}",
+                            refresh=False)
+            bar.refresh()
+    elif args.progress == "json" and rank0:
+        def progress(step: int, total: int, info: dict) -> None:
             print(json.dumps({"event": "progress", "stage": "train", "step": step, "fraction": step / total,
-                              **{k: round(v, 5) for k, v in losses.items()}}), flush=True)
+                              **{k: round(v, 5) for k, v in info.items()}}), flush=True)
     else:
-        bar, progress = None, None
+        progress = None
     try:
-        path = train(args.ct, args.mr, args.out, config, progress, command)
+        path = train_run(config, args.out, args.resume, progress, command_line(argv))
     finally:
         if bar is not None:
             bar.close()
-    print(f"Checkpoint: {path}" if args.progress != "json" else json.dumps({"event": "done", "checkpoint": str(path)}))
+    if rank0:
+        print(f"Checkpoint: {path}" if args.progress != "json" else json.dumps({"event": "done",
+                                                                                "checkpoint": str(path)}))
     return 0
 
 
@@ -319,6 +508,138 @@ def _demo(args: argparse.Namespace) -> int:
     return _translate(args)
 
 
+def _synthesize_dataset(args: argparse.Namespace) -> int:
+    from .inference import InferenceSettings
+    from .labeltransfer import synthesize_dataset
+
+    device = args.device
+    if device == "auto" and "LOCAL_RANK" in os.environ:
+        import torch
+
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+    settings = InferenceSettings(roi_size=args.roi_size, overlap=args.overlap, device=device)
+    bar, progress = None, None
+    if args.progress == "bar":
+        from tqdm.auto import tqdm
+
+        bar = tqdm(unit="case", file=sys.stderr, desc="synthesize")
+
+        def progress(done: int, total: int, case: str) -> None:
+            bar.total = total
+            bar.update(1)
+            bar.set_postfix_str(case)
+    elif args.progress == "json":
+        def progress(done: int, total: int, case: str) -> None:
+            print(json.dumps({"event": "progress", "stage": "case", "fraction": done / total, "case": case}),
+                  flush=True)
+    try:
+        report = synthesize_dataset(args.images, args.labels, args.out, args.model, args.format, args.label_names,
+                                    settings, args.augment, args.name, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.progress == "json":
+        print(json.dumps({"event": "done", "index": str(report.index), "failed": [r.case for r in report.failed],
+                          "unmatched_images": report.unmatched_images, "unmatched_labels": report.unmatched_labels}))
+    else:
+        print(report.summary())
+    return 1 if report.failed else 0
+
+
+def _add_evaluation_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """Options shared by ``evaluate`` and ``compare`` (which evaluates checkpoints with them)."""
+    p.add_argument("--ct", nargs="+", required=required, metavar="PATH", help="held-out CT files or folders (HU, "
+                   "or ct2mr preprocess outputs)")
+    p.add_argument("--mr", nargs="+", required=required, metavar="PATH", help="held-out MR files or folders (4D "
+                   "series split)")
+    p.add_argument("--paired", action="store_true", help="the i-th CT and the i-th MR (sorted paths) are registered "
+                   "scans of one patient: also compare synthetic vs real target")
+    p.add_argument("--mask", default="body", choices=("body", "none"), help="where metrics are taken: the body "
+                   "mask, or every voxel but the padding (default: %(default)s)")
+    p.add_argument("--patch-size", type=int, default=32, metavar="S", help="FID/KID patch side in voxels of the 1 mm "
+                   "grid (default: %(default)s)")
+    p.add_argument("--patches-per-volume", type=int, default=64, metavar="N", help="FID/KID patches per volume "
+                   "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of patch sampling, KID subsets and the random features "
+                   "(default: %(default)s)")
+    p.add_argument("--features", default="random", choices=("random", "medicalnet"), help="feature extractor: a "
+                   "fixed-seed random 3D conv network (no download), or MedicalNet ResNet-10 with --feature-weights "
+                   "(default: %(default)s)")
+    p.add_argument("--feature-weights", metavar="PATH_OR_URL", help="MedicalNet weights: a local .pth/.safetensors "
+                   "file, or a URL downloaded once into the user cache (needs --feature-sha256)")
+    p.add_argument("--feature-sha256", metavar="HEX", help="SHA-256 of --feature-weights")
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default: %(default)s)")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID samples per subset, capped by the set sizes "
+                   "(default: %(default)s)")
+    p.add_argument("--harmonize", nargs="+", default=["histogram", "nyul", "zscore"],
+                   choices=("none", "histogram", "nyul", "zscore"), help="post-hoc harmonisations scored on G(x) "
+                   "(default: histogram nyul zscore; none: no harmonised rows)")
+    p.add_argument("--reference-mr", nargs="+", metavar="PATH", help="reference MR(s) for harmonisation (default: the "
+                   "--mr set itself, which is optimistic)")
+    p.add_argument("--no-baselines", action="store_true", help="do not score the copy-CT (identity) baseline")
+    p.add_argument("--no-figures", action="store_true", help="tables only")
+    p.add_argument("--figure-volumes", type=int, default=1, metavar="N", help="CT volumes with tri-planar and "
+                   "round-trip figures (default: %(default)s)")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: %(default)s)")
+    p.add_argument("--roi-size", type=int, nargs="+", metavar="N", help="window size in voxels (default: the model's)")
+    p.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision")
+    p.add_argument("--progress", default="bar", choices=("bar", "json", "none"), help="progress display")
+
+
+def _evaluation_settings(args: argparse.Namespace):
+    from .evaluation import EvaluationConfig
+    from .inference import InferenceSettings
+
+    config = EvaluationConfig(
+        patch_size=args.patch_size, patches_per_volume=args.patches_per_volume, seed=args.seed, features=args.features,
+        feature_weights=args.feature_weights, feature_sha256=args.feature_sha256, kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size, mask=args.mask, harmonize=tuple(args.harmonize),
+        reference_mr=tuple(args.reference_mr or ()), baselines=not args.no_baselines, paired=args.paired,
+        figures=not args.no_figures, figure_volumes=args.figure_volumes, tensorboard=not args.no_tensorboard)
+    settings = InferenceSettings(roi_size=args.roi_size, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                                 precision=args.precision, device=args.device)
+    return config, settings
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+    from .progress import make_reporter
+
+    config, settings = _evaluation_settings(args)
+    reporter = make_reporter(args.progress)
+    try:
+        with reporter.capture_warnings():
+            result = evaluate(args.model, args.ct, args.mr, args.out, config, settings, reporter, args.name)
+    finally:
+        reporter.close()
+    reporter.event("done", out=str(result.out_dir), files=[str(p) for p in result.files])
+    if args.progress != "json":
+        print(result.markdown)
+        print(f"Written to {result.out_dir}: {', '.join(p.name for p in result.files)}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .evaluation import compare
+    from .progress import make_reporter
+
+    config, settings = _evaluation_settings(args)
+    reporter = make_reporter(args.progress)
+    try:
+        with reporter.capture_warnings():
+            result = compare(args.runs, args.out, args.ct, args.mr, config, settings, reporter)
+    finally:
+        reporter.close()
+    reporter.event("done", out=args.out, files=[str(p) for p in result["files"]])
+    if args.progress != "json":
+        print(result["markdown"])
+        print(f"Written to {args.out}: {', '.join(p.name for p in result['files'])}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from .checkpoint import default_model_path, read_metadata, sha256sum
 
@@ -335,7 +656,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .io import ImageReadError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (args.command == "train" and all("=" in e and not e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "train":  # KEY=VALUE overrides may sit anywhere on the line
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         if args.command == "preprocess":
@@ -346,10 +672,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _translate(args)
         if args.command == "train":
             return _train(args, argv)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "synthesize-dataset":
+            return _synthesize_dataset(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "models":
+            return _models(args)
         return _info(args)
-    except (FileNotFoundError, ImageReadError, CheckpointError, ValueError, RuntimeError, OSError) as exc:
+    except (FileNotFoundError, ImageReadError, CheckpointError, ValueError, RuntimeError, OSError,
+            FloatingPointError) as exc:
         message = str(exc) or type(exc).__name__
         if getattr(args, "progress", None) == "json":
             print(json.dumps({"event": "error", "message": message, "type": type(exc).__name__}), flush=True)
