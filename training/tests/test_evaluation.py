@@ -4,11 +4,8 @@ and `ct2mr evaluate` / `ct2mr compare` end to end on small crops of real shared 
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import math
-import threading
-from functools import partial
 
 import numpy as np
 import pytest
@@ -277,18 +274,11 @@ def test_missing_or_wrong_weights_give_clear_messages(tmp_path):
 
 
 @pytest.fixture()
-def weights_server(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
+def weights_server(http_server):
+    """The local HTTP server of conftest.py, serving one file."""
+    url, root = http_server
     (root / "weights.pth").write_bytes(bytes(range(256)) * 64)
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
-    httpd.shutdown()
-    httpd.server_close()
+    return url, root
 
 
 def test_weights_download_once_into_the_cache_with_good_checksum(weights_server, tmp_path, monkeypatch):

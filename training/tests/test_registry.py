@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import http.server
 import json
-import threading
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -29,18 +26,10 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture()
-def server(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving tmp_path/www."""
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
-    httpd.shutdown()
-    httpd.server_close()
+def server(http_server):
+    """The local HTTP server of conftest.py."""
+    url, root = http_server
+    return url, root
 
 
 def publish(root: Path, url: str, name: str, version: str, payload: bytes, sha256: str | None = None) -> dict:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
-import threading
-from functools import partial
 
 import pytest
 
@@ -13,18 +10,11 @@ from ct2mr.sampledata import ChecksumError, demo_ct, fetch
 
 
 @pytest.fixture()
-def server(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
+def server(http_server):
+    """The local HTTP server of conftest.py, serving one file."""
+    url, root = http_server
     (root / "volume.nrrd").write_bytes(b"NRRD0004\n" + bytes(range(256)) * 100)
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
-    httpd.shutdown()
-    httpd.server_close()
+    return url, root
 
 
 def test_download_with_good_checksum_lands_in_place(server, tmp_path):
