@@ -74,6 +74,7 @@ from .preprocessing import PreprocessingConfig
 
 __all__ = [
     "RunConfig",
+    "portable_config",
     "DistContext",
     "ImagePool",
     "CycleGANTrainer",
@@ -865,6 +866,33 @@ def validate(trainer: CycleGANTrainer, val_ct: Sequence[DomainVolume], val_mr: S
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
+DATA_PATH_KEYS = ("ct", "mr", "val_ct", "val_mr", "paired_ct", "paired_mr", "split_file")
+
+
+def portable_config(config: dict[str, Any], start: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A copy of a resolved run config whose data paths are relative to ``start`` (default: the working directory).
+
+    The run folder keeps absolute paths so that ``--resume`` works from anywhere; checkpoints, which travel, get these
+    relative paths instead, so they carry no machine-specific folders.
+
+    Args:
+        config: ``RunConfig.to_dict()`` output.
+        start: the folder the paths are made relative to.
+
+    Returns:
+        The copy.
+    """
+    out = json.loads(json.dumps(config))
+    data = out.get("data", {})
+    for key in DATA_PATH_KEYS:
+        value = data.get(key)
+        if isinstance(value, str):
+            data[key] = os.path.relpath(value, start)
+        elif isinstance(value, list):
+            data[key] = [os.path.relpath(v, start) if os.path.isabs(v) else v for v in value]
+    return out
+
+
 def _absolute(paths: Iterable[str]) -> list[str]:
     return [str(Path(p).expanduser().resolve()) for p in paths]
 
@@ -1052,7 +1080,7 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
                  "overlap": 0.25}
 
     def summary(step: int, last: dict[str, float]) -> dict[str, Any]:
-        return {"name": config.name, "preset": config.preset, "steps": step, "config": config.to_dict(),
+        return {"name": config.name, "preset": config.preset, "steps": step, "config": portable_config(config.to_dict()),
                 "command": command, "ct_volumes": [v.name for v in ct_volumes],
                 "mr_volumes": [v.name for v in mr_volumes], "last_losses": last, "software": _versions(),
                 "device": str(device), "world_size": dist.world_size, "global_batch": trainer.global_batch}

@@ -259,7 +259,7 @@ def test_models_command(server, tmp_path, cache, capsys, small_checkpoint):
 
     assert main(["models", "--registry", str(extra), "list"]) == 0
     table = capsys.readouterr().out
-    assert "ct2mr-default-v0.1 *" in table and "bundled" in table and "downloadable" in table
+    assert "ct2mr-default-v0.2 *" in table and "bundled" in table and "downloadable" in table
 
     assert main(["models", "--registry", str(extra), "download", "lung", "--progress", "json"]) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -272,7 +272,7 @@ def test_models_command(server, tmp_path, cache, capsys, small_checkpoint):
 
     assert main(["models", "--registry", str(extra), "list", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert (rows["lung"]["status"], rows["mine"]["status"], rows["ct2mr-default-v0.1"]["status"]) == (
+    assert (rows["lung"]["status"], rows["mine"]["status"], rows["ct2mr-default-v0.2"]["status"]) == (
         "cached", "imported", "bundled")
 
     assert main(["models", "clear"]) == 0

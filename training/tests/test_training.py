@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -353,3 +354,15 @@ def test_tensorboard_has_every_loss_term_and_triplanar_panels(tmp_path):
             "lr/G", "lr/D", "train/patches_per_s", "val/ct_cycle_ssim", "val/hist_w1"} <= scalars
     assert "val/ct_triplanar" in events.Tags()["images"]
     assert [e.step for e in events.Scalars("loss/cycle")] == [1, 2]
+
+
+def test_checkpoint_configs_carry_relative_data_paths(tmp_path):
+    from ct2mr.training import portable_config
+
+    config = {"data": {"ct": [str(tmp_path / "data" / "ct")], "mr": ["relative/mr.nii.gz"],
+                       "split_file": str(tmp_path / "split.json")}, "train": {"steps": 3}}
+    out = portable_config(config, start=tmp_path / "repo")
+    assert out["data"]["ct"] == [os.path.join("..", "data", "ct")]
+    assert out["data"]["mr"] == ["relative/mr.nii.gz"]
+    assert out["data"]["split_file"] == os.path.join("..", "split.json")
+    assert config["data"]["ct"] == [str(tmp_path / "data" / "ct")], "the input is not modified"
