@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .io import atomic_write
 from .networks import build_discriminator, build_generator
 from .preprocessing import PreprocessingConfig
 
@@ -127,13 +128,8 @@ def save_checkpoint(path: str | os.PathLike, modules: dict[str, nn.Module], arch
         "training": json.dumps(training or {}),
     }
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -284,13 +280,8 @@ def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         The destination path.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_write(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

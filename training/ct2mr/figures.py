@@ -43,6 +43,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Lay out, write as PNG (80 dpi) and close a matplotlib figure; return the path."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    _pyplot().close(fig)
+    return path
+
+
 def triplanar_slices(volume: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0),
                      centre: Sequence[int] | None = None) -> list[tuple[str, np.ndarray, float]]:
     """The central axial, coronal and sagittal slices of a RAS volume, oriented for display.
@@ -99,11 +108,7 @@ def plot_triplanar(path: str | os.PathLike, preprocessed: np.ndarray, raw: np.nd
                 ax.text(0.01, 0.5, "R", transform=ax.transAxes, color="yellow", fontsize=9, va="center")
                 ax.text(0.97, 0.5, "L", transform=ax.transAxes, color="yellow", fontsize=9, va="center")
     fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_raw_histograms(path: str | os.PathLike, histograms: Sequence[tuple[str, Sequence[int], Sequence[float],
@@ -149,11 +154,7 @@ def plot_raw_histograms(path: str | os.PathLike, histograms: Sequence[tuple[str,
     ax.set_title(title, fontsize=11)
     if len(histograms) <= 12:
         ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_preprocessed_histogram(path: str | os.PathLike, counts: Sequence[int], edges: Sequence[float],
@@ -191,11 +192,7 @@ def plot_preprocessed_histogram(path: str | os.PathLike, counts: Sequence[int], 
     ax.set_xlabel("normalised intensity")
     ax.set_ylabel("voxels (log scale)")
     ax.set_title(title, fontsize=11, pad=16)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # --- Evaluation figures (thesis section 7: figures 5, 6, 8, 10, 11) -------------------------------------------------
@@ -242,11 +239,7 @@ def plot_triplanar_panels(path: str | os.PathLike, panels: Sequence[Panel], titl
             if colorbar and r == 2:
                 fig.colorbar(shown, ax=ax, orientation="horizontal", fraction=0.05, pad=0.04)
     fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_histogram_overlay(path: str | os.PathLike, edges: Sequence[float], real: tuple[str, Sequence[float]],
@@ -291,8 +284,4 @@ def plot_histogram_overlay(path: str | os.PathLike, edges: Sequence[float], real
     ax.set_ylabel("density")
     ax.set_title(title, fontsize=11)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -22,8 +22,9 @@ import logging
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,6 +42,7 @@ __all__ = [
     "list_images",
     "image_suffix",
     "atomic_path",
+    "atomic_write",
 ]
 
 logger = logging.getLogger(__name__)
@@ -364,6 +366,27 @@ def atomic_path(final: str | os.PathLike) -> Path:
     return Path(tmp)
 
 
+@contextmanager
+def atomic_write(final: str | os.PathLike) -> Iterator[Path]:
+    """Write a file atomically: yield a temporary path next to ``final``, rename it to ``final`` on success.
+
+    On any error (or interruption) inside the block the temporary file is deleted and ``final`` is left as it was.
+
+    Args:
+        final: the path the file will finally have; its folder must exist.
+
+    Yields:
+        The temporary path to write to (same folder and suffix, see :func:`atomic_path`).
+    """
+    final = Path(final)
+    tmp = atomic_path(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
     """Write a volume atomically (temporary file in the same folder, then rename).
 
@@ -382,13 +405,8 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
     path = Path(path)
     if image_suffix(path) not in WRITE_SUFFIXES:
         raise ValueError(f"Cannot write {path}: use one of {', '.join(WRITE_SUFFIXES)}.")
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         sitk.WriteImage(image, str(tmp), compress)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -406,20 +424,14 @@ def write_hdf5(array: np.ndarray, path: str | os.PathLike, attrs: dict | None = 
     import h5py
 
     path = Path(path)
-    tmp = atomic_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("volume", data=np.asarray(array, dtype=np.float32), compression="gzip",
-                             compression_opts=4, shuffle=True)
-            for key, value in (attrs or {}).items():
-                if isinstance(value, dict) or (isinstance(value, (list, tuple)) and value
-                                               and not all(isinstance(v, (int, float)) for v in value)):
-                    value = json.dumps(value)
-                elif value is None:
-                    value = "null"
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("volume", data=np.asarray(array, dtype=np.float32), compression="gzip",
+                         compression_opts=4, shuffle=True)
+        for key, value in (attrs or {}).items():
+            if isinstance(value, dict) or (isinstance(value, (list, tuple)) and value
+                                           and not all(isinstance(v, (int, float)) for v in value)):
+                value = json.dumps(value)
+            elif value is None:
+                value = "null"
+            f.attrs[key] = value
     return path

@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
-from .io import ImageReadError, atomic_path, image_suffix, list_images, read_image
+from .io import ImageReadError, atomic_write, image_suffix, list_images, read_image, write_image
 from .nnunet import FORMATS, case_id, image_name, label_name, parse_label_names, write_json_atomic, write_layout_index
 
 __all__ = [
@@ -167,16 +167,11 @@ def copy_label(source: str | os.PathLike, destination: str | os.PathLike) -> Pat
         The destination path.
     """
     destination = Path(destination)
-    tmp = atomic_path(destination)
-    try:
+    with atomic_write(destination) as tmp:
         if image_suffix(source) == ".nii.gz":
             shutil.copyfile(source, tmp)
         else:
             sitk.WriteImage(read_image(source), str(tmp), True)
-        os.replace(tmp, destination)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return destination
 
 
@@ -319,12 +314,7 @@ def synthesize_dataset(images: str | os.PathLike | Iterable, labels: str | os.Pa
                 if k:
                     image_out = sitk.GetImageFromArray(augment_synthetic_mr(array, seed=zlib.crc32(f"{case}:{k}".encode())))
                     image_out.CopyInformation(synthetic)
-                tmp = atomic_path(out / "imagesTr" / image_name(c))
-                try:
-                    sitk.WriteImage(image_out, str(tmp), True)
-                    os.replace(tmp, out / "imagesTr" / image_name(c))
-                finally:
-                    tmp.unlink(missing_ok=True)
+                write_image(image_out, out / "imagesTr" / image_name(c))
                 copy_label(label_path, out / "labelsTr" / label_name(c))
             write_json_atomic({**wanted, "cases": cases, "label_values": values,
                                "seconds": result.info.get("seconds"), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ",

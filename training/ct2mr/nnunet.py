@@ -169,15 +169,12 @@ def validate_dataset_json(data: Mapping[str, Any], root: str | os.PathLike | Non
 
 def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
     """Write JSON to ``path`` atomically (temporary file in the same folder, then rename)."""
+    from .io import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
