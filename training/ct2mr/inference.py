@@ -279,7 +279,8 @@ def translate_volume(volume: np.ndarray, checkpoint: Checkpoint, direction: str 
 
 
 def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceSettings | None = None,
-                    progress: ProgressCallback | None = None, harmonizer: Any = None) -> TranslationResult:
+                    progress: ProgressCallback | None = None, harmonizer: Any = None,
+                    preprocessed: Any = None) -> TranslationResult:
     """Translate one CT: synthetic MR, round-trip CT in HU and error map, all on the input's grid.
 
     Args:
@@ -290,6 +291,9 @@ def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceS
         harmonizer: a fitted :class:`ct2mr.harmonization.Harmonizer` applied to the synthetic MR on the input grid,
             with its statistics inside the CT's body mask (thesis 7.6, post-hoc harmonisation); ``None`` (default)
             leaves G(x) as it is. The round trip and error map always use the unharmonised G(x).
+        preprocessed: the :class:`ct2mr.preprocessing.PreprocessedVolume` of ``preprocess(ct, "ct",
+            checkpoint.preprocessing)`` when the caller already computed it (batch mode prepares the next volume
+            while this one runs); ``None`` computes it here.
 
     Returns:
         The :class:`TranslationResult`.
@@ -305,7 +309,7 @@ def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceS
 
     t0 = time.perf_counter()
     report("preprocess", 0.0, "Reorienting, resampling to 1 mm and normalising the CT")
-    pre = preprocess(ct, "ct", checkpoint.preprocessing)
+    pre = preprocessed if preprocessed is not None else preprocess(ct, "ct", checkpoint.preprocessing)
     timings["preprocess"] = time.perf_counter() - t0
     report("preprocess", 1.0, f"Network grid {list(pre.array.shape)} (z, y, x) voxels")
 
