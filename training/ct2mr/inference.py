@@ -11,6 +11,7 @@ Outputs keep exactly the input's size, spacing, origin and direction; the networ
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -18,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -39,6 +40,8 @@ __all__ = [
     "translate_volume",
     "translate_image",
     "translate_file",
+    "write_outputs",
+    "fit_harmonizer_for",
     "OUTPUT_NAMES",
 ]
 
@@ -348,8 +351,9 @@ OUTPUT_NAMES = {"synthetic_mr": "synthetic_mr.nii.gz", "roundtrip_ct": "roundtri
 
 def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Path | None = None,
                    settings: InferenceSettings | None = None, progress: ProgressCallback | None = None,
-                   harmonize: str = "none", reference_mr: str | Path | Sequence[str | Path] | None = None
-                   ) -> dict[str, Any]:
+                   harmonize: str = "none", reference_mr: str | Path | Sequence[str | Path] | None = None,
+                   checkpoint: Checkpoint | None = None, image: sitk.Image | None = None, preprocessed: Any = None,
+                   harmonizer: Any = None) -> dict[str, Any]:
     """Translate a CT file or DICOM folder and write the three outputs, all or nothing.
 
     The input is read and the model loaded before anything is written; the outputs are written to temporary files
@@ -369,6 +373,12 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
             reference: robust z-scores, no longer in [-1, 1]).
         reference_mr: reference MR file(s) or folder(s) for ``harmonize``; they go through the model's MR
             preprocessing, so the harmonised synthetic MR is in the same normalised intensity, in [-1, 1].
+        checkpoint: an already loaded checkpoint, used instead of loading ``model`` (batch mode keeps one loaded,
+            with G and F on the device, across volumes: :mod:`ct2mr.translate_batch`).
+        image: the CT already read from ``input_path`` (``None``: read it here).
+        preprocessed: ``preprocess(image, "ct", checkpoint.preprocessing)`` already computed (``None``: here).
+        harmonizer: an already fitted harmonizer (:func:`fit_harmonizer_for`), used instead of fitting one from
+            ``harmonize`` and ``reference_mr``.
 
     Returns:
         ``{"outputs": {key: path}, "info": {...}}``.
@@ -378,7 +388,7 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
         bad input, checkpoint or settings, or out of memory; nothing is written then.
     """
     from .checkpoint import load_checkpoint
-    from .io import atomic_path, read_image
+    from .io import read_image
 
     input_path, out_dir = Path(input_path), Path(out_dir)
     finals = {key: out_dir / name for key, name in OUTPUT_NAMES.items()}
@@ -390,41 +400,93 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
 
     if harmonize not in HARMONIZATION_METHODS:
         raise ValueError(f"harmonize must be one of {HARMONIZATION_METHODS}, got {harmonize!r}.")
-    image = read_image(input_path)
-    checkpoint = load_checkpoint(model)
-    harmonizer = None
-    if harmonize != "none" or reference_mr:
-        from .harmonization import fit_harmonizer, load_reference_mrs
-
-        references: list = []
-        masks: list = []
-        names: list = []
-        if reference_mr:
-            paths = [reference_mr] if isinstance(reference_mr, (str, Path)) else list(reference_mr)
-            references, masks, names = load_reference_mrs(paths, checkpoint.preprocessing)
-        harmonizer = fit_harmonizer(harmonize, references, masks, names)
-    result = translate_image(image, checkpoint, settings, progress, harmonizer)
-    report = progress or (lambda stage, fraction, message: None)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    temps: dict[str, Path] = {}
-    try:
-        for i, (key, image_out) in enumerate((("synthetic_mr", result.synthetic_mr),
-                                              ("roundtrip_ct", result.roundtrip_ct),
-                                              ("error_map", result.error_map))):
-            report("write", i / 3, f"Writing {finals[key].name}")
-            temps[key] = atomic_path(finals[key])
-            sitk.WriteImage(image_out, str(temps[key]), True)
-        for key, tmp in temps.items():
-            os.replace(tmp, finals[key])
-        report("write", 1.0, f"Wrote {out_dir}")
-    except BaseException:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-        if created and out_dir.exists() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
+    image = read_image(input_path) if image is None else image
+    checkpoint = load_checkpoint(model) if checkpoint is None else checkpoint
+    if harmonizer is None:
+        harmonizer = fit_harmonizer_for(harmonize, reference_mr, checkpoint)
+    result = translate_image(image, checkpoint, settings, progress, harmonizer, preprocessed=preprocessed)
+    finals = write_outputs(result, out_dir, progress)
     info = dict(result.info)
     info.update({"input": str(input_path), "model": str(checkpoint.path), "model_name": checkpoint.name,
                  "model_sha256": checkpoint.sha256})
     return {"outputs": {key: str(path) for key, path in finals.items()}, "info": info}
+
+
+def fit_harmonizer_for(harmonize: str, reference_mr: str | Path | Sequence[str | Path] | None,
+                       checkpoint: Checkpoint) -> Any:
+    """The harmonizer ``translate_file`` applies for ``--harmonize`` / ``--reference-mr`` (thesis 7.6).
+
+    Args:
+        harmonize: one of :data:`ct2mr.harmonization.HARMONIZATION_METHODS`.
+        reference_mr: reference MR file(s) or folder(s), read through ``checkpoint``'s MR preprocessing.
+        checkpoint: the loaded checkpoint (its preprocessing parameters).
+
+    Returns:
+        A fitted :class:`ct2mr.harmonization.Harmonizer`, or ``None`` for ``"none"`` without references.
+
+    Raises:
+        ValueError, FileNotFoundError, ct2mr.io.ImageReadError: an unknown method or unreadable references.
+    """
+    if harmonize == "none" and not reference_mr:
+        return None
+    from .harmonization import fit_harmonizer, load_reference_mrs
+
+    references: list = []
+    masks: list = []
+    names: list = []
+    if reference_mr:
+        paths = [reference_mr] if isinstance(reference_mr, (str, Path)) else list(reference_mr)
+        references, masks, names = load_reference_mrs(paths, checkpoint.preprocessing)
+    return fit_harmonizer(harmonize, references, masks, names)
+
+
+def write_outputs(result: TranslationResult, out_dir: str | Path, progress: ProgressCallback | None = None,
+                  extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Write a translation's outputs into ``out_dir``, all or nothing.
+
+    Every file goes to a temporary name in ``out_dir`` first (:func:`ct2mr.io.atomic_path`); only when all are
+    complete are they renamed to their final names. On any error or interruption the temporary files are removed,
+    and an ``out_dir`` this call created is removed again when it stayed empty.
+
+    Args:
+        result: the translation (:data:`OUTPUT_NAMES` files: synthetic MR, round-trip CT, error map, NIfTI gzip).
+        out_dir: output folder, created when missing.
+        progress: ``callback(stage, fraction_of_stage, message)`` with stage ``"write"``.
+        extra: more files of the same all-or-nothing step, ``{file name: sitk.Image (written as an image) or a
+            JSON-serialisable value}``; their keys in the returned mapping are the names without suffix.
+
+    Returns:
+        ``{key: final path}`` for :data:`OUTPUT_NAMES` and ``extra``.
+
+    Raises:
+        OSError: the folder or a file cannot be written (nothing is left behind then).
+    """
+    from .io import atomic_path, image_suffix
+
+    out_dir = Path(out_dir)
+    report = progress or (lambda stage, fraction, message: None)
+    items = [(key, out_dir / name, getattr(result, key)) for key, name in OUTPUT_NAMES.items()]
+    items += [(name[: -len(image_suffix(name))] if image_suffix(name) else name, out_dir / name, value)
+              for name, value in (extra or {}).items()]
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for i, (key, final, value) in enumerate(items):
+            report("write", i / len(items), f"Writing {final.name}")
+            tmp = atomic_path(final)
+            temps.append((tmp, final))
+            if isinstance(value, sitk.Image):
+                sitk.WriteImage(value, str(tmp), True)
+            else:
+                tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+        for tmp, final in temps:
+            os.replace(tmp, final)
+        report("write", 1.0, f"Wrote {out_dir}")
+    except BaseException:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        if created and out_dir.exists() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    return {key: final for key, final, _ in items}
