@@ -126,8 +126,8 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.overlapSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
         for spinBox in (self.ui.roiSizeSpinBox, self.ui.swBatchSizeSpinBox):
             spinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
-        for checkBox in (self.ui.computeMetricsCheckBox, self.ui.showLayoutCheckBox, self.ui.batchModeCheckBox,
-                         self.ui.exportPairCheckBox):
+        for checkBox in (self.ui.computeMetricsCheckBox, self.ui.warpCheckCheckBox, self.ui.showLayoutCheckBox,
+                         self.ui.batchModeCheckBox, self.ui.exportPairCheckBox):
             checkBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         for pathLineEdit in (self.ui.modelPathLineEdit, self.ui.exportFolderPathLineEdit):
             pathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
@@ -235,6 +235,7 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.precisionComboBox.setCurrentIndex(max(self.ui.precisionComboBox.findText(p.precision), 0))
             self.ui.harmonizeComboBox.setCurrentIndex(max(self.ui.harmonizeComboBox.findText(p.harmonize), 0))
             self.ui.computeMetricsCheckBox.checked = p.computeMetrics
+            self.ui.warpCheckCheckBox.checked = p.warpCheck
             self.ui.showLayoutCheckBox.checked = p.showCompareLayout
             self.ui.exportPairCheckBox.checked = p.exportPair
             self.ui.exportFolderPathLineEdit.currentPath = p.exportFolder
@@ -265,6 +266,7 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.precision = self.ui.precisionComboBox.currentText
             p.harmonize = self.ui.harmonizeComboBox.currentText
             p.computeMetrics = self.ui.computeMetricsCheckBox.checked
+            p.warpCheck = self.ui.warpCheckCheckBox.checked
             p.showCompareLayout = self.ui.showLayoutCheckBox.checked
             p.exportPair = self.ui.exportPairCheckBox.checked
             p.exportFolder = self.ui.exportFolderPathLineEdit.currentPath.strip()
@@ -527,6 +529,10 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if result.deviceMessage:
                 lines.append(result.deviceMessage)
             lines += result.retryMessages
+            if result.anatomy.get("displacement_p95_mm") is not None:
+                lines.append(_("Warp check: displacement mean {mean:.2f} mm, p95 {p95:.2f} mm inside the body.").format(
+                    mean=float(result.anatomy.get("displacement_mean_mm", float("nan"))),
+                    p95=float(result.anatomy["displacement_p95_mm"])))
             if result.analysis is not None and result.analysis.metricsError:
                 lines.append(_("Metrics not computed: {error}").format(error=result.analysis.metricsError))
         self.ui.statusLabel.text = "\n".join(dict.fromkeys(lines))

@@ -7,7 +7,10 @@ hierarchy, shown in the compare layout (:mod:`CT2MRTranslationLib.views`):
 
 - synthetic MR ``G(x)``: normalised MR intensity in [-1, 1];
 - round-trip CT ``F(G(x))``: HU;
-- error map ``|F(G(x)) - x|``: HU, >= 0 (thesis, section 7, cycle-consistency analysis).
+- error map ``|F(G(x)) - x|``: HU, >= 0 (thesis, section 7, cycle-consistency analysis);
+- with the warp check (``warpCheck``, ``ct2mr translate --warp-check``), a displacement map: the magnitude (mm) of
+  a deformable registration of x to G(x) (B-spline, Mattes MI), which is ~0 where G moved no anatomy (thesis
+  section 5, property P1, evaluation E2), with its mean/p95 in the engine's ``anatomy.json``.
 
 On request it adds the histogram plot and the cycle metrics table (:mod:`CT2MRTranslationLib.plots`). When the GPU
 runs out of memory, the run is retried with one window per forward pass and a smaller window, then reported. When
@@ -23,6 +26,7 @@ The Logic never touches Qt or ``slicer.app`` (DESIGN.md): it runs in Slicer and 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
@@ -53,8 +57,10 @@ except ImportError:  # pragma: no cover - depends on the environment
     _LogicBase = object
 
 __all__ = [
+    "ANATOMY_FILE",
     "DEFAULT_ROI_SIZE",
     "DEVICES",
+    "DISPLACEMENT_OUTPUT",
     "MIN_ROI_SIZE",
     "OUTPUT_KEYS",
     "CT2MRModelDownloadJob",
@@ -77,6 +83,22 @@ OUTPUT_KEYS = {
     "error_map": ("error_map.nii.gz", "error map"),
 }
 """Engine output key -> (file name in OUT_DIR, suffix of the node name)."""
+
+DISPLACEMENT_OUTPUT = ("displacement_mm", "displacement_mm.nii.gz", "displacement (mm)")
+"""The warp check's output: (engine output key, file name in OUT_DIR, suffix of the node name). Its companion
+``anatomy.json`` in OUT_DIR (also the ``done`` event's ``anatomy``) holds the anatomy metrics
+(``edge_correlation``, ``gradient_magnitude_similarity``, ``gmsd``, ``nmi``, ``displacement_mean_mm``,
+``displacement_p95_mm``, ``displacement_max_mm``)."""
+
+ANATOMY_FILE = "anatomy.json"
+"""The warp check's anatomy metrics in OUT_DIR (JSON object; see :data:`DISPLACEMENT_OUTPUT`)."""
+
+DISPLACEMENT_COLOR_NODE_NAMES = ("ColdToHotRainbow", "Inferno", "PET-Heat", "Red")
+"""Colour tables tried, in order, for the displacement map (blue: no displacement, red: large)."""
+
+MIN_DISPLACEMENT_WINDOW_MM = 1.0
+"""The displacement map is shown from 0 to max(its p95, this) mm, so that sub-millimetre registration noise of a
+faithful translation stays dark."""
 
 DEFAULT_ROI_SIZE = 96
 """Window side (voxels) the engine uses when neither the user nor the model gives one (``ct2mr.inference``)."""
@@ -126,6 +148,10 @@ class CT2MRTranslationResult:
         attempts: engine runs needed (more than 1 after out-of-memory retries).
         retryMessages: one line per out-of-memory retry.
         analysis: histogram chart and metrics table when requested (:class:`plots.AnalysisNodes`), else ``None``.
+        displacementMap: with the warp check, the displacement magnitude (mm, >= 0) of the registration of x to
+            G(x), on the input's voxel grid; else ``None``.
+        anatomy: the engine's anatomy metrics (``anatomy.json`` / the ``done`` event) when the warp check ran,
+            else ``{}``.
     """
 
     syntheticMR: slicer.vtkMRMLScalarVolumeNode
@@ -140,16 +166,23 @@ class CT2MRTranslationResult:
     attempts: int = 1
     retryMessages: list[str] = field(default_factory=list)
     analysis: plots.AnalysisNodes | None = None
+    displacementMap: slicer.vtkMRMLScalarVolumeNode | None = None
+    anatomy: dict[str, Any] = field(default_factory=dict)
 
     @property
     def volumeNodes(self) -> tuple[slicer.vtkMRMLScalarVolumeNode, ...]:
-        """``(syntheticMR, roundTripCT, errorMap)``."""
+        """``(syntheticMR, roundTripCT, errorMap)``: the compare layout's outputs."""
         return (self.syntheticMR, self.roundTripCT, self.errorMap)
+
+    @property
+    def outputVolumeNodes(self) -> tuple[slicer.vtkMRMLScalarVolumeNode, ...]:
+        """:attr:`volumeNodes` and, with the warp check, the displacement map."""
+        return (*self.volumeNodes, *((self.displacementMap,) if self.displacementMap is not None else ()))
 
     @property
     def nodes(self) -> list[slicer.vtkMRMLNode]:
         """Every node the translation added (volumes, and the analysis' tables, chart and series)."""
-        return [*self.volumeNodes, *(self.analysis.nodes if self.analysis else [])]
+        return [*self.outputVolumeNodes, *(self.analysis.nodes if self.analysis else [])]
 
 
 @dataclass
@@ -310,8 +343,9 @@ class CT2MRTranslationBatch:
     """Several translations run one after another (the Widget's Translate, scripts' :meth:`translateBatch`).
 
     Inputs are scalar volume nodes and sequence nodes (each item of a sequence is one translation; its outputs go
-    into three new sequences ``"<sequence> synthetic MR"`` etc. with the same index values, placed next to the
-    input sequence and added to the browsers that show it). Overall progress is ``(i + fraction of item i) / n``.
+    into three new sequences ``"<sequence> synthetic MR"`` etc., a fourth ``"<sequence> displacement (mm)"`` with
+    the warp check, with the same index values, placed next to the input sequence and added to the browsers that
+    show it). Overall progress is ``(i + fraction of item i) / n``.
     A failed item is recorded and the batch goes on (unless ``stopOnError``); :meth:`cancel` stops the running
     engine and skips the rest: the finished items stay, the running one leaves no node or file, partly filled
     output sequences are removed.
@@ -327,7 +361,8 @@ class CT2MRTranslationBatch:
         results: one result per finished volume item (sequence items are moved into the output sequences).
         failures: ``(label, message)`` per failed item.
         events: ``(label, event)`` for every engine event of every item, in order (for a log view).
-        outputSequences: input sequence ID -> ``(synthetic MR, round-trip CT, error map)`` sequence nodes.
+        outputSequences: input sequence ID -> ``(synthetic MR, round-trip CT, error map[, displacement (mm)])``
+            sequence nodes.
         state: ``"running"``, ``"finished"`` or ``"cancelled"``.
 
     Raises:
@@ -355,7 +390,7 @@ class CT2MRTranslationBatch:
         self.failures: list[tuple[str, str]] = []
         self.events: list[tuple[str, EngineEvent]] = []
         self._collected = 0
-        self.outputSequences: dict[str, tuple[Any, Any, Any]] = {}
+        self.outputSequences: dict[str, tuple[Any, ...]] = {}
         self.index = 0
         self.job: CT2MRTranslationJob | None = None
         self.state = "running"
@@ -484,7 +519,10 @@ class CT2MRTranslationBatch:
         outputs = self.outputSequences.get(sequence.GetID())
         if outputs is None:
             created = []
-            for _, suffix in OUTPUT_KEYS.values():
+            suffixes = [suffix for _, suffix in OUTPUT_KEYS.values()]
+            if result.displacementMap is not None:
+                suffixes.append(DISPLACEMENT_OUTPUT[2])
+            for suffix in suffixes:
                 output = scene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{sequence.GetName()} {suffix}")
                 output.SetIndexName(sequence.GetIndexName())
                 output.SetIndexUnit(sequence.GetIndexUnit())
@@ -492,7 +530,7 @@ class CT2MRTranslationBatch:
                 created.append(output)
             outputs = self.outputSequences[sequence.GetID()] = tuple(created)
         value = sequence.GetNthIndexValue(item.itemIndex)
-        for output, node in zip(outputs, result.volumeNodes):
+        for output, node in zip(outputs, result.outputVolumeNodes):
             output.SetDataNodeAtValue(node, value)  # a copy: the scene's node is removed below
         for node in result.nodes:
             for index in range(node.GetNumberOfDisplayNodes()) if node.IsA("vtkMRMLDisplayableNode") else ():
@@ -660,6 +698,7 @@ class CT2MRTranslationLogic(_LogicBase):
         referenceMRNode: slicer.vtkMRMLScalarVolumeNode | None = None,
         computeMetrics: bool = False,
         oomRetries: int = 2,
+        warpCheck: bool = False,
     ) -> CT2MRTranslationResult:
         """Translate a CT volume and wait for the result.
 
@@ -683,8 +722,12 @@ class CT2MRTranslationLogic(_LogicBase):
             harmonize: one of :data:`parameters.HARMONIZATIONS`; ``None`` or ``"none"``: no harmonisation.
             referenceMRNode: reference MR volume: passed to the engine for harmonisation, and used for the
                 histogram and W1 when ``computeMetrics``.
-            computeMetrics: add the histogram plot and the cycle metrics table (:mod:`plots`).
+            computeMetrics: add the histogram plot and the metrics table (:mod:`plots`): cycle metrics, anatomy
+                metrics (edge correlation, GMS, NMI of x and G(x)) and, with ``warpCheck``, the displacement.
             oomRetries: out-of-memory retries with 1 window per pass and a smaller window (0: none).
+            warpCheck: also run the engine's warp check (``--warp-check``): a deformable registration of x to
+                G(x) whose displacement magnitude (mm) becomes ``result.displacementMap`` and whose statistics
+                become ``result.anatomy`` (thesis section 5, P1/E2). Adds the registration's time to the run.
 
         Returns:
             The new nodes and the run's log.
@@ -699,6 +742,7 @@ class CT2MRTranslationLogic(_LogicBase):
             progressCallback=progressCallback, outputDirectory=outputDirectory, setupLayout=setupLayout,
             extraArguments=extraArguments, roiSize=roiSize, swBatchSize=swBatchSize, precision=precision,
             harmonize=harmonize, referenceMRNode=referenceMRNode, computeMetrics=computeMetrics, oomRetries=oomRetries,
+            warpCheck=warpCheck,
         )
         deadline = None if timeout is None else time.monotonic() + timeout
         while not job.update():
@@ -772,6 +816,7 @@ class CT2MRTranslationLogic(_LogicBase):
         referenceMRNode: slicer.vtkMRMLScalarVolumeNode | None = None,
         computeMetrics: bool = False,
         oomRetries: int = 2,
+        warpCheck: bool = False,
     ) -> CT2MRTranslationJob:
         """Write the input (and reference MR) to temporary files and start the engine in the background.
 
@@ -796,7 +841,8 @@ class CT2MRTranslationLogic(_LogicBase):
                              "'zscore'.")
         options = {"modelPath": modelPath, "device": device, "overlap": overlap, "roiSize": roiSize,
                    "swBatchSize": swBatchSize, "precision": precision, "harmonize": harmonize,
-                   "referencePath": None, "extraArguments": [str(a) for a in extraArguments]}
+                   "referencePath": None, "warpCheck": bool(warpCheck),
+                   "extraArguments": [str(a) for a in extraArguments]}
         self.engineOptions(**options)  # validates before anything is written
 
         parent = self.temporaryDirectory
@@ -840,7 +886,9 @@ class CT2MRTranslationLogic(_LogicBase):
         ``"<input> error map"``, get the input's exact IJK-to-RAS matrix and parent transform, display settings
         (robust window/level for the synthetic MR, the input's window/level for the round-trip CT, a heat colour
         table for the error map), are placed beside the input in subject hierarchy and, if the job asks for it, get
-        the histogram chart and metrics table and are shown in the compare layout.
+        the histogram chart and metrics table and are shown in the compare layout. With the warp check a fourth
+        node ``"<input> displacement (mm)"`` (colour map from 0 mm to the displacement's p95) joins them, and the
+        engine's ``anatomy.json`` becomes ``result.anatomy`` (its displacement rows enter the metrics table).
 
         Args:
             job: a job from :meth:`startTranslation`.
@@ -861,7 +909,7 @@ class CT2MRTranslationLogic(_LogicBase):
             if returnCode != 0 or job.errorMessage is not None or job.doneEvent is None:
                 raise RuntimeError(self._failureMessage(job, returnCode))
             outputNodes = self._loadOutputs(job)
-            result = self._addToScene(job, outputNodes)
+            result = self._addToScene(job, outputNodes, self._readAnatomy(job))
             job.state = "finished"
             return result
         except BaseException:
@@ -1098,6 +1146,7 @@ class CT2MRTranslationLogic(_LogicBase):
         harmonize: str | None = None,
         referencePath: str | None = None,
         extraArguments: Sequence[str] = (),
+        warpCheck: bool = False,
     ) -> list[str]:
         """Validate the translation options and turn them into ``ct2mr translate`` options.
 
@@ -1147,6 +1196,8 @@ class CT2MRTranslationLogic(_LogicBase):
             options += ["--harmonize", harmonize]
             if referencePath:
                 options += ["--reference-mr", str(referencePath)]
+        if warpCheck:
+            options.append("--warp-check")
         return options + [str(a) for a in extraArguments]
 
     @staticmethod
@@ -1165,6 +1216,9 @@ class CT2MRTranslationLogic(_LogicBase):
             tried = f" after {job.attempts} attempts ({'; '.join(job.retryMessages)})" if job.retryMessages else ""
             text += (f"\nThe device ran out of memory{tried}. Choose the CPU as device (slower, limited only by the "
                      "computer's memory), or a smaller window size in Advanced.")
+        if "--warp-check" in stderr and "unrecognized arguments" in stderr:
+            text += ("\nThe installed ct2mr engine has no warp check. Update the engine (the training/ folder of "
+                     "CT2MRTranslation), or turn the warp check off in Advanced.")
         if "No module named" in stderr and "ct2mr" in stderr:
             text += (
                 "\nThe ct2mr engine is not installed in the Python that runs it. Install it there "
@@ -1178,7 +1232,10 @@ class CT2MRTranslationLogic(_LogicBase):
         inputNode = job.inputVolumeNode
         reported = (job.doneEvent or {}).get("outputs") or {}
         loaded = {}
-        for key, (fileName, suffix) in OUTPUT_KEYS.items():
+        expected = dict(OUTPUT_KEYS)
+        if job.options.get("warpCheck"):
+            expected[DISPLACEMENT_OUTPUT[0]] = DISPLACEMENT_OUTPUT[1:]
+        for key, (fileName, suffix) in expected.items():
             path = reported.get(key) or os.path.join(job.outputDir, fileName)
             if not os.path.isabs(path):
                 path = os.path.join(job.outputDir, path)
@@ -1193,6 +1250,26 @@ class CT2MRTranslationLogic(_LogicBase):
         return loaded
 
     @staticmethod
+    def _readAnatomy(job: CT2MRTranslationJob) -> dict[str, Any]:
+        """The warp check's anatomy metrics: the ``done`` event's ``anatomy``, else OUT_DIR/anatomy.json; ``{}``
+        without the warp check (or when the engine wrote neither, with a warning)."""
+        if not job.options.get("warpCheck"):
+            return {}
+        reported = (job.doneEvent or {}).get("anatomy")
+        if isinstance(reported, dict):
+            return dict(reported)
+        path = os.path.join(job.outputDir, ANATOMY_FILE)
+        try:
+            with open(path, encoding="utf-8") as file:
+                anatomy = json.load(file)
+            if isinstance(anatomy, dict):
+                return anatomy
+            _log.warning("CT2MR warp check: %s is not a JSON object; no displacement statistics.", path)
+        except (OSError, ValueError) as error:
+            _log.warning("CT2MR warp check: no anatomy metrics (%s).", error)
+        return {}
+
+    @staticmethod
     def _ctWindow(modelPath: str | None) -> tuple[float, float]:
         """The model's CT window (HU) from its metadata, else the thesis default."""
         try:
@@ -1204,7 +1281,8 @@ class CT2MRTranslationLogic(_LogicBase):
             return plots.CT_WINDOW
 
     def _addToScene(
-        self, job: CT2MRTranslationJob, outputNodes: dict[str, slicer.vtkMRMLScalarVolumeNode]
+        self, job: CT2MRTranslationJob, outputNodes: dict[str, slicer.vtkMRMLScalarVolumeNode],
+        anatomy: dict[str, Any] | None = None,
     ) -> CT2MRTranslationResult:
         inputNode = job.inputVolumeNode
         scene = inputNode.GetScene()
@@ -1217,10 +1295,13 @@ class CT2MRTranslationLogic(_LogicBase):
                 nodes.placeNextTo(node, inputNode)
             syntheticMR, roundTripCT, errorMap = (outputNodes[key] for key in OUTPUT_KEYS)
             self._setDisplay(inputNode, syntheticMR, roundTripCT, errorMap)
+            displacementMap = outputNodes.get(DISPLACEMENT_OUTPUT[0])
+            if displacementMap is not None:
+                self._setDisplacementDisplay(displacementMap, anatomy or {})
             analysis = None
             if job.computeMetrics:
                 analysis = plots.addAnalysis(inputNode, syntheticMR, roundTripCT, job.referenceMRNode,
-                                             self._ctWindow(job.options.get("modelPath")))
+                                             self._ctWindow(job.options.get("modelPath")), anatomy=anatomy)
                 added += analysis.nodes
                 for node in analysis.nodes:
                     if not node.IsA("vtkMRMLPlotSeriesNode"):
@@ -1256,6 +1337,8 @@ class CT2MRTranslationLogic(_LogicBase):
             attempts=job.attempts,
             retryMessages=list(job.retryMessages),
             analysis=analysis,
+            displacementMap=displacementMap,
+            anatomy=dict(anatomy or {}),
         )
 
     @staticmethod
@@ -1273,3 +1356,17 @@ class CT2MRTranslationLogic(_LogicBase):
         # Error map from 0 HU (black) to its 99th percentile (bright).
         high = max(nodes.volumePercentiles(errorMap, [99.0])[0], 1.0)
         nodes.setVolumeDisplay(errorMap, high, high / 2.0, nodes.findColorNodeID(scene))
+
+    @staticmethod
+    def _setDisplacementDisplay(displacementMap, anatomy: dict[str, Any]) -> None:
+        """Colour map from 0 mm to max(p95, :data:`MIN_DISPLACEMENT_WINDOW_MM`): the engine's p95 inside the body
+        when reported, else the map's own 95th percentile."""
+        try:
+            high = float(anatomy.get("displacement_p95_mm"))
+        except (TypeError, ValueError):
+            high = float("nan")
+        if not high > 0.0:  # also NaN
+            high = nodes.volumePercentiles(displacementMap, [95.0])[0]
+        high = max(high, MIN_DISPLACEMENT_WINDOW_MM)
+        nodes.setVolumeDisplay(displacementMap, high, high / 2.0,
+                               nodes.findColorNodeID(displacementMap.GetScene(), DISPLACEMENT_COLOR_NODE_NAMES))

@@ -1,10 +1,11 @@
 """The module's parameters in a parameter node, saved with the scene and restored with it.
 
 Every choice of the panel (input CT, batch inputs, reference MR, model, device, sliding-window settings,
-harmonisation, analysis, export) lives in one ``vtkMRMLScriptedModuleNode``: the singleton of the scene tagged
-``"CT2MRTranslation"`` with the attribute ``ModuleName``, as Slicer's ``ScriptedLoadableModuleLogic.getParameterNode``
-creates it. Values are strings (``SetParameter``), nodes are node references (``SetNodeReferenceID``), so the scene
-file holds them and re-imports them. :class:`CT2MRTranslationParameters` wraps the node with typed, validated
+harmonisation, analysis and warp check, export) lives in one ``vtkMRMLScriptedModuleNode``: the singleton of the
+scene tagged ``"CT2MRTranslation"`` with the attribute ``ModuleName``, as Slicer's
+``ScriptedLoadableModuleLogic.getParameterNode`` creates it. Values are strings (``SetParameter``), nodes are node
+references (``SetNodeReferenceID``), so the scene file holds them and re-imports them.
+:class:`CT2MRTranslationParameters` wraps the node with typed, validated
 attributes (like Slicer's ``parameterNodeWrapper``, which needs Qt and is absent from the ``slicer-core`` wheel).
 
 No Qt here: runs inside Slicer and in plain Python with the ``slicer-core`` wheel.
@@ -227,6 +228,9 @@ class CT2MRTranslationParameters:
                           doc="Post-hoc intensity harmonisation of the synthetic MR (thesis 7.6).")
     computeMetrics = Parameter("ComputeMetrics", True, bool,
                                doc="Cycle SSIM/PSNR/MAE table and histogram plot after the translation.")
+    warpCheck = Parameter("WarpCheck", False, bool,
+                          doc="Anatomy check: register x to G(x) (B-spline, Mattes MI) and add the displacement map "
+                              "(mm) and its mean/p95 to the metrics (thesis section 5, P1/E2); adds time.")
     showCompareLayout = Parameter("ShowCompareLayout", True, bool, doc="Show the results in the compare layout.")
     exportPair = Parameter("ExportPair", False, bool, doc="Export (synthetic MR, segmentation) as a training pair.")
     exportFolder = Parameter("ExportFolder", "", str, doc="Dataset folder of the exported pairs.")
@@ -278,5 +282,6 @@ class CT2MRTranslationParameters:
             "harmonize": self.harmonize,
             "referenceMRNode": self.referenceMR,
             "computeMetrics": self.computeMetrics,
+            "warpCheck": self.warpCheck,
             "setupLayout": self.showCompareLayout,
         }

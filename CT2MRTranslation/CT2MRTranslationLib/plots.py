@@ -11,6 +11,13 @@
   network's [-1, 1] through the CT window (as ``ct2mr evaluate`` does on its 1 mm grid): SSIM-3D (Gaussian window
   11, sigma 1.5, data range 2), PSNR (dB, data range 2), MAE (normalised units, and in HU). The metric functions
   are the engine's (:mod:`ct2mr.evaluation`, which needs torch); histograms use NumPy only.
+- **Anatomy** (thesis section 5, property P1, evaluation E2: G changes appearance, not anatomy): contrast-independent
+  rows of the same table. ``Edge correlation`` (Pearson correlation of the gradient magnitudes of x and G(x)),
+  ``GMS`` (mean gradient-magnitude similarity) and ``NMI`` (normalised mutual information of x and G(x)), inside
+  the CT's body mask, on the input's grid, always; computed here with the engine's :mod:`ct2mr.anatomy` when it is
+  importable, else taken from the engine's ``anatomy.json`` (warp check) when there is one. With the warp check,
+  ``Displacement mean (mm)`` and ``Displacement p95 (mm)`` of the deformable registration of x to G(x) (B-spline,
+  Mattes MI) inside the body, from ``anatomy.json``: ~0 mm when no structure moved.
 
 Arrays are NumPy (z, y, x). No Qt here: runs inside Slicer and in plain Python with the ``slicer-core`` wheel.
 """
@@ -29,10 +36,13 @@ __all__ = [
     "CT_WINDOW",
     "HISTOGRAM_BINS",
     "HISTOGRAM_COLUMNS",
+    "ANATOMY_KEYS",
+    "ANATOMY_ROWS",
     "METRIC_ROWS",
     "MAX_SSIM_VOXELS",
     "AnalysisNodes",
     "addAnalysis",
+    "anatomyMetrics",
     "cycleMetrics",
     "histogramChartNode",
     "histogramTableNode",
@@ -49,8 +59,22 @@ HISTOGRAM_COLUMNS = ("Intensity", "Synthetic MR", "Reference MR")
 CT_WINDOW = (-600.0, 1000.0)
 """CT window (HU) mapped to [-1, 1] when the model does not say otherwise (thesis section 4)."""
 
-METRIC_ROWS = ("SSIM_cyc", "PSNR_cyc", "MAE_cyc", "MAE_cyc (HU)", "W1")
-"""Rows of the metrics table, in order (``W1`` only with a reference MR)."""
+ANATOMY_ROWS = ("Edge correlation", "GMS", "NMI", "Displacement mean (mm)", "Displacement p95 (mm)")
+"""Anatomy rows of the metrics table (the displacement rows only when the warp check ran)."""
+
+ANATOMY_KEYS = {
+    "Edge correlation": "edge_correlation",
+    "GMS": "gradient_magnitude_similarity",
+    "NMI": "nmi",
+    "Displacement mean (mm)": "displacement_mean_mm",
+    "Displacement p95 (mm)": "displacement_p95_mm",
+}
+"""Anatomy row -> key of the engine's ``anatomy.json`` (``ct2mr translate --warp-check``)."""
+
+METRIC_ROWS = ("SSIM_cyc", "PSNR_cyc", "MAE_cyc", "MAE_cyc (HU)", "W1", *ANATOMY_ROWS)
+"""Rows of the metrics table, in order (``W1`` only with a reference MR; anatomy rows only when known)."""
+
+_OPTIONAL_ROWS = frozenset(("W1", *ANATOMY_ROWS))
 
 MAX_SSIM_VOXELS = 8_000_000
 """Above this many voxels (the body mask's bounding box), SSIM is computed on every s-th voxel along each axis
@@ -256,22 +280,113 @@ def cycleMetrics(
     return metrics
 
 
+def anatomyMetrics(
+    inputCT: slicer.vtkMRMLScalarVolumeNode,
+    syntheticMR: slicer.vtkMRMLScalarVolumeNode,
+    mask: np.ndarray | None = None,
+    anatomy: dict | None = None,
+    ctWindow: Sequence[float] = CT_WINDOW,
+) -> dict[str, float]:
+    """Contrast-independent anatomy metrics of x against G(x) (thesis section 5, P1/E2), by row of the table.
+
+    Edge correlation, GMS and NMI are computed here, on the input's grid inside ``mask``, with the engine's
+    :mod:`ct2mr.anatomy` when it is importable; otherwise they are taken from ``anatomy`` (the engine's
+    ``anatomy.json``). The displacement rows always come from ``anatomy`` (the warp check's registration).
+
+    Args:
+        inputCT: x in HU.
+        syntheticMR: G(x), normalised intensity in [-1, 1], on the input's grid.
+        mask: boolean (z, y, x) body mask; ``None`` computes the CT's body mask.
+        anatomy: the engine's anatomy metrics (keys of :data:`ANATOMY_KEYS`), or ``None``.
+        ctWindow: (HU_min, HU_max) of the model (for the body mask).
+
+    Returns:
+        ``{row: value}`` for the rows of :data:`ANATOMY_ROWS` that are known (edge correlation and NMI unitless,
+        GMS in [0, 1], displacements in mm), plus ``"anatomySource"``: 1.0 when computed here, 0.0 when read from
+        ``anatomy``.
+    """
+    anatomy = anatomy or {}
+    values: dict[str, float] = {}
+    try:
+        values.update(_engineAnatomyMetrics(inputCT, syntheticMR, mask, ctWindow))
+        values["anatomySource"] = 1.0
+    except ImportError:
+        for row in ANATOMY_ROWS[:3]:
+            value = _number(anatomy.get(ANATOMY_KEYS[row]))
+            if value is not None:
+                values[row] = value
+        values["anatomySource"] = 0.0
+    for row in ANATOMY_ROWS[3:]:
+        value = _number(anatomy.get(ANATOMY_KEYS[row]))
+        if value is not None:
+            values[row] = value
+    return values
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _engineAnatomyMetrics(inputCT, syntheticMR, mask, ctWindow) -> dict[str, float]:
+    """Edge correlation, GMS and NMI with :func:`ct2mr.anatomy.anatomy_metrics` on the input's grid (cropped to the
+    mask's bounding box plus the gradients' support, which leaves the values unchanged). ImportError when the engine
+    has no anatomy module."""
+    try:
+        from ct2mr.anatomy import anatomy_metrics
+    except Exception as error:  # noqa: BLE001 - missing or broken: "not importable", use anatomy.json
+        raise ImportError(f"ct2mr.anatomy could not be imported: {error}") from error
+    import SimpleITK as sitk
+
+    ct = slicer.util.arrayFromVolume(inputCT).astype(np.float32)  # (z, y, x), HU
+    mr = slicer.util.arrayFromVolume(syntheticMR).astype(np.float32)  # (z, y, x), [-1, 1]
+    if mask is None:
+        mask = _bodyMask(ct, ctWindow)
+    if not mask.any():
+        raise ValueError("The body mask is empty: no anatomy metrics.")
+    spacing = np.asarray(inputCT.GetSpacing(), float)[::-1]  # (z, y, x) mm
+    margin = np.ceil(3.0 * _ANATOMY_SIGMA_MM / spacing).astype(int) + 2  # Gaussian derivative support, in voxels
+    index = np.nonzero(mask)
+    box = tuple(slice(max(0, int(i.min()) - m), min(n, int(i.max()) + m + 1))
+                for i, m, n in zip(index, margin, mask.shape))
+    images = []
+    for array in (ct[box], mr[box]):
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+        image.SetSpacing(tuple(float(s) for s in spacing[::-1]))  # direction and origin do not change the values
+        images.append(image)
+    metrics, _ = anatomy_metrics(images[0], images[1], body=mask[box], sigma_mm=_ANATOMY_SIGMA_MM)
+    return {row: float(metrics[ANATOMY_KEYS[row]]) for row in ANATOMY_ROWS[:3]}
+
+
+_ANATOMY_SIGMA_MM = 1.0
+"""Gaussian derivative scale (mm) of the edge metrics (the engine's default)."""
+
+
 _METRIC_INFO = {
     "SSIM_cyc": ("", "SSIM-3D of x and F(G(x)) in the body mask (window 11, sigma 1.5, range 2); 1 = identical"),
     "PSNR_cyc": ("dB", "PSNR of x and F(G(x)) in the body mask, range 2 (= the 1600 HU window)"),
     "MAE_cyc": ("normalised", "mean |F(G(x)) - x| in the body mask, intensities in [-1, 1]"),
     "MAE_cyc (HU)": ("HU", "mean |F(G(x)) - x| in the body mask, in HU (x clipped to the CT window)"),
     "W1": ("normalised", "1-Wasserstein distance of the synthetic and reference MR histograms (thesis eq. 7.2)"),
+    "Edge correlation": ("", "Pearson correlation of the gradient magnitudes of x and G(x) in the body mask; "
+                             "1 = the same edges (contrast-independent, thesis 5 P1)"),
+    "GMS": ("", "mean gradient-magnitude similarity of x and G(x) in the body mask, in [0, 1]; 1 = same edges"),
+    "NMI": ("", "normalised mutual information of x and G(x) in the body mask; higher = more shared structure"),
+    "Displacement mean (mm)": ("mm", "mean displacement of a B-spline registration (Mattes MI) of x to G(x) in "
+                                     "the body; ~0 when G moved no anatomy"),
+    "Displacement p95 (mm)": ("mm", "95th percentile of that displacement in the body"),
 }
 
 
 def metricsTableNode(scene: slicer.vtkMRMLScene, metrics: dict[str, float], name: str) -> slicer.vtkMRMLTableNode:
     """Add a table of metrics: columns ``Metric``, ``Value``, ``Unit``, ``Definition``; rows :data:`METRIC_ROWS`
-    present in ``metrics`` (``W1`` only when it is a number).
+    present in ``metrics`` (``W1`` and the anatomy rows only when they are numbers).
 
     Args:
         scene: the scene.
-        metrics: from :func:`cycleMetrics`.
+        metrics: from :func:`cycleMetrics` and :func:`anatomyMetrics`.
         name: node name.
     """
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
@@ -280,7 +395,7 @@ def metricsTableNode(scene: slicer.vtkMRMLScene, metrics: dict[str, float], name
         array.SetName(columnName)
     for row in METRIC_ROWS:
         value = metrics.get(row)
-        if value is None or (row == "W1" and not np.isfinite(value)):
+        if value is None or (row in _OPTIONAL_ROWS and not np.isfinite(value)):
             continue
         unit, definition = _METRIC_INFO[row]
         columns[0].InsertNextValue(row)
@@ -300,6 +415,7 @@ def addAnalysis(
     referenceMR: slicer.vtkMRMLScalarVolumeNode | None = None,
     ctWindow: Sequence[float] = CT_WINDOW,
     computeMetrics: bool = True,
+    anatomy: dict | None = None,
 ) -> AnalysisNodes:
     """Add the histogram table, plot chart (and series) and the metrics table of one translation.
 
@@ -309,7 +425,9 @@ def addAnalysis(
         roundTripCT: F(G(x)) (HU).
         referenceMR: optional real MR for the histogram and W1.
         ctWindow: the model's CT window (HU).
-        computeMetrics: also compute the metrics table (needs the ct2mr engine with torch in this Python).
+        computeMetrics: also compute the metrics table (needs the ct2mr engine with torch in this Python): cycle
+            and anatomy rows (:func:`anatomyMetrics`).
+        anatomy: the engine's anatomy metrics (``anatomy.json`` of the warp check), or ``None``.
 
     Returns:
         The nodes. When the metrics cannot be computed (engine missing, odd volume), ``metricsTable`` is ``None``
@@ -331,6 +449,7 @@ def addAnalysis(
         if computeMetrics:
             try:
                 analysis.metrics = cycleMetrics(inputCT, roundTripCT, syntheticMR, referenceMR, ctWindow, mask)
+                analysis.metrics.update(anatomyMetrics(inputCT, syntheticMR, mask, anatomy, ctWindow))
             except (ImportError, ValueError, RuntimeError) as error:
                 analysis.metricsError = f"{type(error).__name__}: {error}"
             else:

@@ -6,13 +6,17 @@ arithmetic in place of the networks, so that the Logic is tested end to end with
 
 - synthetic MR = clip((x + 600) / 1600, 0, 1) * 2 - 1 (the thesis's CT normalisation, section 4), in [-1, 1];
 - round-trip CT = the inverse mapping back to HU (so values outside [-600, 1000] HU are clipped);
-- error map = |round-trip CT - x| (HU).
+- error map = |round-trip CT - x| (HU);
+- with ``--warp-check``: displacement_mm.nii.gz = 0.1 mm per slice index (z) inside the body (x > -500 HU), 0
+  outside, and anatomy.json with fixed edge/GMS/NMI values (:data:`ANATOMY`) and the displacement's mean, p95 and
+  max inside the body; the ``done`` event carries the same ``anatomy`` dict.
 
 ``--mode`` (before the sub-command) selects a behaviour: ``ok``, ``fail`` (error event, exit 2), ``crash``
 (traceback on stderr, exit 1), ``shifted`` (outputs with the origin moved by 2 mm), ``resized`` (outputs one slice
 short), ``nodone`` (exit 0 without a done event), ``sleep`` (starts a child process, reports its pid, then waits),
 ``oom`` (the engine's out-of-memory error, exit 1, unless ``--sw-batch-size 1 --roi-size N`` with N <= 64),
-``oomalways`` (out of memory whatever the window), ``slow`` (like ``ok``, after 0.5 s).
+``oomalways`` (out of memory whatever the window), ``slow`` (like ``ok``, after 0.5 s), ``anatomyfile`` (like
+``ok``, but the ``done`` event carries no ``anatomy``: only anatomy.json has it).
 
 Like the real engine, it has no CUDA: ``--device cuda`` gives the engine's fallback warning and runs "on the CPU".
 Every ``ct2mr translate`` option the Logic passes is accepted; ``--reference-mr`` files must exist.
@@ -27,6 +31,9 @@ import subprocess
 import sys
 import time
 
+ANATOMY = {"edge_correlation": 0.875, "gradient_magnitude_similarity": 0.8125, "gmsd": 0.125, "nmi": 1.25}
+"""Fixed anatomy values the fake engine reports with ``--warp-check``."""
+
 
 def emit(**event) -> None:
     print(json.dumps(event), flush=True)
@@ -36,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fake_ct2mr")
     parser.add_argument("--mode", default="ok",
                         choices=["ok", "fail", "crash", "shifted", "resized", "nodone", "sleep", "oom", "oomalways",
-                                 "slow"])
+                                 "slow", "anatomyfile"])
     commands = parser.add_subparsers(dest="command", required=True)
     translate = commands.add_parser("translate")
     translate.add_argument("input")
@@ -50,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     translate.add_argument("--sw-batch-size", type=int, default=1)
     translate.add_argument("--harmonize", choices=["none", "histogram", "nyul", "zscore"], default="none")
     translate.add_argument("--reference-mr", nargs="+")
+    translate.add_argument("--warp-check", action="store_true")
     args = parser.parse_args(argv)
 
     emit(event="start", input=args.input, device="cpu" if args.device == "auto" else args.device,
@@ -98,9 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     error = np.abs(roundTrip - ct)
     emit(event="progress", stage="postprocess", fraction=0.8, message="error map")
 
+    arrays = [("synthetic_mr", synthetic), ("roundtrip_ct", roundTrip), ("error_map", error)]
+    anatomy = None
+    if args.warp_check:
+        body = ct > -500.0
+        displacement = np.where(body, 0.1 * np.indices(ct.shape)[0], 0.0).astype(np.float32)
+        inside = displacement[body] if body.any() else np.zeros(1, np.float32)
+        anatomy = {**ANATOMY, "displacement_mean_mm": float(inside.mean()),
+                   "displacement_p95_mm": float(np.percentile(inside, 95)), "displacement_max_mm": float(inside.max()),
+                   "registration": "fake"}
+        arrays.append(("displacement_mm", displacement))
+        emit(event="progress", stage="warp-check", fraction=0.9, message="registration x -> G(x)")
+
     os.makedirs(args.output, exist_ok=True)
     outputs = {}
-    for key, array in (("synthetic_mr", synthetic), ("roundtrip_ct", roundTrip), ("error_map", error)):
+    for key, array in arrays:
         if args.mode == "resized":
             array = array[:-1]
         result = sitk.GetImageFromArray(array.astype(np.float32))
@@ -112,9 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         result.SetOrigin(origin)
         outputs[key] = os.path.join(args.output, f"{key}.nii.gz")
         sitk.WriteImage(result, outputs[key], useCompression=True, compressionLevel=1)
+    extra = {}
+    if anatomy is not None:
+        with open(os.path.join(args.output, "anatomy.json"), "w") as file:
+            json.dump(anatomy, file)
+        if args.mode != "anatomyfile":
+            extra["anatomy"] = anatomy
     emit(event="progress", stage="write", fraction=1.0, message="written")
     emit(event="done", outputs=outputs, seconds=0.0, device="cpu", precision="float32", model="fake",
-         roi_size=roi, sw_batch_size=args.sw_batch_size, harmonize=args.harmonize)
+         roi_size=roi, sw_batch_size=args.sw_batch_size, harmonize=args.harmonize, **extra)
     return 0
 
 

@@ -204,7 +204,8 @@ def test_analysis_nodes_and_layout_with_plot(mrml, logic, fakeEngineFactory):
     assert [s.GetYColumnName() for s in analysis.series] == ["Synthetic MR", "Reference MR"]
     assert analysis.chart.GetNumberOfPlotSeriesNodes() == 2
     metrics = {analysis.metricsTable.GetCellText(r, 0) for r in range(analysis.metricsTable.GetNumberOfRows())}
-    assert metrics == {"SSIM_cyc", "PSNR_cyc", "MAE_cyc", "MAE_cyc (HU)", "W1"}
+    assert metrics == {"SSIM_cyc", "PSNR_cyc", "MAE_cyc", "MAE_cyc (HU)", "W1", "Edge correlation", "GMS", "NMI"}
+    assert result.displacementMap is None and result.anatomy == {}  # no warp check asked
     # the fake engine's round trip is x clipped to [-600, 1000] HU: inside the body the error is the clipping only
     assert analysis.metrics["MAE_cyc (HU)"] == pytest.approx(0.0, abs=1e-2) and analysis.metrics["SSIM_cyc"] > 0.99
     for node in (analysis.histogramTable, analysis.chart, analysis.metricsTable):
@@ -499,7 +500,7 @@ def test_real_engine_falls_back_to_the_cpu_and_adds_the_analysis(mrml, logic, sm
     for node in result.volumeNodes:
         assert nodes_equal_grid(node, smallRealCT)
     assert progress[-1] == 1.0 and progress == sorted(progress)
-    assert result.analysis.metricsTable.GetNumberOfRows() == 5
+    assert result.analysis.metricsTable.GetNumberOfRows() == 8  # cycle, W1, edge correlation, GMS, NMI
     assert -1.0 <= result.analysis.metrics["SSIM_cyc"] <= 1.0 and result.analysis.metrics["W1"] >= 0.0
     assert os.listdir(logic.temporaryDirectory) == []
 

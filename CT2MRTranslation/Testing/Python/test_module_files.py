@@ -37,7 +37,7 @@ def test_every_ui_attribute_of_the_widget_exists_in_the_ui_file(uiWidgets):
     used = widgetNamesUsedByTheWidget()
     assert {"inputSelector", "referenceMRSelector", "modelComboBox", "modelPathLineEdit", "deviceComboBox",
             "overlapSpinBox", "roiSizeSpinBox", "swBatchSizeSpinBox", "precisionComboBox", "harmonizeComboBox",
-            "batchInputsSelector", "batchModeCheckBox", "downloadModelButton", "importModelButton",
+            "batchInputsSelector", "batchModeCheckBox", "warpCheckCheckBox", "downloadModelButton", "importModelButton",
             "installDependenciesButton", "applyButton", "progressBar", "statusLabel", "logTextEdit"} <= used
     missing = sorted(used - set(uiWidgets))
     assert not missing, f"used as self.ui.<name> in CT2MRTranslation.py but not in the .ui: {missing}"
@@ -76,6 +76,14 @@ def test_advanced_choices_match_the_logic(uiWidgets):
         "./property[@name='nodeTypes']/stringlist/string")]
     assert batchTypes == ["vtkMRMLScalarVolumeNode", "vtkMRMLSequenceNode"]
     assert uiWidgets["advancedCollapsibleButton"].find("./property[@name='collapsed']/bool").text == "true"
+    # the warp check sits in Advanced, off by default like its parameter, and its tooltip says what it costs
+    advanced = {w.get("name") for w in uiWidgets["advancedCollapsibleButton"].iter("widget")}
+    warpCheck = uiWidgets["warpCheckCheckBox"]
+    assert "warpCheckCheckBox" in advanced
+    checked = warpCheck.find("./property[@name='checked']/bool").text == "true"
+    assert checked is CT2MRTranslationParameters.warpCheck.default
+    tooltip = warpCheck.find("./property[@name='toolTip']/string").text
+    assert "displacement" in tooltip and "mm" in tooltip and "time" in tooltip
 
 
 def test_ui_widget_classes_and_properties(uiTree, uiWidgets):
@@ -94,6 +102,7 @@ def test_ui_widget_classes_and_properties(uiTree, uiWidgets):
         "swBatchSizeSpinBox": "QSpinBox",
         "precisionComboBox": "QComboBox",
         "harmonizeComboBox": "QComboBox",
+        "warpCheckCheckBox": "QCheckBox",
         "advancedCollapsibleButton": "ctkCollapsibleButton",
         "applyButton": "QPushButton",
         "progressBar": "QProgressBar",

@@ -22,7 +22,7 @@ def test_parameter_node_is_the_module_singleton_with_defaults(mrml):
     assert parameters.toDict() == {
         "batchMode": False, "modelName": "", "modelVersion": "", "modelPath": "", "device": "auto", "overlap": 0.25,
         "roiSize": 0, "swBatchSize": 1, "precision": "auto", "harmonize": "none", "computeMetrics": True,
-        "showCompareLayout": True, "exportPair": False, "exportFolder": "",
+        "warpCheck": False, "showCompareLayout": True, "exportPair": False, "exportFolder": "",
         "inputVolume": None, "batchInputs": [], "referenceMR": None, "segmentation": None,
     }
     # stored as strings in the node, so that the scene file keeps them
@@ -41,6 +41,7 @@ def test_parameter_node_is_the_module_singleton_with_defaults(mrml):
         ("swBatchSize", 0, "swBatchSize must be >= 1"),
         ("roiSize", 1024, "roiSize must be <= 512"),
         ("computeMetrics", "maybe", "computeMetrics must be true or false"),
+        ("warpCheck", "sometimes", "warpCheck must be true or false"),
     ],
 )
 def test_invalid_values_are_refused(mrml, name, value, message):
@@ -67,9 +68,11 @@ def test_values_and_references_survive_saving_and_reloading_the_scene(mrml, tmp_
     parameters.precision = "bf16"
     parameters.harmonize = "histogram"
     parameters.computeMetrics = False
+    parameters.warpCheck = True
     parameters.exportFolder = str(tmp_path / "Dataset501")
     expected = parameters.toDict()
     assert expected["batchInputs"] == [ct2.GetID(), ct.GetID()] and expected["device"] == "cuda:1"
+    assert parameters.node.GetParameter("WarpCheck") == "true" and expected["warpCheck"] is True
 
     scene.SetURL(str(tmp_path / "scene.mrml"))
     assert scene.Commit()
@@ -93,7 +96,8 @@ def test_translate_keywords_follow_the_parameters(mrml):
     parameters.harmonize = "zscore"
     assert parameters.translateKeywords() == {
         "modelPath": None, "device": "auto", "overlap": 0.25, "roiSize": None, "swBatchSize": 1, "precision": "auto",
-        "harmonize": "zscore", "referenceMRNode": mr, "computeMetrics": True, "setupLayout": True}
+        "harmonize": "zscore", "referenceMRNode": mr, "computeMetrics": True, "warpCheck": False,
+        "setupLayout": True}
     parameters.inputVolume = mr
     parameters.inputVolume = None
     assert parameters.inputVolume is None
