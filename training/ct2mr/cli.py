@@ -6,7 +6,8 @@ Sub-commands:
   into training-ready HDF5 (:func:`ct2mr.batch.preprocess_batch`).
 * ``ct2mr qc DIR... --out QC_DIR``: Table 2, clipped voxels, left-right check and figures (:func:`ct2mr.qc.run_qc`).
 * ``ct2mr translate CT -o OUT_DIR``: synthetic MR, round-trip CT and error map on the CT's grid
-  (:func:`ct2mr.inference.translate_file`).
+  (:func:`ct2mr.inference.translate_file`); over a folder, several paths or a list file: a resumable batch, sharded
+  under torchrun (:func:`ct2mr.translate_batch.translate_batch`).
 * ``ct2mr train --ct ... --mr ... --out RUN_DIR``: train a 3D CycleGAN (:func:`ct2mr.training.train`).
 * ``ct2mr evaluate --model CKPT --ct ... --mr ... --out DIR``: FID/KID, W1, cycle SSIM/PSNR/MAE, paired metrics,
   harmonisation, tables and figures (:func:`ct2mr.evaluation.evaluate`).
@@ -37,6 +38,25 @@ EXAMPLES_TRANSLATE = """examples:
   ct2mr translate chest.nii.gz -o out/
   ct2mr translate dicom_series_folder/ -o out/ --model run/model.safetensors --device cuda
   ct2mr translate chest.nrrd -o out/ --overlap 0.25 --progress json
+  ct2mr translate ct_folder/ -o out/                        # batch: out/<case>/..., out/translate_summary.json
+  ct2mr translate a.nii.gz b.nrrd dicom_series_folder/ -o out/
+  ct2mr translate cases.txt -o out/                         # list file: one path per line, # comments
+  ct2mr translate cases.txt -o out/ --overwrite             # recompute cases that are already done
+  torchrun --nproc-per-node 4 -m ct2mr translate cases.txt -o out/ --device cuda
+
+single vs batch: one CT file or one DICOM series folder writes OUT_DIR/synthetic_mr.nii.gz, roundtrip_ct.nii.gz
+and error_map.nii.gz. A folder of volumes (image files and DICOM series sub-folders), several paths, or a list file
+(.txt, .lst, .csv: one path per line, '#' comment lines, relative paths relative to the list file; .csv: first
+column) is a batch: OUT_DIR/<case>/ per volume (<case> = file name without suffix, _2, _3 ... on collisions) and
+OUT_DIR/translate_summary.json (per case: input, status done/skipped/failed, seconds, error). The model is loaded
+once and the next CT is read and preprocessed while the current one is translated.
+resume: a case is skipped when its outputs and OUT_DIR/<case>/.ct2mr_done.json (input path, size and modification
+time, model SHA-256, settings) match; a crash mid-case leaves no partial outputs, so rerunning the same command
+finishes the batch. A failing case is recorded and the others go on; exit status 1 when any case failed.
+torchrun / clusters: every process (RANK of WORLD_SIZE, e.g. torchrun --nproc-per-node N, multi-node alike, or a
+scheduler that sets RANK and WORLD_SIZE) takes every WORLD_SIZE-th case of the sorted list, runs on
+cuda:LOCAL_RANK (when --device is auto or cuda and CUDA is available) and writes its own cases and
+OUT_DIR/translate_summary.rank<RANK>.json. No process group is created and no process waits for another.
 """
 
 EXAMPLES_PREPROCESS = """examples:
@@ -158,8 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "(HU) and OUT_DIR/error_map.nii.gz (|F(G(x)) - x| in HU, x clipped to the CT window), each "
                        "on exactly the input's voxel grid.",
                        epilog=EXAMPLES_TRANSLATE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("input", help="CT volume in HU: NIfTI, NRRD, MHA, HDF5 ('volume' dataset) or a DICOM folder")
+    t.add_argument("inputs", nargs="+", metavar="INPUT", help="CT volume(s) in HU: NIfTI, NRRD, MHA, HDF5 "
+                   "('volume' dataset) or a DICOM series folder; or a folder of them, or a list file (.txt, .lst, "
+                   ".csv) for a batch (see below)")
     t.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder (created if missing)")
+    t.add_argument("--overwrite", action="store_true", help="batch: recompute cases that are already done "
+                   "(default: skip them)")
     t.add_argument("--model", metavar="PATH", help="ct2mr checkpoint (.safetensors); default: the bundled model")
     t.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N "
                    "(default: %(default)s; falls back to CPU with a warning when CUDA is missing)")
@@ -361,7 +385,12 @@ def _models(args: argparse.Namespace) -> int:
 def _translate(args: argparse.Namespace) -> int:
     from .inference import InferenceSettings, translate_file
     from .progress import make_reporter
+    from .translate_batch import is_single_input
 
+    inputs = list(getattr(args, "inputs", None) or [args.input])  # `ct2mr demo` sets args.input
+    if not is_single_input(inputs):
+        return _translate_batch(args, inputs)
+    args.input = inputs[0]
     reporter = make_reporter(args.progress)
     start = time.perf_counter()
     try:
@@ -384,6 +413,56 @@ def _translate(args: argparse.Namespace) -> int:
               f"\nError map:     {result['outputs']['error_map']}\n({time.perf_counter() - start:.1f} s on "
               f"{info['device']}, mean |F(G(x)) - x| = {info['mean_error_hu']:.1f} HU)")
     return 0
+
+
+def _translate_batch(args: argparse.Namespace, inputs: list[str]) -> int:
+    from .inference import InferenceSettings
+    from .progress import make_reporter
+    from .translate_batch import translate_batch
+
+    extra = {"warp_check": True} if getattr(args, "warp_check", False) else {}
+    settings = InferenceSettings(roi_size=args.roi_size, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                                 precision=args.precision, device=args.device)
+    rank = os.environ.get("RANK", "0")
+    reporter = make_reporter(args.progress)
+    bar = None
+    if args.progress == "bar":
+        from tqdm.auto import tqdm
+
+        def on_case(index: int, total: int, result) -> None:  # noqa: ANN001
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=total, unit="case", file=sys.stderr, desc=f"translate [rank {rank}]"
+                           if os.environ.get("WORLD_SIZE", "1") != "1" else "translate")
+            bar.set_postfix_str(f"{result.status} {result.case_id}"[:40])
+            if result.status != "running":
+                bar.update(1)
+            elif hasattr(reporter, "bar"):  # the stage bar starts again for every case
+                reporter.bar.reset(total=100)
+    elif args.progress == "json":
+        def on_case(index: int, total: int, result) -> None:  # noqa: ANN001
+            reporter.event("case", index=index, total=total, **result.to_dict())
+    else:
+        on_case = None
+    try:
+        with reporter.capture_warnings():
+            reporter.event("start", command="translate", mode="batch", inputs=inputs, output=args.output,
+                           model=args.model or "default", device=args.device)
+            summary = translate_batch(inputs, args.output, args.model, settings, reporter, on_case,
+                                      getattr(args, "overwrite", False), getattr(args, "harmonize", "none"),
+                                      getattr(args, "reference_mr", None), command="ct2mr " + shlex.join(sys.argv[1:]), **extra)
+    finally:
+        if bar is not None:
+            bar.close()
+        reporter.close()
+    reporter.event("done", mode="batch", summary=str(summary.summary), seconds=round(summary.seconds, 3),
+                   device=summary.device, **{status: summary.count(status) for status in ("done", "skipped",
+                                                                                          "failed")})
+    if args.progress != "json":
+        print(summary.text())
+    for result in summary.failed:
+        print(f"ct2mr translate: error: {result.case_id} ({result.input}): {result.error}", file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
 def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -1,0 +1,527 @@
+"""Batch and cluster translation: ``ct2mr translate`` over a folder, several paths or a list file.
+
+One input that is a CT file or a DICOM series folder keeps the single-volume behaviour of
+:func:`ct2mr.inference.translate_file` (``OUT_DIR/synthetic_mr.nii.gz`` ...). Anything else is a batch
+(:func:`is_single_input`): a folder of volumes (:func:`ct2mr.io.list_images`: image files and DICOM series
+sub-folders), several paths, or a list file (:data:`LIST_SUFFIXES`, :func:`read_list_file`). A batch writes
+
+* ``OUT_DIR/<case_id>/`` with the outputs of :func:`ct2mr.inference.translate_file` (each on that input's voxel grid)
+  and a done-marker :data:`DONE_MARKER` (input path, size and modification time, model SHA-256, inference settings);
+* ``OUT_DIR/translate_summary.json`` (``translate_summary.rank{R}.json`` per process under ``torchrun``): per case the
+  input, status (:data:`STATUSES`), seconds, error message and the timeline of its preparation and translation;
+  rewritten atomically after every case.
+
+How it runs (the "batch" part of the translate speed issue):
+
+* the checkpoint is loaded once and kept, with G and F on the device, across volumes;
+* a background thread (one worker) reads and preprocesses the next case (:func:`ct2mr.io.read_image`,
+  :func:`ct2mr.preprocessing.preprocess`) while the current one runs through the networks;
+* resumable: a case whose outputs exist and whose marker matches is skipped (``overwrite=True`` recomputes); the
+  outputs of a case are written all or nothing (:func:`ct2mr.inference.write_outputs`) and the marker only after
+  them, so a crash mid-case leaves the case to be recomputed, never half-written outputs taken as done;
+* a failing case is recorded and the others go on.
+
+Cluster: under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) every process takes its shard of the
+sorted case list (:func:`ct2mr.labeltransfer.shard`), runs on ``cuda:LOCAL_RANK`` when CUDA is available and writes
+only its own cases and summary. No process group is created and no process waits for another, so multi-node runs
+work the same way (or any scheduler that sets ``RANK``/``WORLD_SIZE``, e.g. a SLURM array).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .batch import source_stamp
+from .checkpoint import Checkpoint, load_checkpoint
+from .inference import (OUTPUT_NAMES, InferenceSettings, ProgressCallback, fit_harmonizer_for, resolve_device,
+                        translate_file)
+from .io import ImageReadError, atomic_write, image_suffix, list_images, read_image
+from .labeltransfer import shard
+from .preprocessing import preprocess
+
+__all__ = [
+    "LIST_SUFFIXES",
+    "DONE_MARKER",
+    "SUMMARY_NAME",
+    "STATUSES",
+    "Case",
+    "CaseResult",
+    "BatchTranslation",
+    "CaseCallback",
+    "is_list_file",
+    "read_list_file",
+    "is_single_input",
+    "collect_cases",
+    "case_ids",
+    "cluster_device",
+    "summary_path",
+    "translate_batch",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Suffixes of list files: one path per line (``#`` starts a comment line); ``.csv``: the first column.
+LIST_SUFFIXES = (".txt", ".lst", ".csv")
+#: Done-marker written into ``OUT_DIR/<case_id>/`` after the outputs (what :func:`translate_batch` resumes from).
+DONE_MARKER = ".ct2mr_done.json"
+#: The batch summary in ``OUT_DIR`` (one process); under ``torchrun``: ``translate_summary.rank{R}.json``.
+SUMMARY_NAME = "translate_summary.json"
+#: Outcomes of a case; ``pending`` only in a summary of an interrupted or still running batch.
+STATUSES = ("done", "skipped", "failed", "pending")
+#: Inference settings that do not change the outputs, left out of the done-marker comparison.
+_RESOURCE_SETTINGS = {"device", "gpu_memory_gb"}
+#: Header cells of a CSV list file's first row that mark it as a header (compared case-insensitively).
+_CSV_HEADERS = {"path", "input", "image", "ct", "file", "filename"}
+
+
+@dataclass
+class Case:
+    """One input of a batch.
+
+    Attributes:
+        case_id: output sub-folder name (unique within the batch, :func:`case_ids`).
+        path: CT file or DICOM series folder.
+        error: why the input cannot be used at all (a missing path or an empty folder): the case fails without
+            being read; ``None`` for a usable input.
+    """
+
+    case_id: str
+    path: Path
+    error: str | None = None
+
+
+@dataclass
+class CaseResult:
+    """What happened to one case.
+
+    Attributes:
+        case_id: output sub-folder name.
+        input: the input path as listed.
+        status: one of :data:`STATUSES`; ``"running"`` while a case is in progress (callbacks only).
+        seconds: wall time this case held the main loop (waiting for its preparation, networks, writing), s.
+        error: one-line error message of a failed case.
+        outputs: ``{key: path}`` of the written (or, when skipped, existing) outputs.
+        timeline: UNIX times (s) ``prepare_start``, ``prepare_end`` (read + preprocess, background thread),
+            ``translate_start``, ``translate_end`` (networks + write, main thread) of a computed case.
+    """
+
+    case_id: str
+    input: str
+    status: str = "pending"
+    seconds: float = 0.0
+    error: str | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+    timeline: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form used in the summary (seconds rounded to ms)."""
+        return {"case": self.case_id, "input": self.input, "status": self.status, "seconds": round(self.seconds, 3),
+                "error": self.error, "outputs": self.outputs,
+                "timeline": {k: round(v, 3) for k, v in self.timeline.items()}}
+
+
+@dataclass
+class BatchTranslation:
+    """The outcome of :func:`translate_batch` for this process.
+
+    Attributes:
+        out_dir: the output folder.
+        summary: path of this process's summary JSON.
+        results: one :class:`CaseResult` per case of this process's shard, in case order.
+        rank: this process's rank; ``world_size``: number of processes sharing the case list.
+        total_cases: cases in the whole (unsharded) list.
+        device: the compute device used.
+        seconds: wall time of the batch, s.
+    """
+
+    out_dir: Path
+    summary: Path
+    results: list[CaseResult]
+    rank: int = 0
+    world_size: int = 1
+    total_cases: int = 0
+    device: str = "cpu"
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        """Number of cases with ``status``."""
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def failed(self) -> list[CaseResult]:
+        """The failed cases."""
+        return [r for r in self.results if r.status == "failed"]
+
+    def text(self) -> str:
+        """A one-line account for people, e.g. ``3 case(s): 2 done, 1 skipped, 0 failed in 4.1 s on cpu ...``."""
+        shard_note = ""
+        if self.world_size > 1:
+            shard_note = f" (rank {self.rank} of {self.world_size}, {self.total_cases} in all)"
+        return (f"{len(self.results)} case(s){shard_note}: {self.count('done')} done, {self.count('skipped')} skipped, "
+                f"{self.count('failed')} failed in {self.seconds:.1f} s on {self.device}. Outputs: {self.out_dir}/"
+                f"<case>/, summary: {self.summary}")
+
+
+#: ``callback(index, total, result)``: ``index`` 1-based within this process's cases; called with status
+#: ``"running"`` when a computed case starts and once more with its final status (done, skipped or failed).
+CaseCallback = Callable[[int, int, CaseResult], None]
+
+
+def is_list_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an existing list file (suffix in :data:`LIST_SUFFIXES`, case-insensitive)."""
+    path = Path(path)
+    return path.suffix.lower() in LIST_SUFFIXES and path.is_file()
+
+
+def read_list_file(path: str | os.PathLike) -> list[Path]:
+    """The paths a list file names, in its order.
+
+    One path per line; empty lines and lines starting with ``#`` are ignored; surrounding whitespace is stripped.
+    A ``.csv`` file contributes its first column (a first row whose first cell is ``path``, ``input``, ``image``,
+    ``ct``, ``file`` or ``filename`` is a header). Relative paths are relative to the list file's folder; ``~`` is
+    expanded and ``..`` folded (symbolic links are kept).
+
+    Args:
+        path: the list file.
+
+    Returns:
+        The listed paths (not checked for existence).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8-sig")
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if path.suffix.lower() == ".csv":
+        rows = [row for row in csv.reader(lines) if row and row[0].strip()]
+        lines = [row[0].strip() for row in rows]
+        if lines and lines[0].lower() in _CSV_HEADERS and not (path.parent / lines[0]).exists():
+            lines = lines[1:]
+    return [Path(os.path.normpath(path.parent / Path(line).expanduser())) for line in lines]
+
+
+def is_single_input(inputs: Sequence[str | os.PathLike]) -> bool:
+    """Whether ``inputs`` is one volume (single mode) rather than a batch.
+
+    Single: exactly one path that is not a list file and is either not a folder (a CT file, or a path that does not
+    exist, left to :func:`ct2mr.inference.translate_file` to report) or a folder that is itself one DICOM series.
+
+    Args:
+        inputs: the command line's input paths.
+
+    Returns:
+        ``True`` for single mode.
+    """
+    if len(inputs) != 1:
+        return False
+    path = Path(inputs[0])
+    if is_list_file(path):
+        return False
+    if not path.is_dir():
+        return True
+    try:
+        return list_images(path) == [path]
+    except (ImageReadError, OSError):  # an empty folder: the batch path reports it
+        return False
+
+
+def _case_stem(path: Path) -> str:
+    if path.is_dir():
+        return path.name or "case"
+    suffix = image_suffix(path)
+    return (path.name[: -len(suffix)] if suffix else path.name) or "case"
+
+
+def case_ids(paths: Sequence[Path]) -> list[str]:
+    """Unique output folder names for ``paths``: the file name without its image suffix (a folder: its name).
+
+    Collisions (``a/ct.nii.gz`` and ``b/ct.nii.gz``, or ``ct.nii.gz`` and ``ct.nrrd``) are resolved in list order:
+    the first keeps the name, the next get ``_2``, ``_3`` ... (never a name another input has by itself), so the same
+    sorted list always gives the same ids, on every rank.
+
+    Args:
+        paths: the inputs, in their (sorted) batch order.
+
+    Returns:
+        One id per path.
+    """
+    stems = [_case_stem(p) for p in paths]
+    natural, taken, ids = set(stems), set(), []
+    for stem in stems:
+        case, n = stem, 1
+        while case in taken or (n > 1 and case in natural):
+            n += 1
+            case = f"{stem}_{n}"
+        taken.add(case)
+        ids.append(case)
+    return ids
+
+
+def collect_cases(inputs: Iterable[str | os.PathLike]) -> list[Case]:
+    """Expand files, folders and list files into the sorted, de-duplicated case list of a batch.
+
+    Folders are expanded with :func:`ct2mr.io.list_images` (image files and DICOM series sub-folders, not
+    recursively; a folder that is a DICOM series is one case); list files with :func:`read_list_file`, whose entries
+    may again be files or folders. An entry that does not exist, or a folder that holds no volume, becomes a case
+    that fails (``Case.error``) instead of stopping the batch.
+
+    Args:
+        inputs: paths as given on the command line.
+
+    Returns:
+        Cases sorted by absolute path (the same order however a path was written), with ids from
+        :func:`case_ids`.
+
+    Raises:
+        ValueError: nothing at all to translate (e.g. only empty list files).
+        OSError: a list file cannot be read.
+    """
+    entries: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        entries.extend(read_list_file(path) if is_list_file(path) else [path])
+    found: dict[str, tuple[Path, str | None]] = {}
+    for entry in entries:
+        try:
+            paths, error = list_images(entry), None
+        except (FileNotFoundError, ImageReadError) as exc:
+            paths, error = [entry], str(exc)
+        for path in paths:
+            found.setdefault(str(path.resolve()), (path, error))
+    if not found:
+        raise ValueError("No input volume: the list file(s) name no path. Give CT files, folders or a list file "
+                         f"({', '.join(LIST_SUFFIXES)}) with one path per line.")
+    ordered = sorted(found.values(), key=lambda item: os.path.abspath(item[0]))
+    ids = case_ids([path for path, _ in ordered])
+    return [Case(case, path, error) for case, (path, error) in zip(ids, ordered)]
+
+
+def cluster_device(device: str = "auto") -> str:
+    """The device of this process: ``cuda:LOCAL_RANK`` under ``torchrun`` when CUDA is available.
+
+    Args:
+        device: the requested device (``auto``, ``cpu``, ``cuda`` or ``cuda:N``). Only ``auto`` and ``cuda`` are
+            mapped; an explicit ``cuda:N`` or ``cpu`` is kept.
+
+    Returns:
+        ``cuda:{LOCAL_RANK mod GPU count}`` when ``LOCAL_RANK`` is set, CUDA is available and ``device`` is ``auto``
+        or ``cuda``; otherwise ``device`` unchanged.
+    """
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(local) % torch.cuda.device_count()}"
+    return device
+
+
+def summary_path(out_dir: str | os.PathLike, rank: int = 0, world_size: int = 1) -> Path:
+    """``OUT_DIR/translate_summary.json``, or ``OUT_DIR/translate_summary.rank{R}.json`` when ``world_size > 1``."""
+    name = SUMMARY_NAME if world_size == 1 else SUMMARY_NAME.replace(".json", f".rank{rank}.json")
+    return Path(out_dir) / name
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, (ImageReadError, FileNotFoundError, ValueError, RuntimeError)):
+        text = f"{type(exc).__name__}: {text}"
+    return text
+
+
+def _fingerprint(case: Case, checkpoint: Checkpoint, settings: InferenceSettings, options: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """What a done-marker must match for a case to be skipped (as stored in JSON: tuples become lists)."""
+    stamp = source_stamp(case.path)
+    record = {"input": str(case.path.resolve()), "size": stamp["size"], "mtime_ns": stamp["mtime_ns"],
+              "model_sha256": checkpoint.sha256,
+              "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in _RESOURCE_SETTINGS},
+              "options": options}
+    return json.loads(json.dumps(record, default=str))
+
+
+def _finished(case_dir: Path, fingerprint: dict[str, Any]) -> dict[str, str] | None:
+    """The outputs of a finished case whose marker matches ``fingerprint``; ``None`` when it must be computed."""
+    try:
+        marker = json.loads((case_dir / DONE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or any(marker.get(k) != v for k, v in fingerprint.items()):
+        return None
+    outputs = {key: str(case_dir / name) for key, name in OUTPUT_NAMES.items()}
+    outputs.update({k: str(case_dir / Path(p).name) for k, p in (marker.get("outputs") or {}).items()})
+    return outputs if all(Path(p).is_file() for p in outputs.values()) else None
+
+
+def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                    model: str | os.PathLike | None = None, settings: InferenceSettings | None = None,
+                    progress: ProgressCallback | None = None, on_case: CaseCallback | None = None,
+                    overwrite: bool = False, harmonize: str = "none",
+                    reference_mr: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                    rank: int | None = None, world_size: int | None = None, prefetch: bool = True,
+                    command: str | None = None, **translate_options: Any) -> BatchTranslation:
+    """Translate every CT of a collection into ``OUT_DIR/<case_id>/``, resumably, sharded under ``torchrun``.
+
+    The checkpoint is loaded once (G and F stay on the device); while a case runs through G and F, a background
+    thread reads and preprocesses the next one (``prefetch``). Each case is written by
+    :func:`ct2mr.inference.translate_file` (all or nothing, on the input's voxel grid), then its
+    :data:`DONE_MARKER`. See the module docstring for the layout.
+
+    Args:
+        inputs: CT files, folders (:func:`ct2mr.io.list_images`) and list files (:func:`read_list_file`).
+        out_dir: output folder, created when missing.
+        model: a ct2mr checkpoint; ``None`` uses the bundled default model.
+        settings: inference settings; ``device`` ``auto``/``cuda`` becomes ``cuda:LOCAL_RANK`` under ``torchrun``
+            (:func:`cluster_device`).
+        progress: ``callback(stage, fraction_of_stage, message)`` of the current case (stages preprocess, G, F,
+            postprocess, write).
+        on_case: :data:`CaseCallback`, for an overall display over cases.
+        overwrite: recompute cases that are already done.
+        harmonize: post-hoc harmonisation of the synthetic MR (as :func:`ct2mr.inference.translate_file`); the
+            harmonizer is fitted once for the batch.
+        reference_mr: reference MR file(s) or folder(s) for ``harmonize``.
+        rank: this process's shard (default: ``RANK`` from the environment, else 0).
+        world_size: number of shards (default: ``WORLD_SIZE`` from the environment, else 1).
+        prefetch: prepare the next case in a background thread (``False``: one case after the other).
+        command: the command line, recorded in the summary.
+        **translate_options: further keyword arguments of :func:`ct2mr.inference.translate_file` (e.g.
+            ``warp_check=True``); recorded in the done-marker, so changing them recomputes.
+
+    Returns:
+        The :class:`BatchTranslation` of this process; failed cases are in it, not raised.
+
+    Raises:
+        ValueError: nothing to translate, bad settings, an unknown ``harmonize``, a rank outside the world size.
+        FileNotFoundError, ct2mr.checkpoint.CheckpointError: unusable model or references (before any case runs).
+    """
+    from .harmonization import HARMONIZATION_METHODS
+
+    start = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if harmonize not in HARMONIZATION_METHODS:
+        raise ValueError(f"harmonize must be one of {HARMONIZATION_METHODS}, got {harmonize!r}.")
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    cases = collect_cases(inputs)
+    mine = shard(cases, rank, world_size)
+    settings = dataclasses.replace(settings or InferenceSettings())
+    device = resolve_device(cluster_device(settings.device))
+    settings.device = str(device)  # resolved once: a CUDA fallback warns once, not per case
+    checkpoint = load_checkpoint(model)
+    harmonizer = fit_harmonizer_for(harmonize, reference_mr, checkpoint)
+    references = [reference_mr] if isinstance(reference_mr, (str, os.PathLike)) else list(reference_mr or [])
+    options = {"harmonize": harmonize, "reference_mr": [str(Path(p).resolve()) for p in references],
+               **translate_options}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summary_path(out_dir, rank, world_size)
+    results = [CaseResult(case.case_id, str(case.path)) for case in mine]
+    index = {case.case_id: i for i, case in enumerate(mine)}
+    total = len(mine)
+
+    def write_summary() -> None:
+        counts = {status: sum(r.status == status for r in results) for status in STATUSES}
+        payload = {"command": command, "inputs": [str(p) for p in inputs], "out_dir": str(out_dir),
+                   "model": str(checkpoint.path), "model_name": checkpoint.name, "model_sha256": checkpoint.sha256,
+                   "settings": dataclasses.asdict(settings), "options": options, "device": str(device),
+                   "rank": rank, "world_size": world_size, "total_cases": len(cases), "started": started,
+                   "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "seconds": round(time.perf_counter() - start, 3), "counts": counts,
+                   "cases": [r.to_dict() for r in results]}
+        with atomic_write(summary) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+
+    def finish(case: Case, status: str, error: str | None = None, outputs: dict | None = None,
+               write: bool = True) -> None:
+        result = results[index[case.case_id]]
+        result.status, result.error, result.outputs = status, error, dict(outputs or {})
+        if error:
+            logger.info("%s failed: %s", case.case_id, error)
+        if write:
+            write_summary()
+        if on_case is not None:
+            on_case(index[case.case_id] + 1, total, result)
+
+    todo: list[tuple[Case, dict[str, Any]]] = []
+    for case in mine:
+        if case.error:
+            finish(case, "failed", case.error, write=False)
+            continue
+        try:
+            fingerprint = _fingerprint(case, checkpoint, settings, options)
+        except OSError as exc:
+            finish(case, "failed", _one_line(exc), write=False)
+            continue
+        done = None if overwrite else _finished(out_dir / case.case_id, fingerprint)
+        if done is not None:
+            finish(case, "skipped", outputs=done, write=False)
+        else:
+            todo.append((case, fingerprint))
+    write_summary()  # once for all up-front outcomes, then after every computed case
+
+    def prepare(case: Case) -> tuple[Any, Any, dict[str, float]]:
+        t0 = time.time()
+        image = read_image(case.path)
+        pre = preprocess(image, "ct", checkpoint.preprocessing)
+        return image, pre, {"prepare_start": t0, "prepare_end": time.time()}
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ct2mr-prefetch")
+    try:
+        future = pool.submit(prepare, todo[0][0]) if todo and prefetch else None
+        for i, (case, fingerprint) in enumerate(todo):
+            t_case = time.perf_counter()
+            result = results[index[case.case_id]]
+            result.status = "running"
+            if on_case is not None:
+                on_case(index[case.case_id] + 1, total, result)
+            try:
+                image, pre, timeline = future.result() if prefetch else prepare(case)
+                error = None
+            except Exception as exc:  # unreadable or corrupt input: this case fails, the others go on
+                error = _one_line(exc)
+            following = todo[i + 1][0] if i + 1 < len(todo) else None
+            future = pool.submit(prepare, following) if prefetch and following is not None else None
+            if error is not None:
+                result.seconds = time.perf_counter() - t_case
+                finish(case, "failed", error)
+                continue
+            case_dir = out_dir / case.case_id
+            (case_dir / DONE_MARKER).unlink(missing_ok=True)  # outputs replaced below are no longer "done"
+            timeline["translate_start"] = time.time()
+            try:
+                written = translate_file(case.path, case_dir, settings=settings, progress=progress,
+                                         harmonize=harmonize, checkpoint=checkpoint, image=image, preprocessed=pre,
+                                         harmonizer=harmonizer, **translate_options)
+            except Exception as exc:  # out of memory, a write error ...: recorded, the batch goes on
+                timeline["translate_end"] = time.time()
+                result.timeline, result.seconds = timeline, time.perf_counter() - t_case
+                finish(case, "failed", _one_line(exc))
+                continue
+            del image, pre
+            timeline["translate_end"] = time.time()
+            result.timeline, result.seconds = timeline, time.perf_counter() - t_case
+            outputs = {key: str(path) for key, path in written["outputs"].items()}
+            marker = {**fingerprint, "case": case.case_id, "outputs": {k: Path(p).name for k, p in outputs.items()},
+                      "seconds": round(result.seconds, 3), "device": written["info"].get("device"),
+                      "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            with atomic_write(case_dir / DONE_MARKER) as tmp:
+                tmp.write_text(json.dumps(marker, indent=2, default=str) + "\n", encoding="utf-8")
+            finish(case, "done", outputs=outputs)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for result in results:  # interrupted: the case in progress is still to do
+            if result.status == "running":
+                result.status = "pending"
+        write_summary()
+    return BatchTranslation(out_dir, summary, results, rank, world_size, len(cases), str(device),
+                            time.perf_counter() - start)
