@@ -14,6 +14,8 @@ Rewrites, each measured with oneDNN on an AVX-512 CPU (torch 2.13, one thread; `
   computes all of them, and the k_d partial volumes are summed with a shift of i slices each:
   ``y[o, z] = b[o] + sum_i conv2d(x[:, z + i], W'[(i, o)])``. 8 -> 1 channels at 96^3: 300 ms -> 56 ms; 64 -> 1:
   2.5 s -> 0.43 s.
+- **Separable 2x trilinear up-sampling** (the resize-convolution decoders): three 1D passes with the exact weights
+  0.25/0.75 instead of PyTorch's generic CPU kernel, 16 channels 48^3 -> 96^3: 50 ms -> 24 ms.
 - Other CPU layers stay as they are: ``channels_last_3d`` on the CPU was measured no faster for any layer of the
   generators once the layout conversions are counted.
 - On CUDA the whole module is converted to ``channels_last_3d`` (cuDNN's fast NDHWC kernels under autocast) and no
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DepthSplitConv3d", "optimize_for_inference", "tune_cpu_allocator"]
+__all__ = ["DepthSplitConv3d", "TrilinearUpsample2x", "optimize_for_inference", "tune_cpu_allocator"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +107,40 @@ class DepthSplitConv3d(nn.Module):
         return out.transpose(1, 2).contiguous()
 
 
-def _cpu_rewrite(conv: nn.Conv3d) -> nn.Module | None:
+class TrilinearUpsample2x(nn.Module):
+    """``nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False)`` as three separable 1D passes.
+
+    Along each axis, output 2i is ``0.25 x[i-1] + 0.75 x[i]`` and 2i+1 is ``0.75 x[i] + 0.25 x[i+1]`` (indices
+    clamped to the edge): exactly PyTorch's trilinear weights for a factor of 2 (the weights are exact in binary
+    floating point), computed with vectorised tensor operations, about 2x faster than PyTorch's CPU kernel.
+
+    Shapes: (B, C, D, H, W) -> (B, C, 2D, 2H, 2W).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for dim in (4, 3, 2):
+            n = x.shape[dim]
+            before = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
+            after = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
+            even = before.mul_(0.25).add_(x, alpha=0.75)
+            odd = after.mul_(0.25).add_(x, alpha=0.75)
+            x = torch.stack([even, odd], dim + 1).flatten(dim, dim + 1)
+        return x
+
+
+def _is_trilinear_2x(module: nn.Module) -> bool:
+    if type(module) is not nn.Upsample or module.mode != "trilinear" or module.align_corners or module.size:
+        return False
+    factor = module.scale_factor
+    factors = factor if isinstance(factor, (tuple, list)) else (factor,) * 3
+    return all(float(f) == 2.0 for f in factors)
+
+
+def _cpu_rewrite(conv: nn.Module) -> nn.Module | None:
+    if _is_trilinear_2x(conv):
+        return TrilinearUpsample2x()
+    if type(conv) is not nn.Conv3d:
+        return None
     plain = tuple(conv.stride) == (1, 1, 1) and tuple(conv.dilation) == (1, 1, 1) and conv.groups == 1
     if plain and conv.out_channels <= 4 and conv.kernel_size[0] >= 5:
         return DepthSplitConv3d(conv)
@@ -113,13 +148,13 @@ def _cpu_rewrite(conv: nn.Conv3d) -> nn.Module | None:
 
 
 def optimize_for_inference(net: nn.Module, device: torch.device) -> nn.Module:
-    """A copy of ``net`` in eval mode on ``device`` with its convolutions rewritten for speed (module docstring).
+    """A copy of ``net`` in eval mode on ``device`` with layers rewritten for speed (module docstring).
 
     ``net`` itself is not changed. Shapes and outputs are those of ``net`` ((B, C, D, H, W) in and out), equal up to
     floating-point summation order.
 
     Args:
-        net: a generator (any module; only its ``nn.Conv3d`` children are rewritten).
+        net: a generator (any module; only its ``nn.Conv3d`` and 2x trilinear ``nn.Upsample`` layers are rewritten).
         device: where it will run; CPU gets the layer rewrites, CUDA the ``channels_last_3d`` layout.
 
     Returns:
@@ -134,12 +169,11 @@ def optimize_for_inference(net: nn.Module, device: torch.device) -> nn.Module:
     rewritten = 0
     for parent in list(fast.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Conv3d:
-                replacement = _cpu_rewrite(child)
-                if replacement is not None:
-                    setattr(parent, name, replacement)
-                    rewritten += 1
-    logger.debug("fast path: %d convolution(s) rewritten for the CPU", rewritten)
+            replacement = _cpu_rewrite(child)
+            if replacement is not None:
+                setattr(parent, name, replacement)
+                rewritten += 1
+    logger.debug("fast path: %d layer(s) rewritten for the CPU", rewritten)
     return fast
 
 

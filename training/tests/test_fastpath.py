@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from ct2mr.fastpath import DepthSplitConv3d, optimize_for_inference, tune_cpu_allocator
+from ct2mr.fastpath import DepthSplitConv3d, TrilinearUpsample2x, optimize_for_inference, tune_cpu_allocator
 from ct2mr.inference import InferenceSettings, MemoryPlan, _run_pass, plan_memory, translate_volume
 from ct2mr.networks import build_generator
 from ct2mr_testdata import LUNG_CT, need, run_ct2mr
@@ -41,6 +41,13 @@ def test_depth_split_convolution_equals_conv3d(padding_mode, kernel, out_channel
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 7), (1, 2, 1, 4, 3)])
+def test_separable_upsampling_equals_pytorch_trilinear(shape):
+    x = torch.randn(*shape)
+    expected = nn.Upsample(scale_factor=2, mode="trilinear")(x)
+    torch.testing.assert_close(TrilinearUpsample2x()(x), expected, atol=1e-6, rtol=0)
+
+
 def test_depth_split_refuses_strided_convolution():
     with pytest.raises(ValueError, match="stride-1"):
         DepthSplitConv3d(nn.Conv3d(2, 1, 7, stride=2, padding=3))
@@ -60,8 +67,9 @@ def test_optimized_generator_computes_the_same_function(spec):
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=0)
     assert not any(isinstance(m, DepthSplitConv3d) for m in net.modules()), "the original must stay untouched"
-    if spec["name"] == "resnet":  # its 7^3 output convolution (C_out = 1) is rewritten
+    if spec["name"] == "resnet":  # its 7^3 output convolution (C_out = 1) and its up-sampling are rewritten
         assert any(isinstance(m, DepthSplitConv3d) for m in fast.modules())
+        assert any(isinstance(m, TrilinearUpsample2x) for m in fast.modules())
     assert all(not p.requires_grad for p in fast.parameters())
 
 
