@@ -319,36 +319,43 @@ def pad_to_multiple(array: np.ndarray, k: int, value: float) -> tuple[np.ndarray
     return padded, before, after
 
 
-def normalize_ct(array: np.ndarray, window: Sequence[float] = (-600.0, 1000.0)) -> np.ndarray:
+def normalize_ct(array: np.ndarray, window: Sequence[float] = (-600.0, 1000.0), out: np.ndarray | None = None
+                 ) -> np.ndarray:
     """Clip HU to ``window`` and map linearly to [-1, 1] (thesis eq. 4.3).
 
     Args:
         array: CT in HU, any shape.
         window: (HU_min, HU_max).
+        out: a float32 array of ``array``'s shape to write into (may be ``array`` itself, to save a copy).
 
     Returns:
         float32 array in [-1, 1].
     """
     lo, hi = float(window[0]), float(window[1])
-    out = np.clip(array.astype(np.float32, copy=False), lo, hi)
+    out = np.clip(array.astype(np.float32, copy=False), lo, hi, out=out)
     out -= lo
     out *= 2.0 / (hi - lo)
     out -= 1.0
     return out
 
 
-def denormalize_ct(array: np.ndarray, window: Sequence[float] = (-600.0, 1000.0)) -> np.ndarray:
+def denormalize_ct(array: np.ndarray, window: Sequence[float] = (-600.0, 1000.0), out: np.ndarray | None = None
+                   ) -> np.ndarray:
     """Map [-1, 1] back to HU in ``window`` (inverse of eq. 4.3 on the window).
 
     Args:
         array: normalised CT, any shape.
         window: (HU_min, HU_max).
+        out: a float32 array of ``array``'s shape to write into (may be ``array`` itself, to save a copy).
 
     Returns:
         float32 array in HU.
     """
     lo, hi = float(window[0]), float(window[1])
-    return ((np.asarray(array, dtype=np.float32) + 1.0) * (0.5 * (hi - lo)) + lo).astype(np.float32, copy=False)
+    out = np.add(np.asarray(array, dtype=np.float32), np.float32(1.0), out=out)
+    out *= np.float32(0.5 * (hi - lo))
+    out += np.float32(lo)
+    return out
 
 
 def normalize_mr(array: np.ndarray, percentiles: Sequence[float] = (1.0, 99.0), flat_tolerance: float = 1e-6,
@@ -406,14 +413,13 @@ def preprocess(image: sitk.Image, modality: Modality, config: PreprocessingConfi
     if n4:
         image = n4_bias_correction(image, config.n4_shrink, config.n4_iterations)
     default_value = robust_background(image, floating)
-    ras = reorient_to_ras(image, config.orientation)
-    resampled = resample_isotropic(ras, config.target_spacing, default_value)
-    array = sitk.GetArrayFromImage(resampled)
+    resampled = resample_isotropic(reorient_to_ras(image, config.orientation), config.target_spacing, default_value)
+    array = sitk.GetArrayViewFromImage(resampled)  # a view: the 1 mm volume is held once (large CTs, issue 7)
     pad_value = float(array.min())
     padded, before_zyx, after_zyx = pad_to_multiple(array, config.k, pad_value)
     flat = False
     if modality == "ct":
-        normalised = normalize_ct(padded, config.ct_window)
+        normalised = normalize_ct(padded, config.ct_window, out=padded if padded.dtype == np.float32 else None)
         intensity_range = list(config.ct_window)
     else:
         normalised, p_lo, p_hi, flat = normalize_mr(padded, config.mr_percentiles, config.flat_tolerance,
