@@ -66,6 +66,7 @@ __all__ = [
     "TABLE_COLUMNS",
     "PER_VOLUME_COLUMNS",
     "PAIRED_COLUMNS",
+    "ANATOMY_COLUMNS",
     "frechet_distance",
     "fid",
     "mmd2_unbiased",
@@ -97,7 +98,11 @@ TABLE_COLUMNS = ["Model", "Direction", "FID↓", "KID↓ (%)", "SSIM_cyc↑", "P
                  "Volumes"]
 #: Per-volume rows (CSV keys).
 PER_VOLUME_COLUMNS = ["model", "variant", "direction", "volume", "ssim_cyc", "psnr_cyc_db", "mae", "mae_hu", "w1",
-                      "patches"]
+                      "patches", "edge_correlation", "gradient_magnitude_similarity", "gmsd", "nmi",
+                      "displacement_mean_mm", "displacement_p95_mm"]
+#: Anatomy metrics of the CT→MR model rows (:mod:`ct2mr.anatomy`; the displacements only with ``warp_check``).
+ANATOMY_COLUMNS = ["edge_correlation", "gradient_magnitude_similarity", "gmsd", "nmi", "displacement_mean_mm",
+                   "displacement_p95_mm"]
 #: Paired rows (CSV keys).
 PAIRED_COLUMNS = ["model", "direction", "volume", "mae", "mae_hu", "psnr_db", "ssim", "voxels"]
 
@@ -488,6 +493,8 @@ class EvaluationConfig:
         figures: write PNG figures.
         figure_volumes: CT volumes that get tri-planar and round-trip figures.
         tensorboard: also write scalars and figures as TensorBoard events (when ``tensorboard`` is installed).
+        warp_check: also run the anatomy warp check (B-spline registration of G(x) onto x, :mod:`ct2mr.anatomy`) per
+            CT volume and report its mean and p95 displacement (mm); slower (seconds to a minute per volume).
     """
 
     patch_size: int = 32
@@ -506,6 +513,7 @@ class EvaluationConfig:
     figures: bool = True
     figure_volumes: int = 1
     tensorboard: bool = True
+    warp_check: bool = False
 
     def __post_init__(self) -> None:
         from .features import FEATURE_EXTRACTORS
@@ -605,7 +613,7 @@ def _write_text(path: Path, text: str) -> Path:
 
 AGGREGATE_KEYS = ["model", "variant", "direction", "fid", "kid_percent", "kid_percent_std", "ssim_cyc", "ssim_cyc_std",
                   "psnr_cyc_db", "psnr_cyc_db_std", "mae", "mae_std", "mae_hu", "mae_hu_std", "w1", "w1_std",
-                  "w1_pooled", "volumes", "patches"]
+                  "w1_pooled", "volumes", "patches"] + [f"{k}{s}" for k in ANATOMY_COLUMNS for s in ("", "_std")]
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -808,6 +816,7 @@ def evaluate(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathL
         row = {"model": model_name, "variant": "model", "direction": "CT→MR", "volume": vol.name,
                "ssim_cyc": ssim_value, "psnr_cyc_db": psnr(x, rec_ct, 2.0, mask), "mae": mae_value,
                "mae_hu": mae_value * hu_per_unit, "patches": n_patches}
+        row.update(_anatomy_row(x, fake_mr, mask, vol.record, window, config.warp_check))
         per_volume.append(row)
         rng = np.random.default_rng([config.seed, 0, i])
         x_p, fake_p = _pad_to_patch(x, size, -1.0), _pad_to_patch(fake_mr, size, -1.0)
@@ -940,7 +949,15 @@ def evaluate(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathL
             "psnr_cyc_db": "10 log10(2^2 / MSE) on [-1, 1] in the mask",
             "mae": "mean |a - b| on [-1, 1] in the mask", "mae_hu": f"mae x {hu_per_unit:g} HU (CT window {window})",
             "w1": f"Delta sum |CDF_a - CDF_b|, {HISTOGRAM_BINS} bins on [-1, 1], per volume vs the pooled real set",
-            "w1_pooled": "W1 of the pooled synthetic set vs the pooled real set"},
+            "w1_pooled": "W1 of the pooled synthetic set vs the pooled real set",
+            "edge_correlation": "Pearson correlation of the gradient magnitudes (Gaussian derivatives, sigma 1 mm) "
+                                "of x (HU through [-1000, 1000] to [-1, 1]) and G(x) in the mask (ct2mr.anatomy)",
+            "gradient_magnitude_similarity": "mean GMS (Xue et al. 2014), c = 170 (2/255)^2, in the mask; gmsd: "
+                                             "its std",
+            "nmi": "(H(x) + H(G(x))) / H(x, G(x)), 64 x 64 bins, in the mask (Studholme et al. 1999), in [1, 2]",
+            "displacement_mean_mm": "--warp-check: mean |T(p) - p| (mm) in the mask of a B-spline registration "
+                                    "(Mattes MI, 50 mm control points, 3 mm working grid) of G(x) onto x",
+            "displacement_p95_mm": "95th percentile of that displacement (mm) in the mask"},
         "mask": config.mask, "harmonization": {m: h.to_dict() for m, h in harmonizers.items()},
         "harmonization_reference": reference_note,
         "aggregate": aggregate, "per_volume": per_volume, "paired": paired_rows,
@@ -973,9 +990,33 @@ def _aggregate_row(label: str, variant: str, direction: str, scores: dict[str, A
                    volumes: int) -> dict[str, Any]:
     row = {"model": label, "variant": variant, "direction": direction, "volumes": volumes,
            **{k: scores[k] for k in ("fid", "kid_percent", "kid_percent_std", "w1", "w1_std", "w1_pooled", "patches")}}
-    for key in ("ssim_cyc", "psnr_cyc_db", "mae", "mae_hu"):
+    for key in ("ssim_cyc", "psnr_cyc_db", "mae", "mae_hu", *ANATOMY_COLUMNS):
         row[key], row[f"{key}_std"] = _mean_std([r.get(key) for r in cyc])
     return row
+
+
+def _anatomy_row(x: np.ndarray, fake_mr: np.ndarray, mask: np.ndarray, record, window: Sequence[float],
+                 warp: bool) -> dict[str, Any]:
+    """Anatomy metrics of x and G(x) on the 1 mm network grid (:func:`ct2mr.anatomy.anatomy_metrics`).
+
+    x goes back to HU through the model's CT window; both are cropped to the mask's bounding box plus 20 mm (more than
+    the gradients' support, and the warp check's 15 mm margin), which leaves the metrics unchanged.
+    """
+    import SimpleITK as sitk
+
+    from .anatomy import anatomy_metrics
+    from .preprocessing import denormalize_ct
+
+    idx = np.nonzero(mask)
+    box = tuple(slice(max(0, int(i.min()) - 20), min(n, int(i.max()) + 21)) for i, n in zip(idx, mask.shape))
+    spacing = tuple(float(v) for v in record.padded_grid["spacing"])
+    images = []
+    for array in (denormalize_ct(x[box], window), fake_mr[box]):
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array, np.float32))
+        image.SetSpacing(spacing)
+        images.append(image)
+    metrics, _ = anatomy_metrics(images[0], images[1], warp=warp, body=mask[box])
+    return {k: metrics.get(k) for k in ANATOMY_COLUMNS}
 
 
 def _aggregate_markdown(aggregate: list[dict[str, Any]], model: str, identity: dict[str, Any],
@@ -990,14 +1031,34 @@ def _aggregate_markdown(aggregate: list[dict[str, Any]], model: str, identity: d
              "std over volumes; MAE (HU) for the CT cycle. W1: histogram distance (thesis eq. 7.2) of each "
              "synthetic volume to the pooled real target domain, in [-1, 1] units. Harmonised rows (thesis 7.6) "
              f"change G(x) after the fact, so they have no cycle metrics; {reference_note}.\n")
+    rows = [r for r in aggregate if r.get("edge_correlation") is not None]
+    if rows:
+        text += ("\n## Anatomy preservation (thesis 5, P1/E2)\n\n"
+                 + markdown_table(["Model", "Direction", "Edge corr↑", "GMS↑", "GMSD↓", "NMI↑", "Disp. mean (mm)↓",
+                                   "Disp. p95 (mm)↓"],
+                                  [[r["model"], r["direction"],
+                                    _pm(r["edge_correlation"], r["edge_correlation_std"], 3),
+                                    _pm(r["gradient_magnitude_similarity"], r["gradient_magnitude_similarity_std"], 3),
+                                    _pm(r["gmsd"], r["gmsd_std"], 3), _pm(r["nmi"], r["nmi_std"], 3),
+                                    _pm(r["displacement_mean_mm"], r["displacement_mean_mm_std"], 2),
+                                    _pm(r["displacement_p95_mm"], r["displacement_p95_mm_std"], 2)] for r in rows])
+                 + "\nx vs G(x), contrast-independent: correlation and similarity (GMS, Xue et al. 2014) of gradient "
+                   "magnitudes, normalised mutual information (Studholme et al. 1999), mean ± std over volumes; "
+                   "displacement (--warp-check): B-spline registration (Mattes MI) of G(x) onto x, mm in the mask.\n")
     return text
 
 
 def _per_volume_markdown(rows: list[dict[str, Any]]) -> str:
-    header = ["Model", "Direction", "Volume", "SSIM_cyc↑", "PSNR_cyc↑ (dB)", "MAE↓", "MAE (HU)↓", "W1↓"]
+    header = ["Model", "Direction", "Volume", "SSIM_cyc↑", "PSNR_cyc↑ (dB)", "MAE↓", "MAE (HU)↓", "W1↓",
+              "Edge corr↑", "GMS↑", "NMI↑", "Disp. mean (mm)↓", "Disp. p95 (mm)↓"]
     cells = [[r["model"], r["direction"], r["volume"], _fmt(r.get("ssim_cyc")), _fmt(r.get("psnr_cyc_db"), 2),
-              _fmt(r.get("mae")), _fmt(r.get("mae_hu"), 1), _fmt(r.get("w1"))] for r in rows]
-    return "# Per-volume metrics\n\n" + markdown_table(header, cells)
+              _fmt(r.get("mae")), _fmt(r.get("mae_hu"), 1), _fmt(r.get("w1")), _fmt(r.get("edge_correlation"), 3),
+              _fmt(r.get("gradient_magnitude_similarity"), 3), _fmt(r.get("nmi"), 3),
+              _fmt(r.get("displacement_mean_mm"), 2), _fmt(r.get("displacement_p95_mm"), 2)] for r in rows]
+    return ("# Per-volume metrics\n\n" + markdown_table(header, cells)
+            + "\nAnatomy (CT→MR model rows, thesis 5 P1/E2; :mod:`ct2mr.anatomy`): edge correlation and GMS of the "
+              "gradient magnitudes of x and G(x), NMI of x and G(x), in the mask on the 1 mm grid; displacement of a "
+              "B-spline registration of G(x) onto x (only with --warp-check), ~0 mm when G moved no anatomy.\n")
 
 
 def _paired_markdown(rows: list[dict[str, Any]]) -> str:

@@ -353,7 +353,7 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
                    settings: InferenceSettings | None = None, progress: ProgressCallback | None = None,
                    harmonize: str = "none", reference_mr: str | Path | Sequence[str | Path] | None = None,
                    checkpoint: Checkpoint | None = None, image: sitk.Image | None = None, preprocessed: Any = None,
-                   harmonizer: Any = None) -> dict[str, Any]:
+                   harmonizer: Any = None, warp_check: bool = False) -> dict[str, Any]:
     """Translate a CT file or DICOM folder and write the three outputs, all or nothing.
 
     The input is read and the model loaded before anything is written; the outputs are written to temporary files
@@ -379,6 +379,9 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
         preprocessed: ``preprocess(image, "ct", checkpoint.preprocessing)`` already computed (``None``: here).
         harmonizer: an already fitted harmonizer (:func:`fit_harmonizer_for`), used instead of fitting one from
             ``harmonize`` and ``reference_mr``.
+        warp_check: also run the anatomy checks (:func:`ct2mr.anatomy.translation_anatomy`: edge correlation, GMS,
+            NMI, a B-spline registration of G(x) onto x) and write ``displacement_mm.nii.gz`` (float32, mm, on the
+            input's grid) and ``anatomy.json`` with the other outputs; the metrics go to ``info["anatomy"]``.
 
     Returns:
         ``{"outputs": {key: path}, "info": {...}}``.
@@ -405,7 +408,12 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
     if harmonizer is None:
         harmonizer = fit_harmonizer_for(harmonize, reference_mr, checkpoint)
     result = translate_image(image, checkpoint, settings, progress, harmonizer, preprocessed=preprocessed)
-    finals = write_outputs(result, out_dir, progress)
+    extra = None
+    if warp_check:  # anatomy checks (thesis 5, P1/E2): two more files in the same all-or-nothing write
+        from .anatomy import translation_anatomy
+
+        result.info["anatomy"], extra = translation_anatomy(image, result.synthetic_mr, progress)
+    finals = write_outputs(result, out_dir, progress, extra)
     info = dict(result.info)
     info.update({"input": str(input_path), "model": str(checkpoint.path), "model_name": checkpoint.name,
                  "model_sha256": checkpoint.sha256})
