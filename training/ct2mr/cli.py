@@ -191,7 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "%(default)s)")
     t.add_argument("--roi-size", type=int, nargs="+", metavar="N", help="window size in voxels (1 or 3 multiples "
                    "of 4; default: the model's, at least 96)")
-    t.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default: %(default)s)")
+    t.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: chosen from "
+                   "the free GPU memory, 1 on the CPU)")
+    t.add_argument("--gpu-memory-gb", type=float, metavar="GB", help="cap on the GPU memory this run may use; the "
+                   "window batch and the stitching buffer (GPU or CPU) are planned within it (default: all free memory)")
+    t.add_argument("--reference-path", action="store_true", help="run the plain reference path instead of the fast "
+                   "path: the networks as trained, one window per pass unless --sw-batch-size, no memory planning "
+                   "(with --precision fp32: the fp32 reference the fast path is tested against)")
     t.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast precision; auto = bf16/fp16 on CUDA, fp32 on CPU (default: %(default)s)")
     t.add_argument("--progress", default="bar", choices=("bar", "json", "none"),
@@ -391,7 +397,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _translate(args: argparse.Namespace) -> int:
-    from .inference import InferenceSettings, translate_file
+    from .inference import translate_file
     from .progress import make_reporter
     from .translate_batch import is_single_input
 
@@ -405,9 +411,7 @@ def _translate(args: argparse.Namespace) -> int:
         with reporter.capture_warnings():
             reporter.event("start", command="translate", input=args.input, output=args.output,
                            model=args.model or "default", device=args.device)
-            settings = InferenceSettings(roi_size=args.roi_size, overlap=args.overlap,
-                                         sw_batch_size=args.sw_batch_size, precision=args.precision,
-                                         device=args.device)
+            settings = _inference_settings(args)
             result = translate_file(args.input, args.output, args.model, settings, reporter,
                                     getattr(args, "harmonize", "none"), getattr(args, "reference_mr", None),
                                     warp_check=getattr(args, "warp_check", False))
@@ -416,7 +420,9 @@ def _translate(args: argparse.Namespace) -> int:
     info = result["info"]
     reporter.event("done", outputs=result["outputs"], seconds=round(time.perf_counter() - start, 3),
                    device=info["device"], precision=info["precision"], model=info["model_name"],
-                   mean_error_hu=round(info["mean_error_hu"], 3), anatomy=info.get("anatomy"))
+                   mean_error_hu=round(info["mean_error_hu"], 3), stage_seconds=info.get("seconds"),
+                   sw_batch_size=info.get("sw_batch_size"), stitch_device=info.get("stitch_device"),
+                   fast=info.get("fast"), gpu_peak_mib=info.get("gpu_peak_mib"), anatomy=info.get("anatomy"))
     if args.progress != "json":
         print(f"Synthetic MR:  {result['outputs']['synthetic_mr']}\nRound-trip CT: {result['outputs']['roundtrip_ct']}"
               f"\nError map:     {result['outputs']['error_map']}\n({time.perf_counter() - start:.1f} s on "
@@ -428,14 +434,25 @@ def _translate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _translate_batch(args: argparse.Namespace, inputs: list[str]) -> int:
+def _inference_settings(args: argparse.Namespace):
+    """InferenceSettings from the translate flags; tunes the CPU allocator for the fast path (process-wide)."""
+    from .fastpath import tune_cpu_allocator
     from .inference import InferenceSettings
+
+    fast = not getattr(args, "reference_path", False)
+    if fast:
+        tune_cpu_allocator()
+    return InferenceSettings(roi_size=args.roi_size, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                             precision=args.precision, device=args.device, fast=fast,
+                             gpu_memory_gb=getattr(args, "gpu_memory_gb", None))
+
+
+def _translate_batch(args: argparse.Namespace, inputs: list[str]) -> int:
     from .progress import make_reporter
     from .translate_batch import translate_batch
 
     extra = {"warp_check": True} if getattr(args, "warp_check", False) else {}
-    settings = InferenceSettings(roi_size=args.roi_size, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                                 precision=args.precision, device=args.device)
+    settings = _inference_settings(args)
     rank = os.environ.get("RANK", "0")
     reporter = make_reporter(args.progress)
     bar = None
@@ -596,7 +613,7 @@ def _demo(args: argparse.Namespace) -> int:
         ct, how = demo_ct(fallbacks, offline=args.offline)
     print(f"Demo CT: {ct} ({how})", file=sys.stderr)
     args.input, args.model, args.overlap, args.roi_size, args.sw_batch_size, args.precision = (
-        str(ct), None, 0.25, None, 1, "auto")
+        str(ct), None, 0.25, None, None, "auto")
     return _translate(args)
 
 
@@ -676,7 +693,8 @@ def _add_evaluation_arguments(p: argparse.ArgumentParser, required: bool = True)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: %(default)s)")
     p.add_argument("--roi-size", type=int, nargs="+", metavar="N", help="window size in voxels (default: the model's)")
-    p.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: chosen from "
+                   "the free GPU memory, 1 on the CPU)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision")
     p.add_argument("--progress", default="bar", choices=("bar", "json", "none"), help="progress display")
 

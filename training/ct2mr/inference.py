@@ -36,8 +36,11 @@ __all__ = [
     "resolve_device",
     "resolve_precision",
     "sliding_window",
+    "MemoryPlan",
+    "plan_memory",
     "DIRECTIONS",
     "translate_volume",
+    "error_map_array",
     "translate_image",
     "translate_file",
     "write_outputs",
@@ -62,24 +65,33 @@ class InferenceSettings:
         roi_size: window size (D, H, W) in voxels of the 1 mm grid; ``None`` uses the checkpoint's default
             (at least 96^3) or 96^3. Each side must be a multiple of 4.
         overlap: fraction of overlap between neighbouring windows, in [0, 1).
-        sw_batch_size: windows per forward pass.
+        sw_batch_size: windows per forward pass; ``None`` (default) chooses it from the free GPU memory
+            (:func:`plan_memory`), 1 on the CPU.
         precision: ``"auto"`` (bf16 on CUDA when supported, fp16 on older CUDA GPUs, fp32 on CPU), ``"fp32"``,
             ``"bf16"`` or ``"fp16"``.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         blend: MONAI blend mode, ``"gaussian"`` or ``"constant"``.
+        fast: the fast path (:mod:`ct2mr.fastpath` generators, memory plan, out-of-memory fallbacks); ``False``
+            runs the modules as trained with a fixed window batch (the fp32 reference with ``precision="fp32"``).
+        gpu_memory_gb: cap on the GPU memory this process may use (GiB), enforced through PyTorch's allocator;
+            ``None``: all that is free.
     """
 
     roi_size: Sequence[int] | None = None
     overlap: float = 0.25
-    sw_batch_size: int = 1
+    sw_batch_size: int | None = None
     precision: str = "auto"
     device: str = "auto"
     blend: str = "gaussian"
+    fast: bool = True
+    gpu_memory_gb: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.overlap < 1:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}.")
-        if self.sw_batch_size < 1:
+        if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
+            raise ValueError(f"gpu_memory_gb must be positive, got {self.gpu_memory_gb}.")
+        if self.sw_batch_size is not None and self.sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {self.sw_batch_size}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
@@ -165,7 +177,7 @@ def _window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> i
         from monai.inferers.utils import _get_scan_interval
 
         size = [max(s, r) for s, r in zip(shape, roi)]
-        interval = _get_scan_interval(size, roi, len(roi), overlap)
+        interval = _get_scan_interval(size, roi, len(roi), (overlap,) * len(roi))
         return len(dense_patch_slices(size, roi, interval))
     except Exception:  # private helper moved: estimate
         return int(np.prod([max(1, math.ceil((max(s, r) - r) / max(1, int(r * (1 - overlap)))) + 1)
@@ -173,8 +185,8 @@ def _window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> i
 
 
 def sliding_window(net: torch.nn.Module, volume: torch.Tensor, settings: InferenceSettings, roi: Sequence[int],
-                   device: torch.device, dtype: torch.dtype, progress: Callable[[float], None] | None = None
-                   ) -> torch.Tensor:
+                   device: torch.device, dtype: torch.dtype, progress: Callable[[float], None] | None = None,
+                   sw_batch_size: int | None = None, stitch_device: torch.device | None = None) -> torch.Tensor:
     """Run ``net`` over a whole volume with MONAI's sliding-window inferer.
 
     Args:
@@ -182,18 +194,25 @@ def sliding_window(net: torch.nn.Module, volume: torch.Tensor, settings: Inferen
         volume: (1, 1, D, H, W) float32 tensor (on CPU or ``device``).
         settings: overlap, window batch, blend mode.
         roi: window size (D, H, W).
-        device: where windows are computed; the stitched output stays on ``volume``'s device.
+        device: where windows are computed.
         dtype: autocast dtype (``torch.float32``: none).
         progress: called with the fraction of windows done.
+        sw_batch_size: windows per forward pass; ``None``: ``settings.sw_batch_size`` or 1.
+        stitch_device: where the stitched output (and MONAI's weight map) lives; ``None``: ``volume``'s device.
+            A CPU stitching buffer lets volumes larger than the GPU's memory through, windows still run on the GPU.
 
     Returns:
-        The stitched (1, 1, D, H, W) float32 output.
+        The stitched (1, 1, D, H, W) float32 output on ``stitch_device``.
+
+    Raises:
+        torch.OutOfMemoryError: the device ran out of memory (:func:`translate_volume` retries smaller).
     """
     from monai.inferers import sliding_window_inference
 
     total = _window_count(volume.shape[2:], roi, settings.overlap)
     done = 0
     channels_last = device.type == "cuda"
+    batch_size = sw_batch_size or settings.sw_batch_size or 1
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:
         nonlocal done
@@ -205,12 +224,126 @@ def sliding_window(net: torch.nn.Module, volume: torch.Tensor, settings: Inferen
         done += batch.shape[0]
         if progress is not None:
             progress(min(1.0, done / total))
-        return out.float()
+        return out.float().contiguous()
 
     with torch.inference_mode():
-        return sliding_window_inference(volume, list(roi), settings.sw_batch_size, predictor,
-                                        overlap=settings.overlap, mode=settings.blend, sw_device=device,
-                                        device=volume.device, padding_mode="replicate")
+        return sliding_window_inference(volume, list(roi), batch_size, predictor, overlap=settings.overlap,
+                                        mode=settings.blend, sw_device=device,
+                                        device=stitch_device or volume.device, padding_mode="replicate")
+
+
+@dataclass
+class MemoryPlan:
+    """How a volume is run: windows per pass and where the stitching buffer lives (:func:`plan_memory`).
+
+    Attributes:
+        sw_batch_size: windows per forward pass.
+        stitch_device: device of the stitched output and weight map (the GPU when the volume fits, else the CPU).
+        window_bytes: measured peak device memory of one window's forward pass (0 on CPU: not measured).
+        free_bytes: device memory available to this run when planned (0 on CPU).
+        reason: one line saying why, for logs and the progress stream.
+    """
+
+    sw_batch_size: int
+    stitch_device: torch.device
+    window_bytes: int = 0
+    free_bytes: int = 0
+    reason: str = ""
+
+
+#: Fraction of the free GPU memory the plan may use (the rest is the allocator's and cuDNN's workspace).
+GPU_MEMORY_FRACTION = 0.8
+#: Largest automatic window batch (beyond it a GPU gains nothing but latency per progress step).
+MAX_AUTO_SW_BATCH = 16
+
+
+def plan_memory(net: torch.nn.Module, volume_shape: Sequence[int], roi: Sequence[int], device: torch.device,
+                dtype: torch.dtype, settings: InferenceSettings) -> MemoryPlan:
+    """Choose the window batch and the stitching device from the free memory (issue 7's fast path).
+
+    On CUDA one probe window is run (which also lets cuDNN's benchmark mode pick its kernels) to measure the peak
+    memory of one forward pass; the stitching buffers (input, output and MONAI's count map, float32, each
+    ``prod(volume_shape)`` voxels) stay on the GPU when they fit in :data:`GPU_MEMORY_FRACTION` of the free memory
+    next to one window batch, else on the CPU. The batch is the free remainder over the window's peak, between 1 and
+    :data:`MAX_AUTO_SW_BATCH`, unless ``settings.sw_batch_size`` fixes it. On the CPU the batch is
+    ``settings.sw_batch_size`` or 1 (a larger batch brings no speed there, only memory) and stitching is on the CPU.
+
+    Args:
+        net: the network to run, on ``device``.
+        volume_shape: (D, H, W) voxels of the volume.
+        roi: window size (D, H, W).
+        device: the compute device.
+        dtype: the autocast dtype.
+        settings: the inference settings (``sw_batch_size``, ``gpu_memory_gb``).
+
+    Returns:
+        The :class:`MemoryPlan`.
+    """
+    cpu = torch.device("cpu")
+    if device.type != "cuda":
+        return MemoryPlan(settings.sw_batch_size or 1, cpu, reason="CPU: windows and stitching in RAM")
+    torch.cuda.synchronize(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    if settings.gpu_memory_gb:
+        limit = int(settings.gpu_memory_gb * 2 ** 30)
+        free = min(free, limit - torch.cuda.memory_reserved(device))
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    probe = torch.zeros((1, 1, *roi), device=device).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        net(probe)
+    torch.cuda.synchronize(device)
+    window = max(1, torch.cuda.max_memory_allocated(device) - before)
+    del probe
+    budget = int(free * GPU_MEMORY_FRACTION)
+    stitch_bytes = 4 * 4 * int(np.prod(volume_shape))  # input, output, count map, one slack copy (float32)
+    on_gpu = stitch_bytes + window <= budget
+    remainder = budget - stitch_bytes if on_gpu else budget
+    batch = settings.sw_batch_size or int(max(1, min(MAX_AUTO_SW_BATCH, remainder // window)))
+    where = "on the GPU" if on_gpu else "on the CPU (the volume's buffers do not fit next to the windows)"
+    reason = (f"{free / 2 ** 30:.1f} GiB free on {device}, {window / 2 ** 20:.0f} MiB per window: {batch} window(s) "
+              f"per pass, stitching {where}")
+    return MemoryPlan(batch, device if on_gpu else cpu, window, free, reason)
+
+
+def _fast_networks(checkpoint: Checkpoint, device: torch.device, fast: bool) -> dict[str, torch.nn.Module]:
+    """G and F ready on ``device``: the fast-path copies (cached on the checkpoint) or the plain modules."""
+    if not fast:
+        return {"G": checkpoint.G.to(device).eval(), "F": checkpoint.F.to(device).eval()}
+    from .fastpath import optimize_for_inference
+
+    cache = checkpoint.__dict__.setdefault("_fast_networks", {})
+    key = str(device)
+    if key not in cache:
+        cache.clear()  # one device at a time: do not keep copies on a GPU that is no longer used
+        cache[key] = {name: optimize_for_inference(getattr(checkpoint, name), device) for name in ("G", "F")}
+    return cache[key]
+
+
+def _run_pass(net: torch.nn.Module, current: torch.Tensor, settings: InferenceSettings, roi: Sequence[int],
+              device: torch.device, dtype: torch.dtype, plan: MemoryPlan, progress: Callable[[float], None]
+              ) -> torch.Tensor:
+    """One sliding-window pass with the out-of-memory fallbacks: halve the window batch, then stitch on the CPU."""
+    while True:
+        try:
+            return sliding_window(net, current.to(plan.stitch_device), settings, roi, device, dtype, progress,
+                                  sw_batch_size=plan.sw_batch_size, stitch_device=plan.stitch_device)
+        except torch.OutOfMemoryError:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if plan.sw_batch_size > 1:
+                smaller = max(1, plan.sw_batch_size // 2)
+                warnings.warn(f"Out of memory on {device} with {plan.sw_batch_size} windows per pass; retrying with "
+                              f"{smaller}.", RuntimeWarning, stacklevel=2)
+                plan.sw_batch_size = smaller
+            elif plan.stitch_device.type != "cpu":
+                warnings.warn(f"Out of memory on {device} with the stitching buffer on the GPU; retrying with the "
+                              "stitching buffer in CPU memory (slower, windows still on the GPU).",
+                              RuntimeWarning, stacklevel=2)
+                plan.stitch_device = torch.device("cpu")
+                current = current.cpu()
+            else:
+                raise
 
 
 #: Translation directions of :func:`translate_volume`: ``"ct2mr"`` runs G then F, ``"mr2ct"`` runs F then G.
@@ -223,8 +356,13 @@ def translate_volume(volume: np.ndarray, checkpoint: Checkpoint, direction: str 
     """Translate a preprocessed volume on the network grid, and back (thesis eq. 5.4, cycle consistency).
 
     ``"ct2mr"``: ``G(x)`` then ``F(G(x))``; ``"mr2ct"``: ``F(y)`` then ``G(F(y))``. Both passes use
-    :func:`sliding_window` with the same settings; the second pass runs on the first's output without re-reading or
-    re-normalising it.
+    :func:`sliding_window` with the same settings; the second pass runs on the first's output where it already is
+    (on the GPU when stitching there), without re-reading, re-normalising or a trip through the CPU.
+
+    With ``settings.fast`` (default) the generators are the :func:`ct2mr.fastpath.optimize_for_inference` copies,
+    the window batch and stitching device come from :func:`plan_memory`, and out-of-memory errors fall back to a
+    smaller window batch, then to CPU stitching, with a warning each. ``fast=False`` with ``precision="fp32"`` is
+    the plain fp32 reference path (the module as trained, MONAI's inferer, one window per pass).
 
     Args:
         volume: (z, y, x) float32 array in [-1, 1] on the 1 mm RAS padded grid (:func:`ct2mr.preprocessing.preprocess`
@@ -237,11 +375,13 @@ def translate_volume(volume: np.ndarray, checkpoint: Checkpoint, direction: str 
 
     Returns:
         ``(translated, reconstructed, info)``: (z, y, x) float32 arrays in [-1, 1] on the same grid, and
-        ``{"device", "precision", "roi_size", "seconds": {"G", "F"}}``.
+        ``{"device", "precision", "roi_size", "sw_batch_size", "stitch_device", "fast", "memory_plan",
+        "seconds": {"G", "F"}}``.
 
     Raises:
         ValueError: unknown direction, bad settings or not a 3D array.
-        RuntimeError: out of memory on the device (the message suggests a smaller window or CPU).
+        RuntimeError: out of memory on the device even with one window per pass and CPU stitching (the message
+            suggests a smaller window or CPU).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
@@ -253,32 +393,65 @@ def translate_volume(volume: np.ndarray, checkpoint: Checkpoint, direction: str 
     device = resolve_device(settings.device)
     dtype = resolve_precision(settings.precision, device)
     roi = settings.roi_size or tuple(checkpoint.inference.get("roi_size") or DEFAULT_ROI)
-    G = checkpoint.G.to(device).eval()
-    F = checkpoint.F.to(device).eval()
     if device.type == "cuda":
-        G, F = (m.to(memory_format=torch.channels_last_3d) for m in (G, F))
         torch.backends.cudnn.benchmark = True
-    passes = [("G", G, "Synthetic MR G(x)"), ("F", F, "Round trip F(G(x))")]
+        if settings.gpu_memory_gb:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, settings.gpu_memory_gb * 2 ** 30 / total), device)
+    nets = _fast_networks(checkpoint, device, settings.fast)
+    passes = [("G", "Synthetic MR G(x)"), ("F", "Round trip F(G(x))")]
     if direction == "mr2ct":
-        passes = [("F", F, "Synthetic CT F(y)"), ("G", G, "Round trip G(F(y))")]
+        passes = [("F", "Synthetic CT F(y)"), ("G", "Round trip G(F(y))")]
     if not roundtrip:
         passes = passes[:1]
-    stitch_device = device if device.type == "cuda" else torch.device("cpu")
-    current = torch.from_numpy(volume)[None, None].to(stitch_device)
-    outputs, seconds = [], {}
     try:
-        for stage, net, message in passes:
+        if settings.fast:
+            plan = plan_memory(nets[passes[0][0]], volume.shape, roi, device, dtype, settings)
+        else:
+            plan = MemoryPlan(settings.sw_batch_size or 1, device if device.type == "cuda" else torch.device("cpu"),
+                              reason="reference path: fixed window batch")
+        logger.info("%s", plan.reason)
+        current = torch.from_numpy(volume)[None, None].to(plan.stitch_device)
+        outputs, seconds = [], {}
+        for stage, message in passes:
             t = time.perf_counter()
-            current = sliding_window(net, current, settings, roi, device, dtype,
-                                     lambda f, stage=stage, message=message: report(stage, f, message))
+            current = _run_pass(nets[stage], current, settings, roi, device, dtype, plan,
+                                lambda f, stage=stage, message=message: report(stage, f, message))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             seconds[stage] = time.perf_counter() - t
             outputs.append(current[0, 0].cpu().numpy())
     except torch.OutOfMemoryError as exc:
-        raise RuntimeError(f"Out of memory on {device} while translating a {list(volume.shape)} volume. Try a "
-                           "smaller --roi-size or --sw-batch-size, or --device cpu.") from exc
+        raise RuntimeError(f"Out of memory on {device} while translating a {list(volume.shape)} volume, even with "
+                           "one window per pass and CPU stitching. Try a smaller --roi-size, or --device cpu."
+                           ) from exc
     info = {"device": str(device), "precision": str(dtype).replace("torch.", ""), "roi_size": list(roi),
-            "seconds": seconds}
+            "sw_batch_size": plan.sw_batch_size, "stitch_device": str(plan.stitch_device), "fast": settings.fast,
+            "memory_plan": plan.reason, "seconds": seconds}
+    if device.type == "cuda":
+        info["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     return outputs[0], (outputs[1] if roundtrip else None), info
+
+
+def error_map_array(roundtrip_ct: sitk.Image, ct: sitk.Image, window: Sequence[float]) -> np.ndarray:
+    """``|F(G(x)) - clip(x, window)|`` in HU, computed slice by slice (no full-volume temporaries).
+
+    Args:
+        roundtrip_ct: F(G(x)) in HU on the input grid.
+        ct: the input CT x in HU (any pixel type), same grid.
+        window: (HU_min, HU_max) the networks saw.
+
+    Returns:
+        (z, y, x) float32 array in HU.
+    """
+    roundtrip = sitk.GetArrayViewFromImage(roundtrip_ct)
+    x = sitk.GetArrayViewFromImage(ct)
+    error = np.empty(roundtrip.shape, np.float32)
+    lo, hi = float(window[0]), float(window[1])
+    for z in range(error.shape[0]):
+        np.subtract(roundtrip[z], np.clip(x[z].astype(np.float32), lo, hi), out=error[z])
+        np.abs(error[z], out=error[z])
+    return error
 
 
 def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceSettings | None = None,
@@ -316,32 +489,42 @@ def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceS
     timings["preprocess"] = time.perf_counter() - t0
     report("preprocess", 1.0, f"Network grid {list(pre.array.shape)} (z, y, x) voxels")
 
+    record, network_grid = pre.record, list(pre.array.shape)
     fake_mr_np, roundtrip_np, run = translate_volume(pre.array, checkpoint, "ct2mr", settings, report)
+    if preprocessed is None:
+        del pre  # the network-grid input is no longer needed
     timings.update(run["seconds"])
 
     t = time.perf_counter()
     report("postprocess", 0.0, "Resampling the outputs back onto the input grid")
-    roundtrip_hu = denormalize_ct(roundtrip_np, window)
-    synthetic_mr = restore_to_input_grid(fake_mr_np, pre.record, default_value=-1.0)
-    roundtrip_ct = restore_to_input_grid(roundtrip_hu, pre.record, default_value=window[0])
-    x = sitk.GetArrayViewFromImage(ct).astype(np.float32)
-    error = np.abs(sitk.GetArrayViewFromImage(roundtrip_ct) - np.clip(x, window[0], window[1]))
-    error_map = sitk.GetImageFromArray(error.astype(np.float32))
+    # one network-grid or input-grid volume at a time (a 512 x 512 x 600 CT within 6 GB, issue 7)
+    synthetic_mr = restore_to_input_grid(fake_mr_np, record, default_value=-1.0)
+    del fake_mr_np
+    roundtrip_ct = restore_to_input_grid(denormalize_ct(roundtrip_np, window, out=roundtrip_np), record,
+                                         default_value=window[0])
+    del roundtrip_np
+    error = error_map_array(roundtrip_ct, ct, window)
+    mean_error = float(error.mean(dtype=np.float64))
+    error_map = sitk.GetImageFromArray(error)
+    del error
     error_map.CopyInformation(ct)
     harmonization = None
     if harmonizer is not None and harmonizer.method != "none":
         from .masks import body_mask
 
         report("postprocess", 0.5, f"Harmonising the synthetic MR ({harmonizer.method})")
+        x = sitk.GetArrayViewFromImage(ct).astype(np.float32)
         mask = body_mask(x, "ct", normalised=False)
         synthetic_mr = harmonizer.apply(synthetic_mr, mask)
         harmonization = harmonizer.to_dict()
     timings["postprocess"] = time.perf_counter() - t
     report("postprocess", 1.0, "Done")
     info = {"device": run["device"], "precision": run["precision"], "roi_size": run["roi_size"],
-            "overlap": settings.overlap, "sw_batch_size": settings.sw_batch_size, "seconds": timings,
-            "network_grid_zyx": list(pre.array.shape), "preprocessing": pre.record.to_dict(),
-            "mean_error_hu": float(error.mean()), "harmonization": harmonization}
+            "overlap": settings.overlap, "sw_batch_size": run["sw_batch_size"], "stitch_device": run["stitch_device"],
+            "fast": run["fast"], "memory_plan": run["memory_plan"], "gpu_peak_mib": run.get("gpu_peak_mib"),
+            "seconds": timings,
+            "network_grid_zyx": network_grid, "preprocessing": record.to_dict(),
+            "mean_error_hu": mean_error, "harmonization": harmonization}
     return TranslationResult(synthetic_mr, roundtrip_ct, error_map, info)
 
 
