@@ -717,7 +717,7 @@ class CT2MRTranslationLogic(_LogicBase):
             timeout: seconds after which the run is cancelled; ``None`` waits as long as it takes.
             pollInterval: seconds between progress checks.
             roiSize: sliding-window side in voxels (multiple of 4); ``None``: the model's default.
-            swBatchSize: windows per forward pass; ``None``: the engine's default (1).
+            swBatchSize: windows per forward pass; ``None``: the engine chooses (from the free GPU memory; 1 on CPU).
             precision: one of :data:`parameters.PRECISIONS`; ``None``: the engine's default (auto).
             harmonize: one of :data:`parameters.HARMONIZATIONS`; ``None`` or ``"none"``: no harmonisation.
             referenceMRNode: reference MR volume: passed to the engine for harmonisation, and used for the

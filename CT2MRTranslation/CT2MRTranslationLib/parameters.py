@@ -222,7 +222,8 @@ class CT2MRTranslationParameters:
                         doc="Sliding-window overlap in [0, 0.95].")
     roiSize = Parameter("RoiSize", 0, int, minimum=0, maximum=512,
                         doc="Sliding-window side in voxels (multiple of 16); 0: the model's default.")
-    swBatchSize = Parameter("SwBatchSize", 1, int, minimum=1, maximum=64, doc="Windows per forward pass.")
+    swBatchSize = Parameter("SwBatchSize", 0, int, minimum=0, maximum=64,
+                            doc="Windows per forward pass; 0: the engine chooses from the free GPU memory (1 on CPU).")
     precision = Parameter("Precision", "auto", str, choices=PRECISIONS, doc="Autocast precision.")
     harmonize = Parameter("Harmonize", "none", str, choices=HARMONIZATIONS,
                           doc="Post-hoc intensity harmonisation of the synthetic MR (thesis 7.6).")
@@ -277,7 +278,7 @@ class CT2MRTranslationParameters:
             "device": self.device,
             "overlap": self.overlap,
             "roiSize": self.roiSize or None,
-            "swBatchSize": self.swBatchSize,
+            "swBatchSize": self.swBatchSize or None,
             "precision": self.precision,
             "harmonize": self.harmonize,
             "referenceMRNode": self.referenceMR,

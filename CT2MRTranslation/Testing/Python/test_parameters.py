@@ -21,7 +21,7 @@ def test_parameter_node_is_the_module_singleton_with_defaults(mrml):
     assert parameters.node is node
     assert parameters.toDict() == {
         "batchMode": False, "modelName": "", "modelVersion": "", "modelPath": "", "device": "auto", "overlap": 0.25,
-        "roiSize": 0, "swBatchSize": 1, "precision": "auto", "harmonize": "none", "computeMetrics": True,
+        "roiSize": 0, "swBatchSize": 0, "precision": "auto", "harmonize": "none", "computeMetrics": True,
         "warpCheck": False, "showCompareLayout": True, "exportPair": False, "exportFolder": "",
         "inputVolume": None, "batchInputs": [], "referenceMR": None, "segmentation": None,
     }
@@ -38,7 +38,7 @@ def test_parameter_node_is_the_module_singleton_with_defaults(mrml):
         ("device", "gpu", "device must be one of auto, cuda, cpu \\(or cuda:N\\)"),
         ("precision", "fp8", "precision must be one of auto, fp32, bf16, fp16"),
         ("harmonize", "magic", "harmonize must be one of none, histogram, nyul, zscore"),
-        ("swBatchSize", 0, "swBatchSize must be >= 1"),
+        ("swBatchSize", -1, "swBatchSize must be >= 0"),
         ("roiSize", 1024, "roiSize must be <= 512"),
         ("computeMetrics", "maybe", "computeMetrics must be true or false"),
         ("warpCheck", "sometimes", "warpCheck must be true or false"),
@@ -95,7 +95,7 @@ def test_translate_keywords_follow_the_parameters(mrml):
     parameters.roiSize = 0
     parameters.harmonize = "zscore"
     assert parameters.translateKeywords() == {
-        "modelPath": None, "device": "auto", "overlap": 0.25, "roiSize": None, "swBatchSize": 1, "precision": "auto",
+        "modelPath": None, "device": "auto", "overlap": 0.25, "roiSize": None, "swBatchSize": None, "precision": "auto",
         "harmonize": "zscore", "referenceMRNode": mr, "computeMetrics": True, "warpCheck": False,
         "setupLayout": True}
     parameters.inputVolume = mr
