@@ -13,7 +13,8 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from ct2mr.fastpath import DepthSplitConv3d, TrilinearUpsample2x, optimize_for_inference, tune_cpu_allocator
+from ct2mr.fastpath import (DepthSplitConv3d, TrilinearUpsample2x, UpsampleConv3d, optimize_for_inference,
+                            tune_cpu_allocator)
 from ct2mr.inference import InferenceSettings, MemoryPlan, _run_pass, plan_memory, translate_volume
 from ct2mr.networks import build_generator
 from ct2mr_testdata import LUNG_CT, need, run_ct2mr
@@ -48,6 +49,19 @@ def test_separable_upsampling_equals_pytorch_trilinear(shape):
     torch.testing.assert_close(TrilinearUpsample2x()(x), expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("shape, bias", [((2, 4, 5, 6, 7), True), ((1, 3, 1, 4, 3), False)])
+def test_upsampling_fused_into_the_convolution_equals_the_pair(shape, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv3d(shape[1], 5, 3, padding=1, padding_mode="replicate", bias=bias)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        expected = conv(nn.Upsample(scale_factor=2, mode="trilinear")(x))
+        got = UpsampleConv3d(conv)(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="replicate"):
+        UpsampleConv3d(nn.Conv3d(2, 2, 3, padding=1))  # zero padding of the up-sampled volume is another function
+
+
 def test_depth_split_refuses_strided_convolution():
     with pytest.raises(ValueError, match="stride-1"):
         DepthSplitConv3d(nn.Conv3d(2, 1, 7, stride=2, padding=3))
@@ -67,9 +81,9 @@ def test_optimized_generator_computes_the_same_function(spec):
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=0)
     assert not any(isinstance(m, DepthSplitConv3d) for m in net.modules()), "the original must stay untouched"
-    if spec["name"] == "resnet":  # its 7^3 output convolution (C_out = 1) and its up-sampling are rewritten
+    if spec["name"] == "resnet":  # its 7^3 output convolution (C_out = 1) and its resize-convolutions are rewritten
         assert any(isinstance(m, DepthSplitConv3d) for m in fast.modules())
-        assert any(isinstance(m, TrilinearUpsample2x) for m in fast.modules())
+        assert sum(isinstance(m, UpsampleConv3d) for m in fast.modules()) == 2
     assert all(not p.requires_grad for p in fast.parameters())
 
 
