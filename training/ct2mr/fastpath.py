@@ -207,14 +207,14 @@ def _is_trilinear_2x(module: nn.Module) -> bool:
     return all(float(f) == 2.0 for f in factors)
 
 
-def _cpu_rewrite(conv: nn.Module) -> nn.Module | None:
-    if _is_trilinear_2x(conv):
+def _cpu_rewrite(module: nn.Module) -> nn.Module | None:
+    if _is_trilinear_2x(module):
         return TrilinearUpsample2x()
-    if type(conv) is not nn.Conv3d:
+    if type(module) is not nn.Conv3d:
         return None
-    plain = tuple(conv.stride) == (1, 1, 1) and tuple(conv.dilation) == (1, 1, 1) and conv.groups == 1
-    if plain and conv.out_channels <= 4 and conv.kernel_size[0] >= 5:
-        return DepthSplitConv3d(conv)
+    plain = tuple(module.stride) == (1, 1, 1) and tuple(module.dilation) == (1, 1, 1) and module.groups == 1
+    if plain and module.out_channels <= 4 and module.kernel_size[0] >= 5:
+        return DepthSplitConv3d(module)
     return None
 
 
