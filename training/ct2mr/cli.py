@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides, e.g. model.alpha=0.84 "
                    "train.steps=100 data.patch_size=[48,48,48] (see RUN_DIR/config.yaml for every key)")
     r.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder")
-    r.add_argument("--preset", metavar="NAME|YAML", help="m1, m2, m3, m4, hist, hlsnc, paired or a YAML file "
+    r.add_argument("--preset", metavar="NAME|YAML", help="m1, m2, m3, m4, hist, hlsnc, paired, sc, nce or a YAML file "
                    "(default: m1; with --resume: the run's own config.yaml)")
     r.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its latest checkpoint "
                    "(exactly: optimisers, schedules, patch streams, RNGs); overrides such as train.steps=N extend it")
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="random seed (train.seed; 0)")
     r.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device; under torchrun auto = cuda:LOCAL_RANK)")
     r.add_argument("--threads", type=int, help="CPU threads for torch (train.threads; 0: torch's default)")
+    r.add_argument("--max-minutes", type=float, metavar="MIN", help="wall-clock budget (train.max_minutes): stop "
+                   "cleanly when it is spent (summed over resumes), writing the final checkpoint and model; the "
+                   "learning-rate decay then follows the clock instead of the step count")
     r.add_argument("--checkpoint-every", type=int, help="steps between resumable checkpoints (100)")
     r.add_argument("--val-every", type=int, help="steps between validations on held-out volumes (500; 0: none)")
     r.add_argument("--progress", default="bar", choices=("bar", "json", "none"), help="progress display")
@@ -510,7 +513,7 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         blocks=args.blocks, lr=args.lr, lambda_cyc=args.lambda_cyc, lambda_id=args.lambda_id, seed=args.seed,
         device=args.device, threads=args.threads, checkpoint_every=args.checkpoint_every, val_every=args.val_every,
         precision=args.precision, ct=args.ct, mr=args.mr, val_ct=args.val_ct, val_mr=args.val_mr,
-        paired_ct=args.paired_ct, paired_mr=args.paired_mr, split_file=args.split_file,
+        paired_ct=args.paired_ct, paired_mr=args.paired_mr, split_file=args.split_file, max_minutes=args.max_minutes,
     ) + moved + list(args.overrides) + list(args.set_overrides)
     if args.resume:
         config = resume_config(args.out, overrides)

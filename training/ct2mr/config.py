@@ -231,6 +231,14 @@ class ModelConfig:
         hist_mask: only foreground voxels (above the background level) enter the histograms.
         hist_symmetric: also match F(y) to real CT (section 7.7: "symmetrically optional").
         lambda_mi: weight of -I(x; G(x)) (section 7.7: [0.01, 0.1] if enabled); 0 disables.
+        lambda_mind: weight of the MIND-SSC structure loss ``|MIND(x) - MIND(G(x))| + |MIND(y) - MIND(F(y))|``
+            (Heinrich et al. 2012/2013; Yang et al., DLMIA 2018); 0 disables.
+        mind_dilation: neighbourhood spacing of MIND-SSC in voxels (mm at 1 mm).
+        lambda_nce: weight of the 3D PatchNCE loss between the encoder features of x and G(x), and of y and F(y)
+            (Park et al., ECCV 2020); 0 disables.
+        nce_patches: locations sampled per layer and sample (CUT: 256).
+        nce_channels: width of the projection heads (CUT: 256).
+        nce_temperature: tau of the InfoNCE (CUT: 0.07).
         rician: Rician corruption and likelihood.
         paired: paired terms of Jin et al.
     """
@@ -249,6 +257,12 @@ class ModelConfig:
     hist_mask: bool = False
     hist_symmetric: bool = False
     lambda_mi: float = 0.0
+    lambda_mind: float = 0.0
+    mind_dilation: int = 2
+    lambda_nce: float = 0.0
+    nce_patches: int = 256
+    nce_channels: int = 64
+    nce_temperature: float = 0.07
     rician: RicianConfig = field(default_factory=RicianConfig)
     paired: PairedConfig = field(default_factory=PairedConfig)
 
@@ -333,6 +347,12 @@ class TrainConfig:
         val_crop: centre crop (D, H, W) of each validation volume; ``None``: the whole volume.
         val_overlap: sliding-window overlap of validation.
         tensorboard: write TensorBoard events to ``RUN_DIR/tb``.
+        max_minutes: wall-clock budget of the run in minutes (summed over resumes); when it is spent the run stops
+            after the current step and writes its final checkpoint and model as if ``steps`` were reached. With a
+            budget, the learning-rate schedule follows the clock: the decay starts when the fraction
+            ``decay_start / steps`` of the budget is spent and reaches 0 at the end. ``None``: no budget.
+        snapshot_minutes: every this many minutes of training, keep a copy of G and F as
+            ``RUN_DIR/snapshots/step_NNNNNNNN.safetensors`` (for learning curves); 0 disables.
     """
 
     steps: int = 1000
@@ -361,6 +381,8 @@ class TrainConfig:
     val_crop: Optional[List[int]] = field(default_factory=lambda: [128, 128, 128])
     val_overlap: float = 0.25
     tensorboard: bool = True
+    max_minutes: Optional[float] = None
+    snapshot_minutes: float = 0.0
 
 
 @dataclass
@@ -416,9 +438,14 @@ class RunConfig:
         if m.generator.n_blocks < 0 or m.generator.depth < 1 or m.discriminator.n_layers < 1:
             raise ValueError("model.generator.n_blocks must be >= 0, model.generator.depth and "
                              "model.discriminator.n_layers >= 1.")
-        for key in ("gp_weight", "lambda_cyc", "lambda_id", "alpha", "beta", "lambda_hist", "lambda_mi"):
+        for key in ("gp_weight", "lambda_cyc", "lambda_id", "alpha", "beta", "lambda_hist", "lambda_mi",
+                    "lambda_mind", "lambda_nce"):
             if getattr(m, key) < 0:
                 raise ValueError(f"model.{key} must be >= 0, got {getattr(m, key)}.")
+        if m.mind_dilation < 1 or m.nce_patches < 2 or m.nce_channels < 1 or m.nce_temperature <= 0:
+            raise ValueError(f"model.mind_dilation must be >= 1, model.nce_patches >= 2, model.nce_channels >= 1 and "
+                             f"model.nce_temperature > 0, got {m.mind_dilation}, {m.nce_patches}, {m.nce_channels}, "
+                             f"{m.nce_temperature}.")
         if m.hist_bins < 2:
             raise ValueError(f"model.hist_bins must be >= 2, got {m.hist_bins}.")
         if m.beta != 0 and not 0.3 <= m.beta <= 0.7:
@@ -481,6 +508,10 @@ class RunConfig:
             if len(crop) != 3 or any(int(v) < 16 for v in crop):
                 raise ValueError(f"train.val_crop must be null or 1 or 3 sizes >= 16, got {list(t.val_crop)}.")
             t.val_crop = crop
+        if t.max_minutes is not None and not t.max_minutes > 0:
+            raise ValueError(f"train.max_minutes must be > 0 minutes or null, got {t.max_minutes}.")
+        if t.snapshot_minutes < 0:
+            raise ValueError(f"train.snapshot_minutes must be >= 0, got {t.snapshot_minutes}.")
         if not 0 <= t.val_overlap < 1:
             raise ValueError(f"train.val_overlap must be in [0, 1), got {t.val_overlap}.")
         if t.device != "auto" and t.device != "cpu" and not t.device.startswith("cuda"):
@@ -585,7 +616,7 @@ def shorthand_overrides(**flags: Any) -> list[str]:
     Args:
         flags: any of ``name, steps, patch_size, batch_size, width, blocks, lr, lr_g, lr_d, lambda_cyc, lambda_id,
             seed, device, threads, checkpoint_every, log_every, val_every, precision, ct, mr, val_ct, val_mr,
-            paired_ct, paired_mr, split_file``.
+            paired_ct, paired_mr, split_file, max_minutes``.
 
     Returns:
         ``["train.steps=100", "model.generator.base_channels=8", ...]``.
@@ -603,6 +634,7 @@ def shorthand_overrides(**flags: Any) -> list[str]:
         "val_every": ["train.val_every"], "precision": ["train.precision"], "ct": ["data.ct"], "mr": ["data.mr"],
         "val_ct": ["data.val_ct"], "val_mr": ["data.val_mr"], "paired_ct": ["data.paired_ct"],
         "paired_mr": ["data.paired_mr"], "split_file": ["data.split_file"], "patch_size": ["data.patch_size"],
+        "max_minutes": ["train.max_minutes"],
     }
     out: list[str] = []
     for flag, value in flags.items():

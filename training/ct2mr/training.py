@@ -187,6 +187,15 @@ class DistContext:
         if self.enabled:
             torch.distributed.barrier()
 
+    def all_true(self, flag: bool) -> bool:
+        """``flag`` on every process (rank 0's clock decides for all, so that all stop at the same step)."""
+        if not self.enabled:
+            return bool(flag)
+        device = f"cuda:{self.local_rank}" if self.backend == "nccl" else "cpu"
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        torch.distributed.broadcast(value, 0)
+        return bool(value.item())
+
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Average a tensor over processes (a copy; the input is unchanged)."""
         if not self.enabled:
@@ -436,6 +445,10 @@ class CycleGANTrainer:
             _require_losses("histogram_loss")
         if m.lambda_mi:
             _require_losses("mutual_information_loss")
+        if m.lambda_mind:
+            _require_losses("mind_loss")
+        if m.lambda_nce:
+            _require_losses("patch_nce_loss", "PatchSampleHead", "encoder_features", "default_nce_layers")
 
         self.architecture = {"generator": m.generator.to_spec(), "discriminator": m.discriminator.to_spec()}
         if m.paired.enabled:
@@ -450,6 +463,17 @@ class CycleGANTrainer:
             self.D_MR_pair = self._build(build_discriminator, spec, "model.discriminator (pair)")
             self.D_CT_pair = self._build(build_discriminator, spec, "model.discriminator (pair)")
             self.discriminators.update(D_MR_pair=self.D_MR_pair, D_CT_pair=self.D_CT_pair)
+        self.heads: dict[str, nn.Module] = {}
+        if m.lambda_nce:
+            from .losses import PatchSampleHead, default_nce_layers, encoder_features
+
+            self.nce_layers = default_nce_layers(self.G)
+            with torch.no_grad():
+                probe = encoder_features(self.G, torch.zeros(1, 1, 16, 16, 16), self.nce_layers)
+            channels = [int(f.shape[1]) for f in probe]
+            self.heads = {"H_G": PatchSampleHead(channels, m.nce_channels),
+                          "H_F": PatchSampleHead(channels, m.nce_channels)}
+            self.nce_generator = torch.Generator().manual_seed(t.seed * 1_000_003 + 3571 + self.dist.rank)
         self.channels_last = self.device.type == "cuda" if t.channels_last is None else bool(t.channels_last)
         for net in self.networks.values():
             net.to(self.device)
@@ -459,7 +483,8 @@ class CycleGANTrainer:
         if t.grad_checkpointing:
             self.checkpointed_blocks = enable_gradient_checkpointing(self.G) + enable_gradient_checkpointing(self.F)
         # optimisers and schedules (TTUR: separate rates)
-        self.opt_g = self._optimizer(list(self.G.parameters()) + list(self.F.parameters()), t.lr_g)
+        self.opt_g = self._optimizer(list(self.G.parameters()) + list(self.F.parameters())
+                                     + [p for h in self.heads.values() for p in h.parameters()], t.lr_g)
         self.opt_d = self._optimizer([p for d in self.discriminators.values() for p in d.parameters()], t.lr_d)
         steps, decay, start = t.steps, t.decay, config.decay_start
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda k: lr_factor(k, steps, decay, start))
@@ -488,7 +513,11 @@ class CycleGANTrainer:
             wrap = lambda net: DDP(net, device_ids=ids, **no_sync)  # noqa: E731
             self._G, self._F = wrap(self.G), wrap(self.F)
             self._D = {k: wrap(v) for k, v in self.discriminators.items()}
+            self._H = {k: wrap(v) for k, v in self.heads.items()}
+        else:
+            self._H = dict(self.heads)
         self.step_count = 0
+        self.clock_fraction: float | None = None
 
     # -- construction helpers --
     def _build(self, builder: Callable[[dict], nn.Module], spec: dict[str, Any], key: str) -> nn.Module:
@@ -519,8 +548,23 @@ class CycleGANTrainer:
 
     @property
     def networks(self) -> dict[str, nn.Module]:
-        """Every trained network by checkpoint prefix: ``G``, ``F``, ``D_MR``, ``D_CT`` (+ pair discriminators)."""
-        return {"G": self.G, "F": self.F, **self.discriminators}
+        """Every trained network by checkpoint prefix: ``G``, ``F``, ``D_MR``, ``D_CT`` (+ pair discriminators, + the
+        PatchNCE heads ``H_G``/``H_F``)."""
+        return {"G": self.G, "F": self.F, **self.discriminators, **self.heads}
+
+    def follow_clock(self, fraction: float) -> None:
+        """Set the learning rates from the spent fraction of a wall-clock budget (``train.max_minutes``).
+
+        Args:
+            fraction: spent share of the budget, in [0, 1]; the schedule of :func:`lr_factor` is evaluated at
+                ``fraction * steps``.
+        """
+        t = self.config.train
+        self.clock_fraction = min(max(float(fraction), 0.0), 1.0)
+        factor = lr_factor(int(round(self.clock_fraction * t.steps)), t.steps, t.decay, self.config.decay_start)
+        for opt, base in ((self.opt_g, t.lr_g), (self.opt_d, t.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = base * factor
 
     def lr(self) -> tuple[float, float]:
         """Current learning rates (G/F, D)."""
@@ -564,6 +608,20 @@ class CycleGANTrainer:
 
             return rician_mixed_loss(output.float(), target.float(), r.sigma, r.tau)
         return (output - target).abs().mean()
+
+    def _patch_nce(self, net: nn.Module, head: nn.Module, source: torch.Tensor, translated: torch.Tensor
+                   ) -> torch.Tensor:
+        """PatchNCE between the encoder features of ``source`` and of its translation (Park et al. 2020, eq. 5):
+        the same generator encodes both; the same locations are sampled in both; summed over layers."""
+        from .losses import encoder_features, patch_nce_loss
+
+        m = self.config.model
+        feat_k = encoder_features(net, source, self.nce_layers)
+        feat_q = encoder_features(net, translated, self.nce_layers)
+        index = [torch.randperm(f[0, 0].numel(), generator=self.nce_generator)[:m.nce_patches].to(f.device)
+                 for f in feat_k]
+        keys, queries = head(feat_k, index), head(feat_q, index)
+        return sum(patch_nce_loss(q, k, m.nce_temperature) for q, k in zip(queries, keys)) / len(queries)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -636,6 +694,16 @@ class CycleGANTrainer:
 
                 terms["mi"] = mutual_information_loss(x.float(), fake_mr.float())
                 total = total + m.lambda_mi * terms["mi"]
+            if m.lambda_mind > 0:
+                from .losses import mind_loss
+
+                terms["mind_MR"] = mind_loss(x, fake_mr, m.mind_dilation)
+                terms["mind_CT"] = mind_loss(y, fake_ct, m.mind_dilation)
+                total = total + m.lambda_mind * (terms["mind_MR"] + terms["mind_CT"])
+            if m.lambda_nce > 0:
+                terms["nce_MR"] = self._patch_nce(self.G, self._H["H_G"], x, fake_mr)
+                terms["nce_CT"] = self._patch_nce(self.F, self._H["H_F"], y, fake_ct)
+                total = total + m.lambda_nce * (terms["nce_MR"] + terms["nce_CT"])
             if paired:
                 g_xp, f_yp = G(xp), F(yp)
                 terms["paired_L1"] = (g_xp - yp).abs().mean() + (f_yp - xp).abs().mean()
@@ -687,6 +755,8 @@ class CycleGANTrainer:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
             self.sched_g.step()
             self.sched_d.step()
+        if self.clock_fraction is not None:  # a wall-clock budget sets the rates (follow_clock), not the step count
+            self.follow_clock(self.clock_fraction)
         self.step_count = step
 
         names = list(terms)
@@ -718,7 +788,8 @@ class CycleGANTrainer:
         return {"rank": self.dist.rank, "world_size": self.dist.world_size,
                 "pool_mr": self.pool_mr.state_dict(), "pool_ct": self.pool_ct.state_dict(),
                 "noise": {"slots": {s: g.get_state() for s, g in self.noise.items()}},
-                "gp_generator": self.gp_generator.get_state(), "rng": _rng_state(self.device)}
+                "gp_generator": self.gp_generator.get_state(), "rng": _rng_state(self.device),
+                **({"nce_generator": self.nce_generator.get_state()} if self.heads else {})}
 
     def load_state_dict(self, shared: Mapping[str, Any], local: Sequence[Mapping[str, Any]]) -> None:
         """Restore :meth:`state_dict` and the :meth:`local_state_dict` of every process of the saved run.
@@ -732,6 +803,9 @@ class CycleGANTrainer:
         """
         mine = json.loads(json.dumps(dataclasses.asdict(self.config.model)))
         saved = json.loads(shared["model"])
+        defaults = json.loads(json.dumps(dataclasses.asdict(type(self.config.model)())))
+        for key, value in defaults.items():  # runs saved before a setting existed had its default
+            saved.setdefault(key, value)
         if saved != mine:
             diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
             raise ValueError(f"Cannot resume: the saved run's model differs in {', '.join('model.' + k for k in diff)}."
@@ -758,6 +832,8 @@ class CycleGANTrainer:
         if own:
             self.gp_generator.set_state(own[0]["gp_generator"])
             _set_rng_state(own[0]["rng"], self.device)
+            if self.heads and "nce_generator" in own[0]:
+                self.nce_generator.set_state(own[0]["nce_generator"])
         else:
             warnings.warn(f"The checkpoint was written by {local[0]['world_size']} process(es), this run has "
                           f"{self.dist.world_size}: the per-process RNGs are reseeded (patch streams and pools are "
@@ -1049,6 +1125,8 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
         trainer.load_state_dict(shared, local)
         source.load_state_dict(_deep_merge([st["sampler"] for st in local]))
     start = trainer.step_count
+    elapsed_before = float(pointer.get("elapsed_s", 0.0)) if resume and pointer else 0.0
+    budget_s = None if t.max_minutes is None else 60.0 * float(t.max_minutes)
     prefetch = PatchPrefetcher(source, d.prefetch, pin_memory=device.type == "cuda")
 
     # ---- the run folder (rank 0) ----
@@ -1079,6 +1157,10 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
     inference = {"roi_size": [int(math.ceil(max(96, p) / multiple) * multiple) for p in config.patch_size],
                  "overlap": 0.25}
 
+    def elapsed() -> float:
+        """Training seconds of this run, summed over earlier resumed parts."""
+        return elapsed_before + time.perf_counter() - run_start
+
     def summary(step: int, last: dict[str, float]) -> dict[str, Any]:
         return {"name": config.name, "preset": config.preset, "steps": step, "config": portable_config(config.to_dict()),
                 "command": command, "ct_volumes": [v.name for v in ct_volumes],
@@ -1100,6 +1182,7 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
             tmp = out_dir / f".{STATE_POINTER}.tmp"
             tmp.write_text(json.dumps({"step": step, "dir": str(folder.relative_to(out_dir)),
                                        "world_size": dist.world_size, "global_batch": trainer.global_batch,
+                                       "elapsed_s": round(elapsed(), 3),
                                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
             os.replace(tmp, out_dir / STATE_POINTER)
             for old in (out_dir / "checkpoints").glob("step_*"):
@@ -1118,12 +1201,27 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
                 writer.add_image(f"val/{k}_triplanar", img, step, dataformats="HW")
         return metrics
 
+    def snapshot(step: int, last: dict[str, float]) -> None:
+        folder = out_dir / "snapshots"
+        folder.mkdir(exist_ok=True)
+        save_checkpoint(folder / f"step_{step:08d}.safetensors", {"G": trainer.G, "F": trainer.F}, architecture,
+                        prep, inference, {**summary(step, last), "elapsed_s": round(elapsed(), 3)})
+
     losses: dict[str, float] = {}
     run_start = time.perf_counter()
     rate = 0.0
     validated_at = -1
+    next_snapshot = (elapsed_before // (60 * t.snapshot_minutes) + 1) * 60 * t.snapshot_minutes \
+        if t.snapshot_minutes else math.inf
+    if budget_s is not None:
+        trainer.follow_clock(elapsed_before / budget_s)
+    final_step = t.steps
     try:
         for step in range(start + 1, t.steps + 1):
+            if budget_s is not None and dist.all_true(elapsed() >= budget_s) and step > start + 1:
+                final_step = step - 1
+                logger.info("Time budget of %.1f min spent after step %d", t.max_minutes, final_step)
+                break
             tick = time.perf_counter()
             batch = prefetch.next()
             losses = trainer.train_step(batch)
@@ -1152,21 +1250,29 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
                     writer.add_scalar("lr/G", losses["lr_G"], step)
                     writer.add_scalar("lr/D", losses["lr_D"], step)
                     writer.add_scalar("train/patches_per_s", rate, step)
+            if budget_s is not None:
+                trainer.follow_clock(elapsed() / budget_s)
             if t.val_every and step % t.val_every == 0 and dist.is_main and val_ct + val_mr:
                 run_validation(step)
                 validated_at = step
+            if dist.is_main and elapsed() >= next_snapshot:
+                snapshot(step, losses)
+                next_snapshot += 60 * t.snapshot_minutes
             if step % t.checkpoint_every == 0 and step < t.steps:
                 save_state(step, losses)
             if progress is not None and dist.is_main:
                 progress(step, t.steps, {**losses, "patches_per_s": rate})
-        if t.val_every and dist.is_main and val_ct + val_mr and validated_at != t.steps and start < t.steps:
-            run_validation(t.steps)
-        save_state(t.steps, losses)
+        if t.val_every and dist.is_main and val_ct + val_mr and validated_at != final_step and start < final_step:
+            run_validation(final_step)
+        if t.snapshot_minutes and dist.is_main and final_step > start:
+            snapshot(final_step, losses)
+        save_state(final_step, losses)
         final = out_dir / "model.safetensors"
         if dist.is_main:
             save_checkpoint(final, {"G": trainer.G, "F": trainer.F}, architecture, prep, inference,
-                            summary(t.steps, losses))
-            logger.info("Trained steps %d-%d in %.1f s", start + 1, t.steps, time.perf_counter() - run_start)
+                            {**summary(final_step, losses), "elapsed_s": round(elapsed(), 3),
+                             "stopped_by": "max_minutes" if final_step < t.steps else "steps"})
+            logger.info("Trained steps %d-%d in %.1f s", start + 1, final_step, time.perf_counter() - run_start)
         dist.barrier()
         return final
     finally:

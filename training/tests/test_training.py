@@ -176,11 +176,17 @@ def test_gradient_checkpointing_wraps_unet_nodes_without_renaming_parameters():
     ["model.rician.corrupt_d=true", "model.rician.tau=0.05", "model.rician.sigma_range=[0.01,0.05]"],
     ["model.lambda_mi=0.05", "model.lambda_hist=1", "model.hist_mask=true", "model.hist_symmetric=true"],
     ["model.alpha=0.1"],
+    ["model.lambda_mind=1.0"],
+    ["model.lambda_nce=1.0", "model.nce_patches=16"],
 ])
 def test_optional_terms_are_wired_and_logged(extra):
     out = trainer(tiny("m1", *extra)).train_step(batch(2))
     if "model.lambda_mi=0.05" in extra:
         assert {"mi", "hist_MR", "hist_CT"} <= set(out) and out["mi"] <= 0
+    if "model.lambda_mind=1.0" in extra:
+        assert {"mind_MR", "mind_CT"} <= set(out) and out["mind_MR"] > 0
+    if "model.nce_patches=16" in extra:
+        assert {"nce_MR", "nce_CT"} <= set(out) and 0 < out["nce_MR"] < 2 * np.log(16)
     assert all(np.isfinite(v) for v in out.values())
     assert out["G_total"] != pytest.approx(trainer(tiny("m1")).train_step(batch(2))["G_total"])
 
@@ -366,3 +372,24 @@ def test_checkpoint_configs_carry_relative_data_paths(tmp_path):
     assert out["data"]["mr"] == ["relative/mr.nii.gz"]
     assert out["data"]["split_file"] == os.path.join("..", "split.json")
     assert config["data"]["ct"] == [str(tmp_path / "data" / "ct")], "the input is not modified"
+
+
+def test_max_minutes_stops_cleanly_with_a_loadable_model_and_snapshots(tmp_path):
+    """Issue 13: ``--max-minutes`` ends the run when the budget is spent; the model and snapshots load."""
+    need(HEART_CT, ABDOMEN_MR)
+    config = tiny("sc", f'data.ct=["{HEART_CT}"]', f'data.mr=["{ABDOMEN_MR}"]', "train.steps=100000",
+                  "train.max_minutes=0.05", "train.snapshot_minutes=0.02", "train.threads=1", "train.log_every=1",
+                  "train.checkpoint_every=100000")
+    path = train_run(config, tmp_path / "run")
+    meta = read_metadata(path)["training"]
+    assert meta["stopped_by"] == "max_minutes" and 1 <= meta["steps"] < 100000
+    assert 3.0 <= meta["elapsed_s"] < 60.0
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == meta["steps"]
+    assert log[-1]["lr_G"] < config.train.lr_g  # the decay followed the clock
+    snapshots = sorted((tmp_path / "run" / "snapshots").glob("step_*.safetensors"))
+    assert len(snapshots) >= 2 and snapshots[-1].name == f"step_{meta['steps']:08d}.safetensors"
+    with torch.no_grad():
+        assert load_checkpoint(snapshots[0]).G(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["step"] == meta["steps"] and state["elapsed_s"] >= 3.0

@@ -47,6 +47,12 @@ class ResnetGenerator3D(nn.Module):
         n_blocks: residual blocks (9 for ResNet-9b, 6 for ResNet-6b).
         norm: a name of :data:`ct2mr.networks.norm.NORMS` (``"instance"``, ``"batch"``, ``"layer"``,
             ``"switchable"``, ``"none"``).
+        pointwise: hidden channels of a per-voxel intensity path (0: off, the thesis's network). When on, the
+            output is ``tanh(R(x) + P(x))``: ``P`` is a 1^3-convolution MLP (1 -> pointwise -> pointwise -> 1, leaky
+            ReLU) that maps each voxel's intensity alone, ``R`` the ResNet (its last convolution starts at zero), so
+            the network starts as a learnable intensity curve and the ResNet adds what needs context. A window that
+            holds only air then maps to the learned air value instead of the mid-grey that instance
+            normalisation makes of a constant input (issue 13).
 
     Parameter names (state-dict keys) for a given configuration never change: checkpoints written by earlier
     versions keep loading.
@@ -59,10 +65,11 @@ class ResnetGenerator3D(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 64, n_blocks: int = 9,
-                 norm: str = "instance") -> None:
+                 norm: str = "instance", pointwise: int = 0) -> None:
         super().__init__()
-        if base_channels < 1 or n_blocks < 0:
-            raise ValueError(f"base_channels must be >= 1 and n_blocks >= 0, got {base_channels}, {n_blocks}.")
+        if base_channels < 1 or n_blocks < 0 or pointwise < 0:
+            raise ValueError(f"base_channels must be >= 1, n_blocks and pointwise >= 0, got {base_channels}, "
+                             f"{n_blocks}, {pointwise}.")
         make_norm(norm, 1)  # validates the name up front
         c = base_channels
         layers: list[nn.Module] = [
@@ -76,10 +83,22 @@ class ResnetGenerator3D(nn.Module):
                        nn.Conv3d(cin, cout, 3, padding=1, padding_mode="replicate"), make_norm(norm, cout),
                        nn.ReLU(True)]
         layers += [nn.Conv3d(c, out_channels, 7, padding=3, padding_mode="replicate"), nn.Tanh()]
+        self.pointwise = None
+        if pointwise:
+            # the Tanh moves after the sum; it has no parameters, so the state-dict keys of ``model`` do not change
+            layers.pop()
+            nn.init.zeros_(layers[-1].weight)
+            nn.init.zeros_(layers[-1].bias)
+            h = int(pointwise)
+            self.pointwise = nn.Sequential(
+                nn.Conv3d(in_channels, h, 1), nn.LeakyReLU(0.2, True), nn.Conv3d(h, h, 1), nn.LeakyReLU(0.2, True),
+                nn.Conv3d(h, out_channels, 1))
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, D, H, W) -> (B, C_out, D, H, W) in [-1, 1]; D, H, W must be multiples of 4."""
         if any(s % 4 for s in x.shape[2:]):
             raise ValueError(f"ResnetGenerator3D needs D, H, W divisible by 4, got {tuple(x.shape[2:])}.")
-        return self.model(x)
+        if self.pointwise is None:
+            return self.model(x)
+        return torch.tanh(self.model(x) + self.pointwise(x))
