@@ -40,6 +40,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
+from .checks import prepare_output_dir, replace_nonfinite
 from .io import HDF5_SUFFIXES, ImageReadError, image_suffix, list_images, read_volumes, write_hdf5
 from .preprocessing import MODALITIES, PreprocessingConfig, PreprocessRecord, preprocess
 
@@ -482,6 +483,7 @@ def _process_task(task: dict[str, Any]) -> list[VolumeResult]:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
+                image, _ = replace_nonfinite(image, task["modality"], name)  # NaN/inf: counted, warned, replaced
                 pre = preprocess(image, task["modality"], config)
                 attrs = _attributes(pre.record, pre.array, image, task, name, index)
                 write_hdf5(pre.array, out, attrs)
@@ -586,7 +588,7 @@ def preprocess_batch(inputs: str | os.PathLike | Iterable[str | os.PathLike], ou
     start = time.perf_counter()
     out_dir = Path(out_dir)
     paths = list_images(inputs)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out_dir, "output folder (--out)")  # created, probed, stale temporary files removed
     input_paths = {str(p.resolve()) for p in paths}
     params_hash = parameter_hash(modality, config)
     common = {"modality": modality, "config": config.to_dict(), "select": select, "command": command,

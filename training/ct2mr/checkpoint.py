@@ -34,6 +34,7 @@ __all__ = [
     "load_checkpoint",
     "load_discriminators",
     "read_metadata",
+    "verify_checkpoint",
     "sha256sum",
     "default_model_path",
     "save_training_state",
@@ -171,7 +172,102 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             decoded[key] = json.loads(metadata.get(key, "{}"))
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON ({exc}).") from exc
+    _check_inference_settings(path, decoded["inference"])
     return decoded
+
+
+def _check_inference_settings(path: Path, inference: Any) -> None:
+    """Validate a checkpoint's default inference settings with the rules of ``--roi-size`` and ``--overlap``."""
+    from .checks import validate_overlap, validate_roi_size
+
+    if not isinstance(inference, dict):
+        raise CheckpointError(f"{path}: metadata 'inference' must be a JSON object, got {inference!r}.")
+    try:
+        if inference.get("roi_size") is not None:
+            validate_roi_size(inference["roi_size"], "its inference setting roi_size")
+        if inference.get("overlap") is not None:
+            validate_overlap(inference["overlap"], "its inference setting overlap")
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc} The checkpoint is damaged or was edited; export it again from "
+                              "`ct2mr train`, or use another --model.") from exc
+
+
+def _tensor_problems(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]], prefix: str
+                     ) -> list[str]:
+    """Differences between the tensors an architecture needs (``expected``, without prefix) and those stored."""
+    missing = [k for k in expected if f"{prefix}.{k}" not in stored]
+    wrong = [(k, stored[f"{prefix}.{k}"], shape) for k, shape in expected.items()
+             if f"{prefix}.{k}" in stored and tuple(stored[f"{prefix}.{k}"]) != tuple(shape)]
+    unexpected = [k[len(prefix) + 1:] for k in stored if k.startswith(prefix + ".") and k[len(prefix) + 1:]
+                  not in expected]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) of {prefix} are missing (e.g. {prefix}.{missing[0]})")
+    if wrong:
+        k, got, want = wrong[0]
+        problems.append(f"{len(wrong)} tensor(s) of {prefix} have the wrong shape (e.g. {prefix}.{k}: "
+                        f"{list(got)} stored, {list(want)} needed)")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) of {prefix} belong to no layer of its architecture (e.g. "
+                        f"{prefix}.{unexpected[0]})")
+    return problems
+
+
+def _expected_shapes(spec: dict[str, Any], builder: Any) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors a network built from ``spec`` holds (built on the meta device: no memory)."""
+    try:
+        with torch.device("meta"):
+            net = builder(spec)
+    except Exception:  # noqa: BLE001 - a network that needs real memory to be built
+        net = builder(spec)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def verify_checkpoint(path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check that a checkpoint holds every tensor its architecture needs, with the right shape, without loading them.
+
+    The generators (and the discriminators, when the file holds any of their tensors) are built from the metadata's
+    architecture (on PyTorch's meta device: no memory) and their ``state_dict`` names and shapes compared with the
+    tensor headers of the safetensors file.
+
+    Args:
+        path: a ct2mr ``.safetensors`` checkpoint.
+        metadata: its :func:`read_metadata` (read here when ``None``).
+
+    Returns:
+        The metadata.
+
+    Raises:
+        FileNotFoundError, CheckpointError: see :func:`read_metadata`; also a bad architecture, missing tensors,
+            tensors of the wrong shape, or tensors no layer uses, each with an example name.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta = metadata if metadata is not None else read_metadata(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error types
+        raise CheckpointError(f"{path}: the tensor headers could not be read ({exc}); the file may be truncated.") \
+            from exc
+    architecture = meta.get("architecture") or {}
+    try:
+        generator = _expected_shapes(architecture["generator"], build_generator)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: bad generator architecture in metadata ({exc}).") from exc
+    problems = _tensor_problems(generator, stored, "G") + _tensor_problems(generator, stored, "F")
+    if any(k.startswith(("D_MR.", "D_CT.")) for k in stored) and "discriminator" in architecture:
+        try:
+            disc = _expected_shapes(architecture["discriminator"], build_discriminator)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: bad discriminator architecture in metadata ({exc}).") from exc
+        problems += _tensor_problems(disc, stored, "D_MR") + _tensor_problems(disc, stored, "D_CT")
+    if problems:
+        raise CheckpointError(f"{path}: its weights do not fit its architecture ({architecture.get('generator')}): "
+                              f"{'; '.join(problems)}. The file is damaged or incomplete; export or download it "
+                              "again.")
+    return meta
 
 
 def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Checkpoint:
@@ -185,12 +281,13 @@ def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.d
         The :class:`Checkpoint` with G and F in eval mode.
 
     Raises:
-        FileNotFoundError, CheckpointError: see :func:`read_metadata`; also missing or mismatching tensors.
+        FileNotFoundError, CheckpointError: see :func:`read_metadata` (also invalid inference settings) and
+            :func:`verify_checkpoint` (missing tensors, wrong shapes, each named).
     """
     from safetensors.torch import load_file
 
     path = Path(path) if path is not None else default_model_path()
-    meta = read_metadata(path)
+    meta = verify_checkpoint(path)
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as exc:

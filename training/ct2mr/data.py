@@ -20,7 +20,6 @@ import csv
 import json
 import logging
 import math
-import os
 import queue
 import threading
 import warnings
@@ -32,7 +31,8 @@ import numpy as np
 import torch
 
 from .batch import is_preprocessed, read_preprocessed
-from .io import list_images, read_volumes
+from .checks import check_input_image, input_checks_mode
+from .io import list_images, read_volumes, write_json
 from .preprocessing import FlatVolumeWarning, PreprocessingConfig, PreprocessRecord, preprocess
 
 __all__ = [
@@ -95,6 +95,10 @@ def load_domain(inputs: str | Path | Iterable[str | Path], modality: str, config
 
     Outputs of ``ct2mr preprocess`` (:func:`ct2mr.batch.is_preprocessed`) are used as they are, not preprocessed a
     second time; flagged (flat) ones are skipped, and parameters that differ from ``config`` are logged as a warning.
+    Raw volumes are checked first (:func:`ct2mr.checks.check_input_image`): a spacing outside 0.1-20 mm is refused
+    and NaN/inf voxels are replaced (CT -1024 HU, MR 0) with a warning; inside :func:`ct2mr.checks.input_checks`
+    (``ct2mr train``) a CT that is not plausible in HU (an MR, a constant volume) and an MR that is a CT in HU are
+    refused too (with ``force``: a warning).
 
     Args:
         inputs: files and folders (see :func:`ct2mr.io.list_images`), raw or preprocessed by ``ct2mr preprocess``.
@@ -107,6 +111,7 @@ def load_domain(inputs: str | Path | Iterable[str | Path], modality: str, config
 
     Raises:
         FileNotFoundError, ct2mr.io.ImageReadError: a path is missing or unreadable.
+        ct2mr.checks.InputCheckError: a raw volume refused by the input checks (the message names the file).
         ValueError: nothing usable was found, or a preprocessed file of the other modality.
     """
     config = config or PreprocessingConfig()
@@ -129,7 +134,10 @@ def load_domain(inputs: str | Path | Iterable[str | Path], modality: str, config
             if progress:
                 progress(i + 1, len(paths), path.name)
             continue
-        for name, image in read_volumes(path):
+        series = read_volumes(path)
+        for name, image in series:
+            image, _ = check_input_image(image, modality, str(path) if len(series) == 1 else f"{path} ({name})",
+                                         constant_mr="allow", plausibility=input_checks_mode() is not None)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", FlatVolumeWarning)
                 pre = preprocess(image, modality, config)
@@ -636,9 +644,6 @@ def read_split(path: str | Path) -> dict[str, dict[str, list[str]]]:
 
 
 def write_split(path: str | Path, split: Mapping[str, Mapping[str, Sequence[str]]], **info: Any) -> Path:
-    """Write a split (``{"ct": {"train": ...}, "mr": ...}``) as JSON, atomically; ``info`` fields are added."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({**{m: {s: list(v) for s, v in d.items()} for m, d in split.items()}, **info}, indent=2))
-    os.replace(tmp, path)
-    return path
+    """Write a split (``{"ct": {"train": ...}, "mr": ...}``) as JSON, atomically and verified
+    (:func:`ct2mr.io.write_json`); ``info`` fields are added."""
+    return write_json(path, {**{m: {s: list(v) for s, v in d.items()} for m, d in split.items()}, **info})

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ __all__ = [
     "write_outputs",
     "fit_harmonizer_for",
     "OUTPUT_NAMES",
+    "CPU_FP16_NOTE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_ROI = (96, 96, 96)
 #: ``callback(stage, fraction_of_stage, message)``; stages: preprocess, G, F, postprocess.
 ProgressCallback = Callable[[str, float, str], None]
+#: The note printed when fp16 is asked for on the CPU (no fp16 kernels there: emulated, several times slower).
+CPU_FP16_NOTE = ("--precision fp16 on the CPU: the CPU has no fast float16 convolutions, so this runs several times "
+                 "slower than fp32 and is less exact. Use --precision fp32 (or auto) on the CPU, bf16 on CPUs with "
+                 "AVX-512 BF16 or AMX, fp16 on a GPU.")
 
 
 @dataclass
@@ -87,8 +91,9 @@ class InferenceSettings:
     gpu_memory_gb: float | None = None
 
     def __post_init__(self) -> None:
-        if not 0 <= self.overlap < 1:
-            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}.")
+        from .checks import validate_overlap, validate_roi_size
+
+        self.overlap = validate_overlap(self.overlap)
         if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
             raise ValueError(f"gpu_memory_gb must be positive, got {self.gpu_memory_gb}.")
         if self.sw_batch_size is not None and self.sw_batch_size < 1:
@@ -98,11 +103,7 @@ class InferenceSettings:
         if self.blend not in ("gaussian", "constant"):
             raise ValueError(f"blend must be 'gaussian' or 'constant', got {self.blend!r}.")
         if self.roi_size is not None:
-            roi = [int(v) for v in (self.roi_size if isinstance(self.roi_size, Sequence) else [self.roi_size])]
-            roi = roi * 3 if len(roi) == 1 else roi
-            if len(roi) != 3 or any(v < 4 or v % 4 for v in roi):
-                raise ValueError(f"roi_size must be 1 or 3 positive multiples of 4 voxels, got {self.roi_size}.")
-            self.roi_size = tuple(roi)
+            self.roi_size = validate_roi_size(self.roi_size)
 
 
 @dataclass
@@ -392,6 +393,8 @@ def translate_volume(volume: np.ndarray, checkpoint: Checkpoint, direction: str 
     report = progress or (lambda stage, fraction, message: None)
     device = resolve_device(settings.device)
     dtype = resolve_precision(settings.precision, device)
+    if device.type == "cpu" and dtype == torch.float16:
+        warnings.warn(CPU_FP16_NOTE, RuntimeWarning, stacklevel=2)
     roi = settings.roi_size or tuple(checkpoint.inference.get("roi_size") or DEFAULT_ROI)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -536,12 +539,17 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
                    settings: InferenceSettings | None = None, progress: ProgressCallback | None = None,
                    harmonize: str = "none", reference_mr: str | Path | Sequence[str | Path] | None = None,
                    checkpoint: Checkpoint | None = None, image: sitk.Image | None = None, preprocessed: Any = None,
-                   harmonizer: Any = None, warp_check: bool = False) -> dict[str, Any]:
+                   harmonizer: Any = None, warp_check: bool = False, overwrite: bool = True,
+                   force: bool = False) -> dict[str, Any]:
     """Translate a CT file or DICOM folder and write the three outputs, all or nothing.
 
-    The input is read and the model loaded before anything is written; the outputs are written to temporary files
-    in ``out_dir`` and renamed only when all three are complete, so a failure leaves no partial output (and an
-    ``out_dir`` this call created is removed again).
+    Checks before the work (:mod:`ct2mr.checks`), in this order, each failing in seconds with one message: the
+    output folder is created and a probe file written into it; with ``overwrite=False`` a folder that already holds
+    outputs is refused; the CT is read and checked (spacing 0.1-20 mm, NaN/inf voxels replaced by -1024 HU, the HU
+    plausibility of :func:`ct2mr.checks.check_input_image`); the model is loaded (every tensor checked); the network
+    grid, the estimated memory and the free disk space are checked (:func:`ct2mr.checks.check_translation_resources`).
+    The outputs are then written by :func:`write_outputs` (verified, all or nothing), so a failure leaves no partial
+    output (and an ``out_dir`` this call created is removed again when empty).
 
     Args:
         input_path: the CT (NIfTI, NRRD, MHA, HDF5 or a DICOM series folder), HU.
@@ -558,46 +566,78 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
             preprocessing, so the harmonised synthetic MR is in the same normalised intensity, in [-1, 1].
         checkpoint: an already loaded checkpoint, used instead of loading ``model`` (batch mode keeps one loaded,
             with G and F on the device, across volumes: :mod:`ct2mr.translate_batch`).
-        image: the CT already read from ``input_path`` (``None``: read it here).
+        image: the CT already read from ``input_path`` and checked (``None``: read and check it here).
         preprocessed: ``preprocess(image, "ct", checkpoint.preprocessing)`` already computed (``None``: here).
         harmonizer: an already fitted harmonizer (:func:`fit_harmonizer_for`), used instead of fitting one from
             ``harmonize`` and ``reference_mr``.
         warp_check: also run the anatomy checks (:func:`ct2mr.anatomy.translation_anatomy`: edge correlation, GMS,
             NMI, a B-spline registration of G(x) onto x) and write ``displacement_mm.nii.gz`` (float32, mm, on the
             input's grid) and ``anatomy.json`` with the other outputs; the metrics go to ``info["anatomy"]``.
+        overwrite: replace outputs already in ``out_dir`` (``False``: refuse such a folder before any work; the
+            single-file ``ct2mr translate`` without ``--overwrite``).
+        force: translate a CT that fails the HU plausibility check (an MR, a constant volume), with a warning.
 
     Returns:
-        ``{"outputs": {key: path}, "info": {...}}``.
+        ``{"outputs": {key: path}, "info": {...}}``; ``info["checks"]`` holds the input report and the resource
+        estimates.
 
     Raises:
         FileNotFoundError, ct2mr.io.ImageReadError, ct2mr.checkpoint.CheckpointError, ValueError, RuntimeError:
-        bad input, checkpoint or settings, or out of memory; nothing is written then.
+            bad input, checkpoint or settings, or out of memory; nothing is written then.
+        FileExistsError: ``overwrite=False`` and ``out_dir`` already holds outputs.
+        ct2mr.checks.InputCheckError: the input is refused (spacing, not a CT, too thin).
+        ct2mr.checks.OutputCheckError: ``out_dir`` cannot be created or written.
+        ct2mr.checks.ResourceCheckError: not enough memory or disk space for this CT.
+        ct2mr.io.OutputWriteError: an output could not be written completely (nothing left under its name).
     """
+    from .anatomy import ANATOMY_NAME, DISPLACEMENT_NAME
     from .checkpoint import load_checkpoint
+    from .checks import check_input_image, check_translation_resources, existing_outputs, prepare_output_dir
     from .io import read_image
 
     input_path, out_dir = Path(input_path), Path(out_dir)
-    finals = {key: out_dir / name for key, name in OUTPUT_NAMES.items()}
+    names = list(OUTPUT_NAMES.values()) + ([DISPLACEMENT_NAME, ANATOMY_NAME] if warp_check else [])
     resolved_input = input_path.resolve()
-    if any(p.resolve() == resolved_input for p in finals.values()):
+    if any((out_dir / name).resolve() == resolved_input for name in names):
         raise ValueError(f"The output folder {out_dir} would overwrite the input {input_path}; choose another -o.")
     settings = settings or InferenceSettings()
     from .harmonization import HARMONIZATION_METHODS
 
     if harmonize not in HARMONIZATION_METHODS:
         raise ValueError(f"harmonize must be one of {HARMONIZATION_METHODS}, got {harmonize!r}.")
-    image = read_image(input_path) if image is None else image
-    checkpoint = load_checkpoint(model) if checkpoint is None else checkpoint
-    if harmonizer is None:
-        harmonizer = fit_harmonizer_for(harmonize, reference_mr, checkpoint)
-    result = translate_image(image, checkpoint, settings, progress, harmonizer, preprocessed=preprocessed)
-    extra = None
-    if warp_check:  # anatomy checks (thesis 5, P1/E2): two more files in the same all-or-nothing write
-        from .anatomy import translation_anatomy
+    created = prepare_output_dir(out_dir, "output folder (-o)")
+    try:
+        if not overwrite:
+            existing = existing_outputs(out_dir, names)
+            if existing:
+                raise FileExistsError(f"The output folder {out_dir} already holds "
+                                      f"{', '.join(p.name for p in existing)}; pass --overwrite to replace them, or "
+                                      "choose another -o.")
+        report = None
+        if image is None:
+            image, report = check_input_image(read_image(input_path), "ct", str(input_path), force)
+        checkpoint = load_checkpoint(model) if checkpoint is None else checkpoint
+        prep = checkpoint.preprocessing
+        roi = settings.roi_size or tuple(checkpoint.inference.get("roi_size") or DEFAULT_ROI)
+        width = int((checkpoint.architecture.get("generator") or {}).get("base_channels", 64))
+        resources = check_translation_resources(image, prep.target_spacing, prep.k, out_dir,
+                                                len(names) - (1 if warp_check else 0), width, roi,
+                                                settings.sw_batch_size, str(input_path), prep.orientation)
+        if harmonizer is None:
+            harmonizer = fit_harmonizer_for(harmonize, reference_mr, checkpoint)
+        result = translate_image(image, checkpoint, settings, progress, harmonizer, preprocessed=preprocessed)
+        extra = None
+        if warp_check:  # anatomy checks (thesis 5, P1/E2): two more files in the same all-or-nothing write
+            from .anatomy import translation_anatomy
 
-        result.info["anatomy"], extra = translation_anatomy(image, result.synthetic_mr, progress)
-    finals = write_outputs(result, out_dir, progress, extra)
+            result.info["anatomy"], extra = translation_anatomy(image, result.synthetic_mr, progress)
+        finals = write_outputs(result, out_dir, progress, extra)
+    except BaseException:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     info = dict(result.info)
+    info["checks"] = {"input": report.to_dict() if report else None, **resources}
     info.update({"input": str(input_path), "model": str(checkpoint.path), "model_name": checkpoint.name,
                  "model_sha256": checkpoint.sha256})
     return {"outputs": {key: str(path) for key, path in finals.items()}, "info": info}
@@ -635,9 +675,10 @@ def write_outputs(result: TranslationResult, out_dir: str | Path, progress: Prog
                   extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write a translation's outputs into ``out_dir``, all or nothing.
 
-    Every file goes to a temporary name in ``out_dir`` first (:func:`ct2mr.io.atomic_path`); only when all are
-    complete are they renamed to their final names. On any error or interruption the temporary files are removed,
-    and an ``out_dir`` this call created is removed again when it stayed empty.
+    Every file goes to a temporary name in ``out_dir`` first and is fsynced and read back
+    (:func:`ct2mr.io.atomic_writes`); only when all are complete are they renamed to their final names. On any error
+    or interruption the temporary files are removed, and an ``out_dir`` this call created is removed again when it
+    stayed empty.
 
     Args:
         result: the translation (:data:`OUTPUT_NAMES` files: synthetic MR, round-trip CT, error map, NIfTI gzip).
@@ -650,9 +691,10 @@ def write_outputs(result: TranslationResult, out_dir: str | Path, progress: Prog
         ``{key: final path}`` for :data:`OUTPUT_NAMES` and ``extra``.
 
     Raises:
-        OSError: the folder or a file cannot be written (nothing is left behind then).
+        ct2mr.io.OutputWriteError: the folder or a file cannot be written completely (a full disk, a file-size limit,
+            a read-only folder), naming the folder and its free space; nothing is left behind then.
     """
-    from .io import atomic_path, image_suffix
+    from .io import atomic_writes, image_suffix
 
     out_dir = Path(out_dir)
     report = progress or (lambda stage, fraction, message: None)
@@ -661,22 +703,16 @@ def write_outputs(result: TranslationResult, out_dir: str | Path, progress: Prog
               for name, value in (extra or {}).items()]
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    temps: list[tuple[Path, Path]] = []
     try:
-        for i, (key, final, value) in enumerate(items):
-            report("write", i / len(items), f"Writing {final.name}")
-            tmp = atomic_path(final)
-            temps.append((tmp, final))
-            if isinstance(value, sitk.Image):
-                sitk.WriteImage(value, str(tmp), True)
-            else:
-                tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-        for tmp, final in temps:
-            os.replace(tmp, final)
+        with atomic_writes([final for _, final, _ in items]) as temps:
+            for i, ((key, final, value), tmp) in enumerate(zip(items, temps)):
+                report("write", i / len(items), f"Writing {final.name}")
+                if isinstance(value, sitk.Image):
+                    sitk.WriteImage(value, str(tmp), True)
+                else:
+                    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
         report("write", 1.0, f"Wrote {out_dir}")
     except BaseException:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
         if created and out_dir.exists() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise

@@ -28,6 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
+from .checks import prepare_output_dir, replace_nonfinite
 from .io import ImageReadError, atomic_write, image_suffix, list_images, read_image, write_image
 from .nnunet import FORMATS, case_id, image_name, label_name, parse_label_names, write_json_atomic, write_layout_index
 
@@ -272,6 +273,7 @@ def synthesize_dataset(images: str | os.PathLike | Iterable, labels: str | os.Pa
     settings = settings or InferenceSettings()
     checkpoint = load_checkpoint(model)
     out = Path(out)
+    prepare_output_dir(out, "dataset folder (--out)")  # created and proved writable before any translation
     for sub in ("imagesTr", "labelsTr", RECORDS):
         (out / sub).mkdir(parents=True, exist_ok=True)
     inputs = {str(p.resolve()) for _, image, label in pairs for p in (image, label)}
@@ -302,7 +304,7 @@ def synthesize_dataset(images: str | os.PathLike | Iterable, labels: str | os.Pa
                     progress(done, len(mine), case)
                 continue
         try:
-            ct = read_image(image_path)
+            ct, _ = replace_nonfinite(read_image(image_path), "ct", str(image_path))  # NaN/inf -> -1024 HU
             label = read_image(label_path)
             check_same_grid(ct, label)
             values = _label_values(label, label_path)

@@ -168,14 +168,12 @@ def validate_dataset_json(data: Mapping[str, Any], root: str | os.PathLike | Non
 
 
 def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
-    """Write JSON to ``path`` atomically (temporary file in the same folder, then rename)."""
-    from .io import atomic_write
+    """Write JSON to ``path`` atomically and verified (:func:`ct2mr.io.write_json`), creating its folder."""
+    from .io import write_json
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-    return path
+    return write_json(path, data)
 
 
 def write_layout_index(root: str | os.PathLike, cases: Iterable[str], labels: Mapping[str, int], fmt: str,

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .batch import source_stamp, is_preprocessed, read_preprocessed
-from .io import HDF5_SUFFIXES, ImageReadError, image_suffix, read_volumes
+from .io import HDF5_SUFFIXES, ImageReadError, image_suffix, read_volumes, write_text
 from .orientation import OrientationReport, SideIndicator, check_orientation, heart_side
 from .preprocessing import MODALITIES, reorient_to_ras
 
@@ -286,11 +286,13 @@ def _raw_volume(qc: VolumeQC) -> tuple[np.ndarray | None, tuple[float, float, fl
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+    import io
+
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())
 
 
 def _orientation_markdown(report: OrientationReport, volumes: Sequence[VolumeQC]) -> str:
@@ -362,8 +364,8 @@ def run_qc(dirs: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str |
                      v.attrs.get("source", ""), str(v.path)] for v in volumes]),
     ]
     table = table2_markdown(rows)
-    (out_dir / "table2.md").write_text("Table 2 - Quality control statistics after clipping (ct2mr qc).\n\n"
-                                       + table + "\n", encoding="utf-8")
+    write_text(out_dir / "table2.md", "Table 2 - Quality control statistics after clipping (ct2mr qc).\n\n"
+               + table + "\n")
     files.append(out_dir / "table2.md")
 
     figure_lines = []
@@ -417,6 +419,6 @@ def run_qc(dirs: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str |
         "## Left-right orientation", "", _orientation_markdown(orientation, volumes), "",
         *(["## Figures", "", *figure_lines, ""] if figures else []),
     ])
-    (out_dir / "qc_report.md").write_text(markdown, encoding="utf-8")
+    write_text(out_dir / "qc_report.md", markdown)
     files.append(out_dir / "qc_report.md")
     return QCReport(out_dir, volumes, rows, orientation, files, markdown)

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -411,10 +410,9 @@ def _write_sidecar(folder: Path, entry: ModelEntry, origin: str, imported_from: 
     data = {"entry": entry.to_dict(), "origin": origin, "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if imported_from:
         data["imported_from"] = imported_from
-    handle, tmp = tempfile.mkstemp(prefix=f".{SIDECAR}.", dir=folder)
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, folder / SIDECAR)
+    from .io import write_json
+
+    write_json(folder / SIDECAR, data)
 
 
 def cached_models(name: str | None = None) -> list[CachedModel]:
@@ -541,8 +539,10 @@ def import_checkpoint(path: str | os.PathLike, name: str | None = None, version:
                       description: str | None = None) -> CachedModel:
     """Copy a local checkpoint into the cache, for machines that cannot download.
 
-    The file is validated with :func:`ct2mr.checkpoint.read_metadata` (a ct2mr safetensors checkpoint of a format
-    this version understands; needs torch), hashed, and copied atomically. A file whose SHA-256 is listed takes that
+    The file is validated with :func:`ct2mr.checkpoint.verify_checkpoint` (a ct2mr safetensors checkpoint of a
+    format this version understands, valid inference settings, and every tensor its architecture needs present with
+    the right shape; needs torch), hashed, and copied atomically (:func:`ct2mr.io.atomic_write`: fsynced, header and
+    size read back, SHA-256 compared). A file whose SHA-256 is listed takes that
     entry's name and version (an offline copy of a published model); otherwise the name comes from ``name``, the
     checkpoint's training name or the file stem, and the version from ``version`` or ``local-<first 12 hex digits
     of the SHA-256>``.
@@ -558,13 +558,15 @@ def import_checkpoint(path: str | os.PathLike, name: str | None = None, version:
 
     Raises:
         FileNotFoundError: no such file.
-        ct2mr.checkpoint.CheckpointError: not a usable ct2mr checkpoint.
+        ct2mr.checkpoint.CheckpointError: not a usable ct2mr checkpoint (e.g. a missing tensor, named).
         RegistryError: invalid name or version, or that name/version already holds a different file.
+        ct2mr.io.OutputWriteError: the cache's disk is full (nothing left under the final name).
     """
-    from .checkpoint import read_metadata
+    from .checkpoint import verify_checkpoint
+    from .io import atomic_write
 
     source = Path(path)
-    metadata = read_metadata(source)
+    metadata = verify_checkpoint(source)
     sha256 = _sha256(source)
     listed = load_registry().by_sha256(sha256)
     training = metadata.get("training") or {}
@@ -590,14 +592,10 @@ def import_checkpoint(path: str | os.PathLike, name: str | None = None, version:
                                 "--version, or `ct2mr models clear` it first.")
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{entry.file_name}.part"
-        try:
+        with atomic_write(target) as tmp:
             shutil.copyfile(source, tmp)
             if _sha256(tmp) != sha256:
                 raise RegistryError(f"The copy of {source} does not match its SHA-256; the disk may be failing.")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
     _write_sidecar(folder, entry, "import", str(source.resolve()))
     return next(c for c in cached_models(entry.name) if c.entry.version == entry.version)
 

@@ -46,7 +46,8 @@ from .batch import source_stamp
 from .checkpoint import Checkpoint, load_checkpoint
 from .inference import (OUTPUT_NAMES, InferenceSettings, ProgressCallback, fit_harmonizer_for, resolve_device,
                         translate_file)
-from .io import ImageReadError, atomic_write, image_suffix, list_images, read_image
+from .checks import check_input_image, prepare_output_dir
+from .io import ImageReadError, OutputWriteError, image_suffix, list_images, read_image, write_json
 from .labeltransfer import shard
 from .preprocessing import preprocess
 
@@ -143,6 +144,8 @@ class BatchTranslation:
         total_cases: cases in the whole (unsharded) list.
         device: the compute device used.
         seconds: wall time of the batch, s.
+        summary_error: why the last update of the summary file failed (e.g. a full disk), ``None`` when the file on
+            disk is up to date.
     """
 
     out_dir: Path
@@ -153,6 +156,7 @@ class BatchTranslation:
     total_cases: int = 0
     device: str = "cpu"
     seconds: float = 0.0
+    summary_error: str | None = None
 
     def count(self, status: str) -> int:
         """Number of cases with ``status``."""
@@ -333,8 +337,11 @@ def summary_path(out_dir: str | os.PathLike, rank: int = 0, world_size: int = 1)
 
 
 def _one_line(exc: BaseException) -> str:
+    from .checks import OutputCheckError
+
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if not isinstance(exc, (ImageReadError, FileNotFoundError, ValueError, RuntimeError)):
+    if not isinstance(exc, (ImageReadError, FileNotFoundError, FileExistsError, ValueError, RuntimeError,
+                            OutputWriteError, OutputCheckError)):
         text = f"{type(exc).__name__}: {text}"
     return text
 
@@ -369,7 +376,8 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
                     overwrite: bool = False, harmonize: str = "none",
                     reference_mr: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                     rank: int | None = None, world_size: int | None = None, prefetch: bool = True,
-                    command: str | None = None, **translate_options: Any) -> BatchTranslation:
+                    command: str | None = None, force: bool = False, **translate_options: Any
+                    ) -> BatchTranslation:
     """Translate every CT of a collection into ``OUT_DIR/<case_id>/``, resumably, sharded under ``torchrun``.
 
     The checkpoint is loaded once (G and F stay on the device); while a case runs through G and F, a background
@@ -394,15 +402,21 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
         world_size: number of shards (default: ``WORLD_SIZE`` from the environment, else 1).
         prefetch: prepare the next case in a background thread (``False``: one case after the other).
         command: the command line, recorded in the summary.
+        force: translate CTs that fail the HU plausibility check (:func:`ct2mr.checks.check_input_image`) with a
+            warning instead of failing the case.
         **translate_options: further keyword arguments of :func:`ct2mr.inference.translate_file` (e.g.
             ``warp_check=True``); recorded in the done-marker, so changing them recomputes.
 
     Returns:
-        The :class:`BatchTranslation` of this process; failed cases are in it, not raised.
+        The :class:`BatchTranslation` of this process; failed cases are in it, not raised. A case whose outputs
+        cannot be written (a full disk) fails with the message of :class:`ct2mr.io.OutputWriteError` and leaves no
+        file under a final name; the summary records it. When the summary itself cannot be written,
+        ``summary_error`` says why.
 
     Raises:
         ValueError: nothing to translate, bad settings, an unknown ``harmonize``, a rank outside the world size.
         FileNotFoundError, ct2mr.checkpoint.CheckpointError: unusable model or references (before any case runs).
+        ct2mr.checks.OutputCheckError: ``out_dir`` cannot be created or written (before the model is loaded).
     """
     from .harmonization import HARMONIZATION_METHODS
 
@@ -415,6 +429,8 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
     cases = collect_cases(inputs)
     mine = shard(cases, rank, world_size)
     settings = dataclasses.replace(settings or InferenceSettings())
+    out_dir = Path(out_dir)
+    prepare_output_dir(out_dir, "output folder (-o)")  # before any work: a file, read-only or /proc path fails here
     device = resolve_device(cluster_device(settings.device))
     settings.device = str(device)  # resolved once: a CUDA fallback warns once, not per case
     checkpoint = load_checkpoint(model)
@@ -422,12 +438,11 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
     references = [reference_mr] if isinstance(reference_mr, (str, os.PathLike)) else list(reference_mr or [])
     options = {"harmonize": harmonize, "reference_mr": [str(Path(p).resolve()) for p in references],
                **translate_options}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary = summary_path(out_dir, rank, world_size)
     results = [CaseResult(case.case_id, str(case.path)) for case in mine]
     index = {case.case_id: i for i, case in enumerate(mine)}
     total = len(mine)
+    summary_error: list[str | None] = [None]
 
     def write_summary() -> None:
         counts = {status: sum(r.status == status for r in results) for status in STATUSES}
@@ -438,8 +453,12 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
                    "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "seconds": round(time.perf_counter() - start, 3), "counts": counts,
                    "cases": [r.to_dict() for r in results]}
-        with atomic_write(summary) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        try:
+            write_json(summary, payload, default=str)
+            summary_error[0] = None
+        except OSError as exc:  # a full disk: the cases go on (their failures are in the results), reported at the end
+            summary_error[0] = _one_line(exc)
+            logger.warning("Could not update %s: %s", summary, summary_error[0])
 
     def finish(case: Case, status: str, error: str | None = None, outputs: dict | None = None,
                write: bool = True) -> None:
@@ -471,7 +490,7 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
 
     def prepare(case: Case) -> tuple[Any, Any, dict[str, float]]:
         t0 = time.time()
-        image = read_image(case.path)
+        image, _ = check_input_image(read_image(case.path), "ct", str(case.path), force)
         pre = preprocess(image, "ct", checkpoint.preprocessing)
         return image, pre, {"prepare_start": t0, "prepare_end": time.time()}
 
@@ -501,21 +520,21 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
             try:
                 written = translate_file(case.path, case_dir, settings=settings, progress=progress,
                                          harmonize=harmonize, checkpoint=checkpoint, image=image, preprocessed=pre,
-                                         harmonizer=harmonizer, **translate_options)
-            except Exception as exc:  # out of memory, a write error ...: recorded, the batch goes on
+                                         harmonizer=harmonizer, overwrite=True, **translate_options)
+                del image, pre
                 timeline["translate_end"] = time.time()
+                result.timeline, result.seconds = timeline, time.perf_counter() - t_case
+                outputs = {key: str(path) for key, path in written["outputs"].items()}
+                marker = {**fingerprint, "case": case.case_id,
+                          "outputs": {k: Path(p).name for k, p in outputs.items()},
+                          "seconds": round(result.seconds, 3), "device": written["info"].get("device"),
+                          "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                write_json(case_dir / DONE_MARKER, marker, default=str)  # after the outputs: only then "done"
+            except Exception as exc:  # out of memory, a full disk ...: recorded, the batch goes on
+                timeline.setdefault("translate_end", time.time())
                 result.timeline, result.seconds = timeline, time.perf_counter() - t_case
                 finish(case, "failed", _one_line(exc))
                 continue
-            del image, pre
-            timeline["translate_end"] = time.time()
-            result.timeline, result.seconds = timeline, time.perf_counter() - t_case
-            outputs = {key: str(path) for key, path in written["outputs"].items()}
-            marker = {**fingerprint, "case": case.case_id, "outputs": {k: Path(p).name for k, p in outputs.items()},
-                      "seconds": round(result.seconds, 3), "device": written["info"].get("device"),
-                      "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            with atomic_write(case_dir / DONE_MARKER) as tmp:
-                tmp.write_text(json.dumps(marker, indent=2, default=str) + "\n", encoding="utf-8")
             finish(case, "done", outputs=outputs)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -524,4 +543,4 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
                 result.status = "pending"
         write_summary()
     return BatchTranslation(out_dir, summary, results, rank, world_size, len(cases), str(device),
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, summary_error[0])
