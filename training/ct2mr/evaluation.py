@@ -594,21 +594,22 @@ def _aggregate_cells(row: dict[str, Any]) -> list[str]:
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    os.replace(tmp, path)
-    return path
+    import io
+
+    from .io import write_text
+
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    return write_text(path, buffer.getvalue())
 
 
 def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    from .io import write_text
+
+    return write_text(path, text)
 
 
 AGGREGATE_KEYS = ["model", "variant", "direction", "fid", "kid_percent", "kid_percent_std", "ssim_cyc", "ssim_cyc_std",
@@ -756,7 +757,9 @@ def evaluate(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathL
     report = progress or (lambda stage, fraction, message: None)
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from .checks import prepare_output_dir
+
+    prepare_output_dir(out_dir, "output folder (--out)")  # before any work: created and proved writable
     report("evaluate", 0.0, "Loading the model and the volumes")
     checkpoint = load_checkpoint(model)
     model_name = name or checkpoint.name
@@ -1141,9 +1144,10 @@ def _save_figure_data(path: Path, figure_data: dict[str, Any], histograms: dict[
                     arrays[f"{key}/{kind}/{plane}"] = np.asarray(image, np.float32)
                     arrays[f"{key}/{kind}/{plane}/aspect"] = np.asarray(aspect)
     arrays["names_json"] = np.asarray(json.dumps(names))
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    from .io import atomic_write
+
+    with atomic_write(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
     return path
 
 
