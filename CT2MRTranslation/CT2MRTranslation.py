@@ -1,12 +1,17 @@
 """CT to MR Translation: a 3D Slicer front end of the ct2mr CycleGAN engine.
 
-The Widget (all Qt of the module lives here) starts a translation in a background process through
-``CT2MRTranslationLogic``, polls it with a ``QTimer`` so the GUI never freezes, shows progress from the engine's
-events and can cancel it. The Logic (``CT2MRTranslationLib/logic.py``) is Qt-free and usable without the GUI::
+Supported: 3D Slicer 5.10 or newer (Python 3.12); on an older Slicer the module says so in one sentence and installs
+nothing (``CT2MRTranslationLib/install.py``). The Widget (all Qt of the module lives here, wiring only) starts
+translations and installs as background processes through ``CT2MRTranslationLogic`` and polls them with a
+``QTimer`` / ``QProcess`` so the GUI never freezes. The Logic (``CT2MRTranslationLib/logic.py``) is Qt-free and
+usable without the GUI::
 
     logic = CT2MRTranslationLogic()
-    result = logic.translate(slicer.util.getNode("CT"), device="cpu")
+    result = logic.translate(slicer.util.getNode("CT"), device="cpu", analysis=True)
     result.syntheticMR, result.roundTripCT, result.errorMap
+
+This file, ``CT2MRTranslationLib/__init__.py`` and everything it imports at start-up run on Python 3.9 (Slicer 5.6
+and 5.8), so that an old Slicer can show the version message (``Testing/Python/test_compatibility.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 
 import ctk  # noqa: F401  (the .ui's ctk widgets need the ctk Python wrappers loaded)
@@ -30,11 +36,25 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CT2MRTranslationLib import install
+from CT2MRTranslationLib import install, views
 from CT2MRTranslationLib.logic import CT2MRTranslationLogic, CT2MRTranslationResult  # noqa: F401  (re-export)
+from CT2MRTranslationLib.options import optionSpec
 from CT2MRTranslationLib.parameters import CT2MRTranslationParameters
 
 __all__ = ["CT2MRTranslation", "CT2MRTranslationLogic", "CT2MRTranslationTest", "CT2MRTranslationWidget"]
+
+
+def slicerVersionProblem() -> str:
+    """One sentence when this 3D Slicer is older than the supported range (:mod:`install`), else ``""``."""
+    return install.slicerVersionProblem((slicer.app.majorVersion, slicer.app.minorVersion), sys.version_info[:2])
+
+
+def registerCompareLayouts() -> None:
+    """Register the compare layouts in the application's layout node (at start-up, before any scene is loaded)."""
+    if slicerVersionProblem():
+        logging.warning(slicerVersionProblem())
+        return
+    views.registerCompareLayouts(slicer.mrmlScene)
 
 
 #
@@ -48,11 +68,11 @@ class CT2MRTranslation(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("CT to MR Translation")
-        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Filtering")]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Image Synthesis")]
         self.parent.dependencies = []
-        self.parent.contributors = ["CT2MRTranslation team"]
+        self.parent.contributors = ["Nassim Arifette (ENS Paris-Saclay / BioMaps)"]
         self.parent.helpText = _("""
-Translates a CT volume (HU) into a synthetic MR with a 3D CycleGAN, on the CT's own voxel grid
+Turns a chest CT (HU) into a synthetic MR with a 3D CycleGAN, on the CT's own voxel grid
 (same size, spacing, origin and direction; nothing is warped). Three volumes are added next to the input:
 <ul>
 <li><b>synthetic MR</b> G(x): the generator G (CT to MR) applied to the CT x; normalised MR intensity in [-1, 1];</li>
@@ -62,11 +82,14 @@ lost or invented anatomy.</li>
 </ul>
 The translation runs in a separate process (sliding window, on the GPU when available); Cancel stops it.
 Leave the model path empty to use the default model. Results are shown side by side (axial, coronal, sagittal).
+Needs 3D Slicer 5.10 or newer.
 """)
         self.parent.acknowledgementText = _("""
 Built on the method of N. Arifette, "CT to MRI Translation using CycleGAN for Medical Imaging Applications"
 (internship thesis, ENS Paris-Saclay / BioMaps): 3D CycleGAN, thoracic preprocessing, round-trip error analysis.
 """)
+        # The compare layouts exist before any scene is loaded, so that a saved scene reopens in them.
+        slicer.app.connect("startupCompleted()", registerCompareLayouts)
 
 
 #
@@ -78,10 +101,10 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Module panel: inputs, model list, device, Advanced settings, batch, label transfer, dependencies; Translate
     (which turns into Cancel while running), progress bar, status and log.
 
-    Every choice is kept in the module's parameter node (saved and restored with the scene). Translations and model
-    downloads run as background processes; a ``QTimer`` polls them every ``POLL_INTERVAL_MS`` milliseconds, so the
-    GUI never freezes. The CUDA devices are listed by a background process too (the GUI process never initialises
-    CUDA).
+    Wiring only: every choice is kept in the module's parameter node (saved and restored with the scene);
+    translations, model downloads and the CUDA device listing run as background processes through the Logic, polled
+    by a ``QTimer``; installs run command after command in a ``QProcess`` (the plan and its failure messages come
+    from ``CT2MRTranslationLib.install``). The GUI never freezes and never loads torch.
     """
 
     POLL_INTERVAL_MS = 200
@@ -93,6 +116,10 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.batch = None
         self.downloadJob = None
         self.deviceQuery = None
+        self.installRun: install.InstallRun | None = None
+        self.installPlan: install.InstallPlan | None = None
+        self.installProcess = None
+        self.versionProblem = ""
         self.devices: list[tuple[str, str]] = []
         self.timer: qt.QTimer | None = None
         self._parameterNode = None
@@ -100,17 +127,31 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGUIFromParameterNode = False
         self._dependenciesChecked = False
         self._loggedEvents = 0
+        self._lastStage = None
 
     def setup(self) -> None:
-        """Build the panel from ``Resources/UI/CT2MRTranslation.ui`` and connect it."""
+        """Build the panel from ``Resources/UI/CT2MRTranslation.ui`` and connect it; on an unsupported Slicer, only
+        say so."""
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/CT2MRTranslation.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
+        self.versionProblem = slicerVersionProblem()
+        if self.versionProblem:
+            logging.warning(self.versionProblem)
+            for name in ("inputsCollapsibleButton", "advancedCollapsibleButton", "batchCollapsibleButton",
+                         "labelTransferCollapsibleButton", "dependenciesCollapsibleButton", "applyButton"):
+                getattr(self.ui, name).enabled = False
+            self.ui.progressBar.visible = False
+            self.ui.statusLabel.text = self.versionProblem
+            return
+
         self.logic = CT2MRTranslationLogic()
         self.logic.temporaryDirectory = os.path.join(slicer.app.temporaryPath, "CT2MRTranslation")
+        self.logic.registerLayouts(slicer.mrmlScene)
+        self.applyEngineSchema()
 
         self.timer = qt.QTimer()
         self.timer.setInterval(self.POLL_INTERVAL_MS)
@@ -130,10 +171,14 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                          self.ui.batchModeCheckBox, self.ui.exportPairCheckBox):
             checkBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         for pathLineEdit in (self.ui.modelPathLineEdit, self.ui.exportFolderPathLineEdit):
-            pathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
+            # typed paths are written when editing is finished (no write-back while typing: the cursor stays);
+            # a path picked with the browse button is written at once
+            pathLineEdit.comboBox().lineEdit().connect("editingFinished()", self.updateParameterNodeFromGUI)
+            pathLineEdit.connect("currentPathChanged(QString)", self.onPathPicked)
 
         # actions
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.restoreViewsButton.connect("clicked(bool)", self.onRestoreViewsButton)
         self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModelButton)
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModelButton)
         self.ui.clearModelsButton.connect("clicked(bool)", self.onClearModelsButton)
@@ -149,18 +194,42 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setRunning(False)
         self.ui.statusLabel.text = _("Select a CT volume and click Translate.")
 
+    def applyEngineSchema(self) -> None:
+        """Give the Advanced widgets the engine's vocabularies and ranges (``ct2mr/translate_options.json``): spin
+        boxes offer only valid values, combo boxes only the engine's choices."""
+        overlap = optionSpec("overlap")
+        self.ui.overlapSpinBox.setRange(overlap.minimum, overlap.maximum)
+        self.ui.overlapSpinBox.singleStep = overlap.step or 0.05
+        roi, batch = optionSpec("roi_size"), optionSpec("sw_batch_size")
+        self.ui.roiSizeSpinBox.setRange(0, int(roi.maximum))  # 0: the model's own window ("model default")
+        self.ui.roiSizeSpinBox.singleStep = int(roi.multipleOf or 1)
+        self.ui.swBatchSizeSpinBox.setRange(0, int(batch.maximum))  # 0: the engine sizes it ("auto")
+        for spinBox in (self.ui.overlapSpinBox, self.ui.roiSizeSpinBox, self.ui.swBatchSizeSpinBox):
+            spinBox.keyboardTracking = False  # valueChanged when editing is finished, not at every key
+        for comboBox, name in ((self.ui.precisionComboBox, "precision"), (self.ui.harmonizeComboBox, "harmonize")):
+            wasBlocked = comboBox.blockSignals(True)
+            comboBox.clear()
+            for choice in optionSpec(name).choices:
+                comboBox.addItem(choice)
+            comboBox.blockSignals(wasBlocked)
+
     def cleanup(self) -> None:
-        """Stop a running translation or download (and its process) when the module is destroyed."""
+        """Stop a running translation, download or install (and its process) when the module is destroyed."""
+        if self.versionProblem:
+            return
         self.cancelJob()
         if self.deviceQuery is not None and self.deviceQuery.poll() is None:
             self.deviceQuery.cancel()
+        if self.installProcess is not None:
+            self.installProcess.kill()
         if self.timer is not None:
             self.timer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
         """The module is shown: make sure a parameter node exists and the GUI shows it."""
-        self.initializeParameterNode()
+        if not self.versionProblem:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         """The module is hidden: stop following the parameter node (a running translation goes on)."""
@@ -206,6 +275,11 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self.updateGUIFromParameterNode()
 
+    @staticmethod
+    def _showPath(pathLineEdit, path: str) -> None:
+        if pathLineEdit.currentPath != path:  # no write-back of what is being typed: the cursor stays
+            pathLineEdit.currentPath = path
+
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
         """Show the parameter node's values in the widgets (without writing them back)."""
         if self._parameters is None or self._updatingGUIFromParameterNode:
@@ -224,7 +298,7 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.batchModeCheckBox.checked = p.batchMode
             modelIndex = self.ui.modelComboBox.findData(f"{p.modelName}|{p.modelVersion}")
             self.ui.modelComboBox.setCurrentIndex(max(modelIndex, 0))
-            self.ui.modelPathLineEdit.currentPath = p.modelPath
+            self._showPath(self.ui.modelPathLineEdit, p.modelPath)
             deviceIndex = self.ui.deviceComboBox.findData(p.device)
             if deviceIndex < 0:
                 deviceIndex = self.ui.deviceComboBox.findText(p.device)
@@ -238,7 +312,7 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.warpCheckCheckBox.checked = p.warpCheck
             self.ui.showLayoutCheckBox.checked = p.showCompareLayout
             self.ui.exportPairCheckBox.checked = p.exportPair
-            self.ui.exportFolderPathLineEdit.currentPath = p.exportFolder
+            self._showPath(self.ui.exportFolderPathLineEdit, p.exportFolder)
         finally:
             self._updatingGUIFromParameterNode = False
         self.updateModelInfo()
@@ -261,7 +335,8 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.modelPath = self.ui.modelPathLineEdit.currentPath.strip()
             p.device = str(self.ui.deviceComboBox.currentData or self.ui.deviceComboBox.currentText)
             p.overlap = self.ui.overlapSpinBox.value
-            p.roiSize = self.ui.roiSizeSpinBox.value
+            roiSize = self.ui.roiSizeSpinBox.value  # snapped to the engine's multiple (the GUI shows it back)
+            p.roiSize = optionSpec("roi_size").nearestValid(roiSize) if roiSize else 0
             p.swBatchSize = self.ui.swBatchSizeSpinBox.value
             p.precision = self.ui.precisionComboBox.currentText
             p.harmonize = self.ui.harmonizeComboBox.currentText
@@ -274,6 +349,13 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.EndModify(wasModifying)
         self.updateModelInfo()
         self.updateButtons()
+
+    def onPathPicked(self, _path: str) -> None:
+        """A path field changed: write it now when it came from the browse button, not while the user types."""
+        typing = any(edit.comboBox().lineEdit().hasFocus()
+                     for edit in (self.ui.modelPathLineEdit, self.ui.exportFolderPathLineEdit))
+        if not typing:
+            self.updateParameterNodeFromGUI()
 
     # ------------------------------------------------------------------ models and devices
 
@@ -311,8 +393,7 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ).format(description=row.get("description", ""), data=row.get("training_data", ""),
                  licence=row.get("licence", ""), size=row["size"] / 1e6, sha=row["sha256"][:16],
                  where=row.get("path") or row.get("url") or "")
-        self.ui.downloadModelButton.enabled = row["status"] == "downloadable" and self.batch is None \
-            and self.downloadJob is None
+        self.ui.downloadModelButton.enabled = row["status"] == "downloadable" and not self.isBusy
 
     def selectedModelPath(self) -> str | None:
         """The checkpoint to run: the checkpoint file when given, else the selected model's local file.
@@ -333,6 +414,8 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def startDeviceQuery(self) -> None:
         """List the CUDA devices in a background process; the device list is filled when it answers."""
+        if not self.logic.engineInstalled():
+            return  # before the install: auto, cuda and cpu stay
         try:
             self.deviceQuery = self.logic.startDeviceQuery()
         except Exception as error:  # noqa: BLE001 - no Python/torch yet: auto, cuda and cpu stay
@@ -361,8 +444,14 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ state
 
+    @property
+    def isBusy(self) -> bool:
+        """A translation, a download or an install is running."""
+        return self.batch is not None or self.downloadJob is not None or self.installRun is not None
+
     def setRunning(self, running: bool) -> None:
-        """While a translation or download runs, Translate turns into Cancel and the inputs are locked."""
+        """While a translation, download or install runs, the inputs are locked; Translate turns into Cancel (it
+        stays disabled during an install)."""
         for widget in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton,
                        self.ui.batchCollapsibleButton, self.ui.labelTransferCollapsibleButton,
                        self.ui.dependenciesCollapsibleButton):
@@ -383,7 +472,13 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return [p.inputVolume] if p.inputVolume is not None else []
 
     def updateButtons(self, *_args) -> None:
-        """Translate needs an input (Cancel is always enabled while something runs)."""
+        """Translate needs an input and no install running (Cancel is always enabled while a translation runs)."""
+        if self.installRun is not None:  # Translate is available when the installs are done; until then: Cancel
+            self.ui.applyButton.enabled = True
+            self.ui.applyButton.text = _("Cancel installation")
+            self.ui.applyButton.toolTip = _("Stop installing the dependencies (Translate is available when they are "
+                                            "installed).")
+            return
         running = self.batch is not None or self.downloadJob is not None
         count = len(self.inputNodes())
         self.ui.applyButton.enabled = running or count > 0
@@ -395,6 +490,7 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.applyButton.toolTip = _("Translate {count} input(s) into a synthetic MR, a round-trip CT and an "
                                             "error map.").format(count=count)
+        self.ui.restoreViewsButton.enabled = views.hasPreviousViews(slicer.mrmlScene)
 
     def onProgress(self, fraction: float, message: str) -> None:
         """Progress callback of the Logic (called from the timer, in the GUI thread)."""
@@ -422,11 +518,14 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ dependencies
 
     def ensureDependencies(self, force: bool = False) -> bool:
-        """Check the engine's dependencies once per session; offer to install what is missing (one confirmation).
+        """Check the engine's dependencies (once per session); when something is missing, ask once and start the
+        install in the background.
 
         Returns:
-            ``True`` when everything is installed (and no restart is pending).
+            ``True`` when everything is installed; ``False`` when an install started, was declined or is blocked.
         """
+        if self.installRun is not None:
+            return False
         if self._dependenciesChecked and not force:
             return True
         plan = self.logic.dependencyPlan()
@@ -438,26 +537,88 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if plan.blockers:
             slicer.util.errorDisplay(text, windowTitle=_("CT to MR Translation: dependencies"))
             return False
-        if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("CT to MR Translation: install dependencies")):
-            return False
+        if slicer.util.confirmOkCancelDisplay(text, windowTitle=_("CT to MR Translation: install dependencies")):
+            self.startInstall(plan)
+        return False
 
-        def installTorch(requirement: str):
-            import PyTorchUtils
+    def startInstall(self, plan: install.InstallPlan) -> None:
+        """Run the plan's commands one after another in a ``QProcess`` (Translate stays disabled meanwhile)."""
+        wheelFolder = self.ui.wheelFolderPathLineEdit.currentPath.strip() or None
+        python = shutil.which("PythonSlicer") or sys.executable
+        self.installPlan = plan
+        self.installRun = install.InstallRun(plan.commands(python, wheelFolder), wheelFolder)
+        self._installOutput = ""
+        self.installProcess = qt.QProcess()
+        self.installProcess.setProcessChannelMode(qt.QProcess.MergedChannels)
+        self.installProcess.connect("readyReadStandardOutput()", self.onInstallOutput)
+        self.installProcess.connect("finished(int,QProcess::ExitStatus)", self.onInstallCommandFinished)
+        self.installProcess.connect("errorOccurred(QProcess::ProcessError)", self.onInstallProcessError)
+        self.ui.logTextEdit.clear()
+        self.setRunning(True)
+        self.startNextInstallCommand()
 
-            return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                                 torchVersionRequirement=requirement)
+    def startNextInstallCommand(self) -> None:
+        """Start the next command of the install, or finish it."""
+        run = self.installRun
+        command = run.nextCommand()
+        self.ui.progressBar.value = int(round(100 * run.fraction))
+        self.ui.statusLabel.text = run.message
+        if command is None:
+            self.finishInstall()
+            return
+        self.ui.logTextEdit.appendPlainText("$ " + " ".join(command.argv))
+        self._installOutput = ""
+        self.installProcess.start(command.argv[0], list(command.argv[1:]))
 
-        with slicer.util.WaitCursor():
-            install.runInstallPlan(plan, slicer.util.pip_install, installTorch,
-                                   log=lambda message: self.ui.logTextEdit.appendPlainText(message))
+    @staticmethod
+    def _decode(data) -> str:
+        raw = data.data() if hasattr(data, "data") else data  # QByteArray in PythonQt, or bytes
+        return bytes(raw).decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
+
+    def onInstallOutput(self) -> None:
+        """Show what pip prints, as it prints it."""
+        text = self._decode(self.installProcess.readAllStandardOutput())
+        self._installOutput += text
+        for line in text.splitlines():
+            if line.strip():
+                self.ui.logTextEdit.appendPlainText(line)
+
+    def onInstallCommandFinished(self, exitCode, exitStatus) -> None:
+        """One install command ended: go on, or stop with the failure message."""
+        if self.installRun is None:
+            return
+        self.onInstallOutput()
+        crashed = exitStatus != qt.QProcess.NormalExit
+        self.installRun.commandFinished(-1 if crashed else int(exitCode), self._installOutput)
+        self.startNextInstallCommand()
+
+    def onInstallProcessError(self, error) -> None:
+        """The command could not be started (no PythonSlicer): stop with the failure message."""
+        if self.installRun is not None and error == qt.QProcess.FailedToStart:
+            self.installRun.commandFinished(None, self.installProcess.errorString())
+            self.startNextInstallCommand()
+
+    def finishInstall(self) -> None:
+        """The install ended: report it; ask for a restart when an imported package was upgraded."""
+        run, plan = self.installRun, self.installPlan
+        self.installRun, self.installPlan = None, None
+        self.setRunning(False)
+        if not run.succeeded:
+            self.ui.statusLabel.text = run.message
+            if not run.cancelled:
+                slicer.util.errorDisplay(run.error, windowTitle=_("CT to MR Translation: install failed"))
+            return
+        self._dependenciesChecked = False
+        self.onCheckDependenciesButton()
+        self.refreshModelList()
+        self.startDeviceQuery()
         if plan.restartNeeded:
+            self.ui.statusLabel.text = _("Dependencies installed: restart Slicer to use them.")
             if slicer.util.confirmYesNoDisplay(_("The dependencies are installed. A package that was already loaded "
                                                  "was upgraded: restart Slicer now?")):
                 slicer.util.restart()
-            return False
-        self.refreshModelList()
-        self.startDeviceQuery()
-        return self.ensureDependencies(force=True)
+            return
+        self.ui.statusLabel.text = _("Dependencies installed: click Translate.")
 
     def onCheckDependenciesButton(self) -> None:
         """Show what is installed and what is missing."""
@@ -467,7 +628,7 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "\n" + _("Everything is installed.") if plan.nothingToDo else "")
 
     def onInstallDependenciesButton(self) -> None:
-        """Install what is missing (after one confirmation)."""
+        """Install what is missing (after one confirmation), in the background."""
         with slicer.util.tryWithErrorDisplay(_("Failed to install the dependencies."), waitCursor=False):
             if self.ensureDependencies(force=True):
                 self.ui.statusLabel.text = _("Every dependency is installed.")
@@ -475,15 +636,18 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ actions
 
     def onApplyButton(self) -> None:
-        """Translate (in the background), or cancel what is running."""
+        """Translate (in the background), or cancel what is running (a translation, a download, an install)."""
+        if self.installRun is not None:
+            self.installRun.cancel()
+            self.installProcess.kill()  # finished() follows and ends the install
+            return
         if self.batch is not None or self.downloadJob is not None:
             self.onCancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the CT to MR translation."), waitCursor=True):
             if not self.ensureDependencies():
                 return
-            keywords = self._parameters.translateKeywords()
-            keywords["modelPath"] = self.selectedModelPath()
+            keywords = self._parameters.translateKeywords(self.selectedModelPath())
             self.ui.logTextEdit.clear()
             self._loggedEvents, self._lastStage = 0, None
             self.batch = self.logic.startBatch(self.inputNodes(), progressCallback=self.onProgress, **keywords)
@@ -491,6 +655,22 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.modelPathLineEdit.addCurrentPathToHistory()
             self.setRunning(True)
             self.timer.start()
+
+    def onRestoreViewsButton(self) -> None:
+        """Bring back the layout and crosshair from before the compare layout."""
+        self.logic.restorePreviousViews(slicer.mrmlScene)
+        self.updateButtons()
+
+    def fitCompareViews(self) -> None:
+        """Fit each compare view to its volume once the layout manager has built the views (their real size)."""
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:
+            return
+        for column in views.COMPARE_COLUMNS:
+            for orientation, _color in views.COMPARE_ORIENTATIONS:
+                sliceWidget = layoutManager.sliceWidget(views.compareViewName(column, orientation))
+                if sliceWidget is not None:
+                    sliceWidget.sliceLogic().FitSliceToAll()
 
     def onPollTimer(self) -> None:
         """Drive the device query, the download and the batch; load results as translations end."""
@@ -514,6 +694,8 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     return
                 self.batch = None
                 self.setRunning(False)
+                if any(result.layoutId is not None for result in batch.results):
+                    qt.QTimer.singleShot(0, self.fitCompareViews)
                 self.reportBatch(batch)
         except Exception:
             # The dialog shows the details; the log keeps them (also when testing, where no dialog is shown).
@@ -534,7 +716,7 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     mean=float(result.anatomy.get("displacement_mean_mm", float("nan"))),
                     p95=float(result.anatomy["displacement_p95_mm"])))
             if result.analysis is not None and result.analysis.metricsError:
-                lines.append(_("Metrics not computed: {error}").format(error=result.analysis.metricsError))
+                lines.append(_("Metrics incomplete: {error}").format(error=result.analysis.metricsError))
         self.ui.statusLabel.text = "\n".join(dict.fromkeys(lines))
         if len(batch.results) == 1 and not batch.outputSequences:
             self.transferLabels(batch.results[0])
@@ -624,8 +806,8 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             batch.cancel()
         if download is not None and self.logic is not None:
             self.logic.cancelModelDownload(download)
-        if hasattr(self, "ui"):
-            self.setRunning(False)
+        if hasattr(self, "ui") and not self.versionProblem:
+            self.setRunning(self.installRun is not None)
 
 
 #
@@ -645,7 +827,19 @@ class CT2MRTranslationTest(ScriptedLoadableModuleTest):
     def runTest(self) -> None:
         """Run all tests."""
         self.setUp()
+        self.test_SupportedSlicer()
+        self.setUp()
         self.test_CT2MRTranslation1()
+
+    def test_SupportedSlicer(self) -> None:
+        """This Slicer is in the supported range and the compare layouts were registered at start-up."""
+        self.assertEqual(slicerVersionProblem(), "")
+        from CT2MRTranslationLib import views
+
+        layoutNode = slicer.app.layoutManager().layoutLogic().GetLayoutNode() if slicer.app.layoutManager() else None
+        if layoutNode is not None:
+            self.assertTrue(layoutNode.IsLayoutDescription(views.COMPARE_LAYOUT_ID))
+            self.assertTrue(layoutNode.IsLayoutDescription(views.COMPARE_ANALYSIS_LAYOUT_ID))
 
     def sharedDataDirectory(self) -> str:
         """``<repository>/../shared/data`` next to a source checkout (absent in an installed extension)."""
@@ -682,12 +876,15 @@ class CT2MRTranslationTest(ScriptedLoadableModuleTest):
         fractions = []
         logic = CT2MRTranslationLogic()
         result = logic.translate(inputNode, progressCallback=lambda fraction, message: fractions.append(fraction),
-                                 computeMetrics=True)
+                                 analysis=True)
+        self.assertNotIn("torch", sys.modules)  # the engine and its science ran in their own process
+        self.assertNotIn("ct2mr.evaluation", sys.modules)
 
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
         inputParent = shNode.GetItemParent(shNode.GetItemByDataNode(inputNode))
         suffixes = ("synthetic MR", "round-trip CT", "error map")
-        for node, suffix in zip(result.volumeNodes, suffixes, strict=True):
+        self.assertEqual(len(result.volumeNodes), len(suffixes))
+        for node, suffix in zip(result.volumeNodes, suffixes):
             self.assertIsNotNone(node)
             self.assertEqual(node.GetName(), f"{inputNode.GetName()} {suffix}")
             self.assertIsNotNone(slicer.mrmlScene.GetNodeByID(node.GetID()))
@@ -720,6 +917,11 @@ class CT2MRTranslationTest(ScriptedLoadableModuleTest):
             for column in views.COMPARE_COLUMNS:
                 for orientation, _color in views.COMPARE_ORIENTATIONS:
                     self.assertIsNotNone(layoutManager.sliceWidget(views.compareViewName(column, orientation)))
+
+        self.delayDisplay("Restoring the views from before the compare layout")
+        self.assertTrue(views.hasPreviousViews(slicer.mrmlScene))
+        self.assertTrue(logic.restorePreviousViews())
+        self.assertNotEqual(layoutNode.GetViewArrangement(), views.COMPARE_ANALYSIS_LAYOUT_ID)
 
         self.delayDisplay("Checking that the parameters are saved with the scene")
         parameters = logic.getParameters()

@@ -233,10 +233,13 @@ def main(argv: list[str] | None = None) -> int:
 
             outputs = {key: str(Path(args.outputs) / f"{key}.nii.gz")
                        for key in ("synthetic_mr", "roundtrip_ct", "error_map")}
-            code = f"import json; print(json.dumps({{'event': 'done', 'outputs': {outputs!r}, 'device': 'reused'}}))"
+            analysis = Path(args.outputs) / "analysis.json"  # from an earlier `ct2mr translate --analysis`
+            code = (f"import json, pathlib; a = pathlib.Path({str(analysis)!r}); print(json.dumps({{'event': 'done', "
+                    f"'outputs': {outputs!r}, 'device': 'reused', 'analysis': json.loads(a.read_text()) if a.exists() "
+                    "else None}))")
             factory = lambda engineArgs: TranslationProcess([sys.executable, "-c", code])  # noqa: E731
         start = time.monotonic()
-        result = logic.translate(ctNode, modelPath=args.model, device=args.device, computeMetrics=True,
+        result = logic.translate(ctNode, modelPath=args.model, device=args.device, analysis=True,
                                  referenceMRNode=referenceNode, processFactory=factory,
                                  progressCallback=lambda f, m: print(f"\r{100 * f:5.1f}% {m[:60]:<60}", end=""))
         print(f"\ntranslated in {time.monotonic() - start:.0f} s on {result.device}; metrics: "

@@ -1,4 +1,4 @@
-"""Volume nodes to files and back with exact geometry, and where the results go in the scene.
+"""Volume nodes to files and back with exact geometry; the engine's outputs as nodes, and where they go in the scene.
 
 Outputs keep the input CT's voxel grid: same size, spacing, origin and direction (DESIGN.md, "Choices already
 made"). Volumes are written and read through ``vtkMRMLVolumeArchetypeStorageNode`` (ITK readers and writers, LPS
@@ -18,15 +18,22 @@ import slicer
 import vtk
 
 __all__ = [
+    "DISPLACEMENT_COLOR_NODE_NAMES",
+    "DISPLACEMENT_OUTPUT",
     "GEOMETRY_TOLERANCE",
     "HEAT_COLOR_NODE_NAMES",
+    "MIN_DISPLACEMENT_WINDOW_MM",
+    "OUTPUT_KEYS",
     "assertSameGeometry",
     "findColorNodeID",
     "geometryDifference",
     "ijkToRASMatrixAsNumpy",
+    "loadOutputNodes",
     "placeNextTo",
     "readVolumeNode",
     "robustWindowLevel",
+    "setDisplacementDisplay",
+    "setOutputDisplays",
     "setVolumeDisplay",
     "volumeDimensions",
     "volumePercentiles",
@@ -299,3 +306,95 @@ def placeNextTo(volumeNode: slicer.vtkMRMLNode, referenceNode: slicer.vtkMRMLNod
     else:
         shNode.SetItemParent(item, parentItem)
     return item
+
+
+# ---------------------------------------------------------------------------------------------------- engine outputs
+
+OUTPUT_KEYS = {
+    "synthetic_mr": ("synthetic_mr.nii.gz", "synthetic MR"),
+    "roundtrip_ct": ("roundtrip_ct.nii.gz", "round-trip CT"),
+    "error_map": ("error_map.nii.gz", "error map"),
+}
+"""Engine output key -> (file name in OUT_DIR, suffix of the node name): G(x) in [-1, 1], F(G(x)) in HU and the
+error map |F(G(x)) - x| in HU."""
+
+DISPLACEMENT_OUTPUT = ("displacement_mm", "displacement_mm.nii.gz", "displacement (mm)")
+"""The warp check's output: (engine output key, file name in OUT_DIR, suffix of the node name)."""
+
+DISPLACEMENT_COLOR_NODE_NAMES = ("ColdToHotRainbow", "Inferno", "PET-Heat", "Red")
+"""Colour tables tried, in order, for the displacement map (blue: no displacement, red: large)."""
+
+MIN_DISPLACEMENT_WINDOW_MM = 1.0
+"""The displacement map is shown from 0 to max(its p95, this) mm, so that sub-millimetre registration noise of a
+faithful translation stays dark."""
+
+
+def loadOutputNodes(
+    outputDir: str,
+    reportedOutputs: dict[str, str] | None,
+    inputNode: slicer.vtkMRMLScalarVolumeNode,
+    withDisplacement: bool = False,
+) -> dict[str, slicer.vtkMRMLScalarVolumeNode]:
+    """Read the engine's output files into new volume nodes (not in a scene yet) on the input's exact grid.
+
+    Args:
+        outputDir: the engine's OUT_DIR.
+        reportedOutputs: the ``done`` event's ``outputs`` (key -> path); missing keys use the file names of
+            :data:`OUTPUT_KEYS` in ``outputDir``.
+        inputNode: the translated CT; names are ``"<input> synthetic MR"``, ...
+        withDisplacement: also read the warp check's displacement map.
+
+    Returns:
+        ``{engine output key: node}``, each with the input's IJK-to-RAS matrix copied bit for bit.
+
+    Raises:
+        RuntimeError: a file is missing, unreadable, or not on the input's voxel grid.
+    """
+    reported = reportedOutputs or {}
+    expected = dict(OUTPUT_KEYS)
+    if withDisplacement:
+        expected[DISPLACEMENT_OUTPUT[0]] = DISPLACEMENT_OUTPUT[1:]
+    loaded = {}
+    for key, (fileName, suffix) in expected.items():
+        path = reported.get(key) or os.path.join(outputDir, fileName)
+        if not os.path.isabs(path):
+            path = os.path.join(outputDir, path)
+        if not os.path.isfile(path):
+            raise RuntimeError(
+                f"The engine reported success but its {suffix} file {path} does not exist. Update the ct2mr "
+                "engine, or report this with the engine output.")
+        node = readVolumeNode(path, f"{inputNode.GetName()} {suffix}")
+        assertSameGeometry(node, inputNode, snap=True)
+        loaded[key] = node
+    return loaded
+
+
+def setOutputDisplays(inputNode, syntheticMR, roundTripCT, errorMap) -> None:
+    """Display settings of the three outputs (nodes in a scene): the synthetic MR with a robust window/level (0.5th
+    to 99.5th percentile), the round-trip CT with the input's window/level (x and F(G(x)) look alike where the round
+    trip is faithful), the error map from 0 HU (black) to its 99th percentile with a heat colour table."""
+    scene = inputNode.GetScene()
+    window, level = robustWindowLevel(syntheticMR, 0.5, 99.5)
+    setVolumeDisplay(syntheticMR, window, level)
+    inputDisplay = inputNode.GetDisplayNode()
+    if inputDisplay is not None and inputDisplay.IsA("vtkMRMLScalarVolumeDisplayNode"):
+        window, level = inputDisplay.GetWindow(), inputDisplay.GetLevel()
+    else:
+        window, level = robustWindowLevel(inputNode)
+    setVolumeDisplay(roundTripCT, window, level)
+    high = max(volumePercentiles(errorMap, [99.0])[0], 1.0)
+    setVolumeDisplay(errorMap, high, high / 2.0, findColorNodeID(scene))
+
+
+def setDisplacementDisplay(displacementMap, anatomy: dict | None) -> None:
+    """Colour map of the displacement map from 0 mm to max(p95, :data:`MIN_DISPLACEMENT_WINDOW_MM`): the engine's
+    p95 inside the body (``anatomy["displacement_p95_mm"]``) when reported, else the map's own 95th percentile."""
+    try:
+        high = float((anatomy or {}).get("displacement_p95_mm"))
+    except (TypeError, ValueError):
+        high = float("nan")
+    if not high > 0.0:  # also NaN
+        high = volumePercentiles(displacementMap, [95.0])[0]
+    high = max(high, MIN_DISPLACEMENT_WINDOW_MM)
+    setVolumeDisplay(displacementMap, high, high / 2.0,
+                     findColorNodeID(displacementMap.GetScene(), DISPLACEMENT_COLOR_NODE_NAMES))

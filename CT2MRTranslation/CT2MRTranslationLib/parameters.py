@@ -1,5 +1,9 @@
 """The module's parameters in a parameter node, saved with the scene and restored with it.
 
+The translation options among them (device, overlap, window size, windows per pass, precision, harmonisation, warp
+check) take their vocabularies, ranges and defaults from the engine's schema (:mod:`CT2MRTranslationLib.options`),
+and turn into one :class:`~CT2MRTranslationLib.options.TranslationOptions` (:meth:`translationOptions`).
+
 Every choice of the panel (input CT, batch inputs, reference MR, model, device, sliding-window settings,
 harmonisation, analysis and warp check, export) lives in one ``vtkMRMLScriptedModuleNode``: the singleton of the
 scene tagged ``"CT2MRTranslation"`` with the attribute ``ModuleName``, as Slicer's
@@ -14,16 +18,14 @@ No Qt here: runs inside Slicer and in plain Python with the ``slicer-core`` whee
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import slicer
 
+from .options import OptionSpec, TranslationOptions, optionSpec
+
 __all__ = [
-    "DEVICE_CHOICES",
-    "HARMONIZATIONS",
     "MODULE_NAME",
-    "PRECISIONS",
     "CT2MRTranslationParameters",
     "NodeReference",
     "NodeReferenceList",
@@ -34,14 +36,6 @@ __all__ = [
 MODULE_NAME = "CT2MRTranslation"
 """Singleton tag and ``ModuleName`` attribute of the parameter node."""
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-"""``ct2mr translate --precision`` values: auto = bf16/fp16 on CUDA, fp32 on the CPU."""
-
-HARMONIZATIONS = ("none", "histogram", "nyul", "zscore")
-"""``ct2mr translate --harmonize`` values (thesis 7.6); histogram and nyul need a reference MR."""
-
-DEVICE_CHOICES = ("auto", "cuda", "cpu")
-"""Device names always accepted; ``"cuda:N"`` (GPU number N) is accepted as well."""
 
 _log = logging.getLogger(__name__)
 
@@ -49,52 +43,92 @@ _log = logging.getLogger(__name__)
 class Parameter:
     """A typed value stored as a string parameter of the node.
 
+    A parameter of a translation option (``option="overlap"``) takes its type, default, choices and range from the
+    engine's schema (:mod:`CT2MRTranslationLib.options`); with ``zeroMeansEngine`` the value 0 stands for "the engine
+    decides" (the schema's ``null``), as the panel's spin boxes show it.
+
     Args:
         key: parameter name in the node (and in the scene file).
-        default: value when unset or unreadable.
-        kind: ``bool``, ``int``, ``float`` or ``str``.
-        choices: accepted values (``str`` parameters).
-        minimum: smallest accepted value (numbers).
-        maximum: largest accepted value (numbers).
-        pattern: a callable that accepts further string values (e.g. ``"cuda:1"`` for the device).
+        default: value when unset or unreadable (``option`` parameters: the schema's, or 0 for ``None``).
+        kind: ``bool``, ``int``, ``float`` or ``str`` (``option`` parameters: from the schema).
+        option: name of the engine option this parameter holds, or ``None``.
+        zeroMeansEngine: 0 is accepted and means the schema's ``None`` default.
         doc: what it means (shown by ``help``).
     """
 
-    def __init__(self, key: str, default: Any, kind: type, choices: Sequence[Any] | None = None,
-                 minimum: float | None = None, maximum: float | None = None, pattern=None, doc: str = "") -> None:
-        self.key, self.default, self.kind = key, default, kind
-        self.choices, self.minimum, self.maximum, self.pattern = choices, minimum, maximum, pattern
+    def __init__(self, key: str, default: Any = None, kind: type | None = None, option: str | None = None,
+                 zeroMeansEngine: bool = False, doc: str = "") -> None:
+        self.key, self._default, self._kind, self.option = key, default, kind, option
+        self.zeroMeansEngine = zeroMeansEngine
         self.__doc__ = doc
 
     def __set_name__(self, owner, name: str) -> None:
         self.name = name
 
+    @property
+    def spec(self) -> OptionSpec | None:
+        """The engine option's schema entry, or ``None``."""
+        return optionSpec(self.option) if self.option else None
+
+    @property
+    def kind(self) -> type:
+        """The value's Python type."""
+        if self._kind is not None or self.spec is None:
+            return self._kind
+        return {"string": str, "number": float, "integer": int, "boolean": bool}[self.spec.type]
+
+    @property
+    def default(self) -> Any:
+        """The default value (for ``zeroMeansEngine`` parameters, 0 stands for the schema's ``None``)."""
+        if self._default is not None or self.spec is None:
+            return self._default
+        default = self.spec.default
+        return 0 if default is None and self.zeroMeansEngine else default
+
+    @property
+    def choices(self) -> tuple | None:
+        """Accepted strings (``None``: any)."""
+        return self.spec.choices if self.spec is not None else None
+
+    @property
+    def minimum(self) -> float | None:
+        """Smallest accepted number (0 for ``zeroMeansEngine`` parameters)."""
+        if self.spec is None:
+            return None
+        return 0 if self.zeroMeansEngine else self.spec.minimum
+
+    @property
+    def maximum(self) -> float | None:
+        """Largest accepted number."""
+        return self.spec.maximum if self.spec is not None else None
+
     def validate(self, value: Any) -> Any:
         """Return ``value`` converted to the parameter's type.
 
         Raises:
-            ValueError: not convertible, not among the choices, or outside [minimum, maximum].
+            ValueError: not convertible, not among the choices, outside the range (the message names what is
+                allowed).
         """
         if self.kind is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError(f"{self.name} must be true or false, got {value!r}.")
-                value = value.lower() in ("true", "1")
-            converted: Any = bool(value)
-        else:
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if self.spec is None:
             try:
-                converted = self.kind(value)
+                return self.kind(value)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{self.name} must be a {self.kind.__name__}, got {value!r}.") from error
-        if self.choices is not None and converted not in self.choices and not (
-                self.pattern is not None and self.pattern(converted)):
-            raise ValueError(f"{self.name} must be one of {', '.join(map(str, self.choices))}"
-                             f"{' (or cuda:N)' if self.pattern else ''}, got {converted!r}.")
-        if self.minimum is not None and converted < self.minimum:
-            raise ValueError(f"{self.name} must be >= {self.minimum}, got {converted!r}.")
-        if self.maximum is not None and converted > self.maximum:
-            raise ValueError(f"{self.name} must be <= {self.maximum}, got {converted!r}.")
-        return converted
+        if self.zeroMeansEngine and value in (0, "0", 0.0):
+            return 0
+        try:
+            return self.spec.check(value)
+        except ValueError as error:
+            text = str(error)
+            if self.zeroMeansEngine:
+                text += " (0: the engine decides)"
+            raise ValueError(text.replace(self.spec.attribute, self.name, 1)) from error
 
     def __get__(self, wrapper, owner=None):
         if wrapper is None:
@@ -167,11 +201,6 @@ class NodeReferenceList:
             wrapper.node.AddNodeReferenceID(self.role, node.GetID())
 
 
-def _isCudaIndex(value: Any) -> bool:
-    text = str(value)
-    return text.startswith("cuda:") and text[5:].isdigit()
-
-
 def getParameterNode(scene: slicer.vtkMRMLScene, moduleName: str = MODULE_NAME) -> slicer.vtkMRMLScriptedModuleNode:
     """Return the module's parameter node, creating it (with the defaults) when the scene has none.
 
@@ -216,20 +245,18 @@ class CT2MRTranslationParameters:
     modelName = Parameter("ModelName", "", str, doc="Model of the model list; empty: the default model.")
     modelVersion = Parameter("ModelVersion", "", str, doc="Version of the model; empty: the newest local one.")
     modelPath = Parameter("ModelPath", "", str, doc="A checkpoint file used instead of the model list; empty: none.")
-    device = Parameter("Device", "auto", str, choices=DEVICE_CHOICES, pattern=_isCudaIndex,
-                       doc="auto (CUDA when available), cuda, cuda:N or cpu.")
-    overlap = Parameter("Overlap", 0.25, float, minimum=0.0, maximum=0.95,
-                        doc="Sliding-window overlap in [0, 0.95].")
-    roiSize = Parameter("RoiSize", 0, int, minimum=0, maximum=512,
-                        doc="Sliding-window side in voxels (multiple of 16); 0: the model's default.")
-    swBatchSize = Parameter("SwBatchSize", 0, int, minimum=0, maximum=64,
+    device = Parameter("Device", option="device", doc="auto (CUDA when available), cuda, cuda:N or cpu.")
+    overlap = Parameter("Overlap", option="overlap", doc="Sliding-window overlap (engine schema's range).")
+    roiSize = Parameter("RoiSize", option="roi_size", zeroMeansEngine=True,
+                        doc="Sliding-window side in voxels (engine schema's range and multiple); 0: the model's.")
+    swBatchSize = Parameter("SwBatchSize", option="sw_batch_size", zeroMeansEngine=True,
                             doc="Windows per forward pass; 0: the engine chooses from the free GPU memory (1 on CPU).")
-    precision = Parameter("Precision", "auto", str, choices=PRECISIONS, doc="Autocast precision.")
-    harmonize = Parameter("Harmonize", "none", str, choices=HARMONIZATIONS,
+    precision = Parameter("Precision", option="precision", doc="Autocast precision.")
+    harmonize = Parameter("Harmonize", option="harmonize",
                           doc="Post-hoc intensity harmonisation of the synthetic MR (thesis 7.6).")
     computeMetrics = Parameter("ComputeMetrics", True, bool,
-                               doc="Cycle SSIM/PSNR/MAE table and histogram plot after the translation.")
-    warpCheck = Parameter("WarpCheck", False, bool,
+                               doc="The engine's analysis: metrics table and histogram plot after the translation.")
+    warpCheck = Parameter("WarpCheck", option="warp_check",
                           doc="Anatomy check: register x to G(x) (B-spline, Mattes MI) and add the displacement map "
                               "(mm) and its mean/p95 to the metrics (thesis section 5, P1/E2); adds time.")
     showCompareLayout = Parameter("ShowCompareLayout", True, bool, doc="Show the results in the compare layout.")
@@ -270,19 +297,20 @@ class CT2MRTranslationParameters:
                 values[name] = [node.GetID() for node in getattr(self, name)]
         return values
 
-    def translateKeywords(self) -> dict[str, Any]:
-        """Keyword arguments of :meth:`CT2MRTranslationLogic.translate` / ``startTranslation`` from the parameters
-        (``modelPath`` is the checkpoint file only; a model of the list is resolved by the Logic)."""
-        return {
-            "modelPath": self.modelPath or None,
-            "device": self.device,
-            "overlap": self.overlap,
-            "roiSize": self.roiSize or None,
-            "swBatchSize": self.swBatchSize or None,
-            "precision": self.precision,
-            "harmonize": self.harmonize,
-            "referenceMRNode": self.referenceMR,
-            "computeMetrics": self.computeMetrics,
-            "warpCheck": self.warpCheck,
-            "setupLayout": self.showCompareLayout,
-        }
+    def translationOptions(self, modelPath: str | None = None) -> TranslationOptions:
+        """The :class:`TranslationOptions` of the parameters (0 window size or windows per pass: the engine decides).
+
+        Args:
+            modelPath: the checkpoint to run (a model of the list, resolved by the caller); ``None``: the parameter's
+                checkpoint file, else the default model.
+        """
+        return TranslationOptions(
+            modelPath=modelPath or self.modelPath or None, device=self.device, overlap=self.overlap,
+            roiSize=self.roiSize or None, swBatchSize=self.swBatchSize or None, precision=self.precision,
+            harmonize=self.harmonize, warpCheck=self.warpCheck, analysis=self.computeMetrics)
+
+    def translateKeywords(self, modelPath: str | None = None) -> dict[str, Any]:
+        """Keyword arguments of :meth:`CT2MRTranslationLogic.translate` / ``startTranslation`` / ``startBatch``:
+        ``options`` (:meth:`translationOptions`), ``referenceMRNode`` and ``setupLayout``."""
+        return {"options": self.translationOptions(modelPath), "referenceMRNode": self.referenceMR,
+                "setupLayout": self.showCompareLayout}

@@ -9,6 +9,12 @@ Shift + mouse move puts the crosshair at the same RAS point in every view and th
 With an analysis (:mod:`CT2MRTranslationLib.plots`), a fourth row holds a plot view showing the histogram chart and
 a table view showing the metrics table (layout :data:`COMPARE_ANALYSIS_LAYOUT_ID`).
 
+Both layouts are registered when the module starts (:func:`registerCompareLayouts`, called by the module at Slicer's
+start-up): a scene saved with the compare layout shows it again when it is reopened after a restart (a scene file
+keeps only the layout's ID, not its description). Each view is fitted to its volume (:func:`fitSliceToVolume`). The
+user's layout and crosshair mode before the first compare layout are kept as attributes of the layout node (saved
+with the scene) and come back with :func:`restorePreviousViews`.
+
 Only MRML is used (layout node, slice nodes, slice composite nodes): Slicer's layout manager builds the Qt views
 from the layout description. No Qt here; runs inside Slicer and in plain Python with the ``slicer-core`` wheel.
 """
@@ -17,7 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import slicer
+import vtk
 
 __all__ = [
     "COMPARE_ANALYSIS_LAYOUT_ID",
@@ -27,10 +35,16 @@ __all__ = [
     "COMPARE_VIEW_GROUP",
     "PLOT_VIEW_NAME",
     "TABLE_VIEW_NAME",
+    "PREVIOUS_VIEWS_ATTRIBUTES",
     "compareLayoutDescription",
     "compareViewName",
+    "fitSliceToVolume",
     "getOrCreateLayoutNode",
+    "hasPreviousViews",
     "linkCursors",
+    "registerCompareLayouts",
+    "rememberPreviousViews",
+    "restorePreviousViews",
     "setupCompareLayout",
 ]
 
@@ -56,6 +70,11 @@ _COLUMN_LABELS = {"CT": "CT", "SyntheticMR": "MR", "RoundTripCT": "RT", "ErrorMa
 
 COMPARE_ORIENTATIONS = (("Axial", "#F34A33"), ("Coronal", "#6EB04B"), ("Sagittal", "#EDD54C"))
 """Row orientations, top to bottom, with Slicer's colours for them (red, green, yellow)."""
+
+PREVIOUS_VIEWS_ATTRIBUTES = ("CT2MRTranslation.PreviousViewArrangement", "CT2MRTranslation.PreviousCrosshairMode",
+                             "CT2MRTranslation.PreviousCrosshairBehavior")
+"""Layout node attributes holding the user's view arrangement and crosshair mode/behaviour from before the first
+compare layout (:func:`rememberPreviousViews`, :func:`restorePreviousViews`)."""
 
 
 def compareViewName(column: str, orientation: str) -> str:
@@ -153,13 +172,6 @@ def _getOrCreateSliceCompositeNode(scene: slicer.vtkMRMLScene, sliceNode) -> sli
     return compositeNode
 
 
-def _centerOn(sliceNode, volumeNode) -> None:
-    bounds = [0.0] * 6
-    volumeNode.GetRASBounds(bounds)
-    center = [(bounds[2 * a] + bounds[2 * a + 1]) / 2.0 for a in range(3)]
-    sliceNode.JumpSliceByCentering(*center)
-
-
 def linkCursors(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLCrosshairNode:
     """Show the crosshair in every view and make Shift + mouse move jump the other views to it (linked cursors).
 
@@ -169,14 +181,7 @@ def linkCursors(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLCrosshairNode:
     Returns:
         The crosshair node.
     """
-    crosshairNode = scene.GetSingletonNode("default", "vtkMRMLCrosshairNode")
-    if crosshairNode is None:
-        crosshairNode = scene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
-    if crosshairNode is None:
-        crosshairNode = slicer.vtkMRMLCrosshairNode()
-        crosshairNode.SetSingletonTag("default")
-        crosshairNode.SetName("Crosshair")
-        crosshairNode = scene.AddNode(crosshairNode)
+    crosshairNode = _crosshairNode(scene)
     wasModifying = crosshairNode.StartModify()
     crosshairNode.SetCrosshairMode(slicer.vtkMRMLCrosshairNode.ShowSmallBasic)
     crosshairNode.SetCrosshairBehavior(slicer.vtkMRMLCrosshairNode.OffsetJumpSlice)
@@ -197,6 +202,130 @@ def _getOrCreateViewNode(scene: slicer.vtkMRMLScene, className: str, viewName: s
     return viewNode
 
 
+def registerCompareLayouts(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLLayoutNode:
+    """Register both compare layouts (:data:`COMPARE_LAYOUT_ID`, :data:`COMPARE_ANALYSIS_LAYOUT_ID`) in the scene's
+    layout node, replacing older descriptions. The module calls it when Slicer starts; calling it again is harmless.
+
+    Layout descriptions live in the (singleton) layout node, which survives closing the scene, and are not written to
+    scene files: registering them at start-up is what lets a saved scene reopen in the compare layout.
+
+    Args:
+        scene: the MRML scene (its layout node is created when missing, as in plain Python).
+
+    Returns:
+        The layout node.
+    """
+    layoutNode = getOrCreateLayoutNode(scene)
+    for layoutId, withAnalysis in ((COMPARE_LAYOUT_ID, False), (COMPARE_ANALYSIS_LAYOUT_ID, True)):
+        description = compareLayoutDescription(withAnalysis)
+        if not layoutNode.IsLayoutDescription(layoutId):
+            layoutNode.AddLayoutDescription(layoutId, description)
+        elif layoutNode.GetLayoutDescription(layoutId) != description:
+            layoutNode.SetLayoutDescription(layoutId, description)
+    return layoutNode
+
+
+def _crosshairNode(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLCrosshairNode:
+    crosshairNode = scene.GetSingletonNode("default", "vtkMRMLCrosshairNode")
+    if crosshairNode is None:
+        crosshairNode = scene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+    if crosshairNode is None:  # created by Slicer at start-up; here for plain Python
+        crosshairNode = slicer.vtkMRMLCrosshairNode()
+        crosshairNode.SetSingletonTag("default")
+        crosshairNode.SetName("Crosshair")
+        crosshairNode = scene.AddNode(crosshairNode)
+    return crosshairNode
+
+
+def rememberPreviousViews(scene: slicer.vtkMRMLScene) -> bool:
+    """Keep the current view arrangement and crosshair mode/behaviour in the layout node's attributes
+    (:data:`PREVIOUS_VIEWS_ATTRIBUTES`), unless a compare layout is already shown or something is already kept (so
+    a second translation does not replace the user's own layout with the first compare layout).
+
+    Returns:
+        ``True`` when the current views were remembered.
+    """
+    layoutNode = getOrCreateLayoutNode(scene)
+    if hasPreviousViews(scene) or layoutNode.GetViewArrangement() in (COMPARE_LAYOUT_ID, COMPARE_ANALYSIS_LAYOUT_ID):
+        return False
+    crosshairNode = _crosshairNode(scene)
+    values = (layoutNode.GetViewArrangement(), crosshairNode.GetCrosshairMode(), crosshairNode.GetCrosshairBehavior())
+    for attribute, value in zip(PREVIOUS_VIEWS_ATTRIBUTES, values):
+        layoutNode.SetAttribute(attribute, str(int(value)))
+    return True
+
+
+def hasPreviousViews(scene: slicer.vtkMRMLScene) -> bool:
+    """Whether views from before the compare layout are kept (:func:`restorePreviousViews` can bring them back)."""
+    layoutNode = scene.GetSingletonNode("vtkMRMLLayoutNode", "vtkMRMLLayoutNode") or scene.GetFirstNodeByClass(
+        "vtkMRMLLayoutNode")
+    return layoutNode is not None and bool(layoutNode.GetAttribute(PREVIOUS_VIEWS_ATTRIBUTES[0]))
+
+
+def restorePreviousViews(scene: slicer.vtkMRMLScene) -> bool:
+    """Bring back the view arrangement and crosshair mode/behaviour from before the compare layout, and forget them.
+
+    Returns:
+        ``True`` when something was restored, ``False`` when nothing was kept.
+    """
+    if not hasPreviousViews(scene):
+        return False
+    layoutNode = getOrCreateLayoutNode(scene)
+    values = []
+    for attribute in PREVIOUS_VIEWS_ATTRIBUTES:
+        try:
+            values.append(int(layoutNode.GetAttribute(attribute) or ""))
+        except ValueError:
+            values.append(None)
+        layoutNode.RemoveAttribute(attribute)
+    arrangement, mode, behavior = values
+    crosshairNode = _crosshairNode(scene)
+    wasModifying = crosshairNode.StartModify()
+    if mode is not None:
+        crosshairNode.SetCrosshairMode(mode)
+    if behavior is not None:
+        crosshairNode.SetCrosshairBehavior(behavior)
+    crosshairNode.EndModify(wasModifying)
+    if arrangement is not None:
+        layoutNode.SetViewArrangement(arrangement)
+    return True
+
+
+def fitSliceToVolume(sliceNode: slicer.vtkMRMLSliceNode, volumeNode: slicer.vtkMRMLVolumeNode) -> None:
+    """Centre a slice view on a volume and set its field of view to the volume's extent in the view's plane, at the
+    view's aspect ratio (what Slicer's "fit to window" does, from MRML alone).
+
+    The extent is that of the volume's voxel corners (IJK -0.5 .. N-0.5) mapped to RAS and projected on the slice
+    axes; a parent transform is not applied.
+
+    Args:
+        sliceNode: the view's slice node (its orientation already set).
+        volumeNode: a volume with image data.
+    """
+    imageData = volumeNode.GetImageData()
+    if imageData is None:
+        return
+    ijkToRAS = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(ijkToRAS)
+    toRAS = slicer.util.arrayFromVTKMatrix(ijkToRAS)
+    dims = imageData.GetDimensions()
+    corners = np.array([[i, j, k, 1.0] for i in (-0.5, dims[0] - 0.5) for j in (-0.5, dims[1] - 0.5)
+                        for k in (-0.5, dims[2] - 0.5)])
+    ras = (toRAS @ corners.T)[:3]  # (3, 8)
+    rotation = slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())[:3, :3]
+    inSlice = rotation.T @ ras  # slice x, y, z of each corner
+    extent = inSlice.max(axis=1) - inSlice.min(axis=1)
+    width, height = (max(1, int(d)) for d in sliceNode.GetDimensions()[:2])
+    fovX, fovY = max(float(extent[0]), 1e-3), max(float(extent[1]), 1e-3)
+    if fovX / fovY > width / height:
+        fovY = fovX * height / width
+    else:
+        fovX = fovY * width / height
+    sliceNode.SetFieldOfView(fovX, fovY, sliceNode.GetFieldOfView()[2])
+    center = ras.mean(axis=1)
+    sliceNode.JumpSliceByCentering(float(center[0]), float(center[1]), float(center[2]))
+
+
 def setupCompareLayout(
     scene: slicer.vtkMRMLScene,
     volumeNodes: Sequence[slicer.vtkMRMLVolumeNode | None],
@@ -213,7 +342,8 @@ def setupCompareLayout(
             input CT, synthetic MR, round-trip CT, error map.
         layoutId: ID under which the layout description is registered (replaced if it exists); ``None`` means
             :data:`COMPARE_LAYOUT_ID`, or :data:`COMPARE_ANALYSIS_LAYOUT_ID` with a plot chart or table.
-        activate: make it the layout node's view arrangement.
+        activate: make it the layout node's view arrangement (the previous arrangement and crosshair are kept for
+            :func:`restorePreviousViews`).
         plotChartNode: histogram chart shown in the analysis row's plot view.
         tableNode: metrics table shown in the analysis row's table view.
 
@@ -229,17 +359,19 @@ def setupCompareLayout(
     withAnalysis = plotChartNode is not None or tableNode is not None
     if layoutId is None:
         layoutId = COMPARE_ANALYSIS_LAYOUT_ID if withAnalysis else COMPARE_LAYOUT_ID
-    layoutNode = getOrCreateLayoutNode(scene)
-    description = compareLayoutDescription(withAnalysis)
-    if layoutNode.IsLayoutDescription(layoutId):
-        layoutNode.SetLayoutDescription(layoutId, description)
-    else:
-        layoutNode.AddLayoutDescription(layoutId, description)
+    layoutNode = registerCompareLayouts(scene)
+    if layoutId not in (COMPARE_LAYOUT_ID, COMPARE_ANALYSIS_LAYOUT_ID):
+        description = compareLayoutDescription(withAnalysis)
+        if layoutNode.IsLayoutDescription(layoutId):
+            layoutNode.SetLayoutDescription(layoutId, description)
+        else:
+            layoutNode.AddLayoutDescription(layoutId, description)
     if activate:
+        rememberPreviousViews(scene)
         layoutNode.SetViewArrangement(layoutId)
 
     for orientation, color in COMPARE_ORIENTATIONS:
-        for column, volumeNode in zip(COMPARE_COLUMNS, volumeNodes, strict=True):
+        for column, volumeNode in zip(COMPARE_COLUMNS, volumeNodes):  # lengths checked above
             viewName = compareViewName(column, orientation)
             label = f"{_COLUMN_LABELS[column]}-{orientation[0]}"
             sliceNode = _getOrCreateSliceNode(scene, viewName, orientation, color, label)
@@ -251,7 +383,7 @@ def setupCompareLayout(
             compositeNode.SetLinkedControl(True)
             compositeNode.EndModify(wasModifying)
             if volumeNode is not None:
-                _centerOn(sliceNode, volumeNode)
+                fitSliceToVolume(sliceNode, volumeNode)
     if withAnalysis:
         plotView = _getOrCreateViewNode(scene, "vtkMRMLPlotViewNode", PLOT_VIEW_NAME, "H")
         plotView.SetPlotChartNodeID(plotChartNode.GetID() if plotChartNode is not None else None)

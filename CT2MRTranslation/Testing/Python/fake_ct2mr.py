@@ -9,14 +9,18 @@ arithmetic in place of the networks, so that the Logic is tested end to end with
 - error map = |round-trip CT - x| (HU);
 - with ``--warp-check``: displacement_mm.nii.gz = 0.1 mm per slice index (z) inside the body (x > -500 HU), 0
   outside, and anatomy.json with fixed edge/GMS/NMI values (:data:`ANATOMY`) and the displacement's mean, p95 and
-  max inside the body; the ``done`` event carries the same ``anatomy`` dict.
+  max inside the body; the ``done`` event carries the same ``anatomy`` dict;
+- with ``--analysis``: analysis.json in the engine's layout (``ct2mr.translation_analysis``) from arithmetic
+  (:func:`fakeAnalysis`): histograms of G(x) in the body (x > -500 HU) and of the reference MR on 128 bins, rows
+  ``MAE_cyc``, ``MAE_cyc (HU)`` (mean |F(G(x)) - x| in the body), ``W1`` with a reference, and the anatomy rows with
+  the warp check; the ``done`` event carries the same ``analysis`` and the ``ct_window`` [-600, 1000].
 
 ``--mode`` (before the sub-command) selects a behaviour: ``ok``, ``fail`` (error event, exit 2), ``crash``
 (traceback on stderr, exit 1), ``shifted`` (outputs with the origin moved by 2 mm), ``resized`` (outputs one slice
 short), ``nodone`` (exit 0 without a done event), ``sleep`` (starts a child process, reports its pid, then waits),
-``oom`` (the engine's out-of-memory error, exit 1, unless ``--sw-batch-size 1 --roi-size N`` with N <= 64),
-``oomalways`` (out of memory whatever the window), ``slow`` (like ``ok``, after 0.5 s), ``anatomyfile`` (like
-``ok``, but the ``done`` event carries no ``anatomy``: only anatomy.json has it).
+``oom`` (the engine's own out-of-memory retry: a warning, then success), ``oomalways`` (the engine's out-of-memory
+error after its retries, exit 1), ``slow`` (like ``ok``, after 0.5 s), ``anatomyfile`` (like ``ok``, but the
+``done`` event carries neither ``anatomy`` nor ``analysis``: only the JSON files have them).
 
 Like the real engine, it has no CUDA: ``--device cuda`` gives the engine's fallback warning and runs "on the CPU".
 Every ``ct2mr translate`` option the Logic passes is accepted; ``--reference-mr`` files must exist.
@@ -33,6 +37,41 @@ import time
 
 ANATOMY = {"edge_correlation": 0.875, "gradient_magnitude_similarity": 0.8125, "gmsd": 0.125, "nmi": 1.25}
 """Fixed anatomy values the fake engine reports with ``--warp-check``."""
+
+CT_WINDOW = [-600.0, 1000.0]
+
+
+def fakeAnalysis(ct, synthetic, roundTrip, reference, anatomy):
+    """The engine's analysis layout, from arithmetic (see the module docstring)."""
+    import numpy as np
+
+    body = ct > -500.0
+    edges = np.linspace(-1.0, 1.0, 129)
+
+    def percent(values):
+        counts = np.histogram(np.clip(values, -1, 1), bins=128, range=(-1.0, 1.0))[0].astype(float)
+        return (100.0 * counts / max(counts.sum(), 1.0)).tolist()
+
+    columns = {"Synthetic MR": percent(synthetic[body])}
+    maeHU = float(np.abs(roundTrip - ct)[body].mean()) if body.any() else 0.0
+    rows = [{"name": "MAE_cyc", "key": "mae_cyc", "value": maeHU / 800.0, "unit": "normalised", "definition": "fake"},
+            {"name": "MAE_cyc (HU)", "key": "mae_cyc_hu", "value": maeHU, "unit": "HU", "definition": "fake"}]
+    if reference is not None:
+        low, high = np.percentile(reference, [1, 99])
+        values = np.clip((reference - low) / max(high - low, 1e-6), 0, 1) * 2 - 1
+        columns["Reference MR"] = percent(values.ravel())
+        a, b = np.cumsum(columns["Synthetic MR"]) / 100.0, np.cumsum(columns["Reference MR"]) / 100.0
+        rows.append({"name": "W1", "key": "w1", "value": float(np.abs(a - b).sum() * 2 / 128), "unit": "normalised",
+                     "definition": "fake"})
+    for name, key in (("Edge correlation", "edge_correlation"), ("GMS", "gradient_magnitude_similarity"),
+                      ("NMI", "nmi"), ("Displacement mean (mm)", "displacement_mean_mm"),
+                      ("Displacement p95 (mm)", "displacement_p95_mm")):
+        if anatomy and key in anatomy:
+            rows.append({"name": name, "key": key, "value": float(anatomy[key]), "unit": "", "definition": "fake"})
+    return {"version": 1, "ct_window": CT_WINDOW,
+            "histogram": {"bins": 128, "range": [-1.0, 1.0], "centres": (0.5 * (edges[:-1] + edges[1:])).tolist(),
+                          "columns": columns},
+            "metrics": {row["key"]: row["value"] for row in rows}, "rows": rows, "error": ""}
 
 
 def emit(**event) -> None:
@@ -54,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     translate.add_argument("--progress", choices=["json", "bar", "none"], default="bar")
     translate.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     translate.add_argument("--roi-size", type=int, nargs="+")
-    translate.add_argument("--sw-batch-size", type=int, default=1)
+    translate.add_argument("--sw-batch-size", type=int, default=None)
     translate.add_argument("--harmonize", choices=["none", "histogram", "nyul", "zscore"], default="none")
     translate.add_argument("--reference-mr", nargs="+")
     translate.add_argument("--warp-check", action="store_true")
+    translate.add_argument("--analysis", action="store_true")
+    translate.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
     emit(event="start", input=args.input, device="cpu" if args.device == "auto" else args.device,
@@ -71,12 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             emit(event="error", message=f"reference MR {path} does not exist")
             return 1
     roi = (args.roi_size or [96])[0]
-    if args.mode == "oomalways" or (args.mode == "oom" and (args.sw_batch_size != 1 or roi > 64)):
+    if args.mode == "oomalways":
         emit(event="progress", stage="G", fraction=0.2, message="G(x)")
-        emit(event="error", message=f"Out of memory on cuda:0 while translating a [128, 128, 128] volume (window "
-             f"{roi}, {args.sw_batch_size} per pass). Try a smaller --roi-size or --sw-batch-size, or --device cpu.",
-             type="RuntimeError")
+        emit(event="error", message="Out of memory on cuda:0 while translating a [128, 128, 128] volume, even with one "
+             "window per pass and CPU stitching. Try a smaller --roi-size, or --device cpu.", type="RuntimeError")
         return 1
+    if args.mode == "oom":
+        emit(event="warning", message=f"Out of memory on cuda:0 with {args.sw_batch_size or 4} windows per pass; "
+             "retrying with 1.", category="RuntimeWarning")
     if args.mode == "slow":
         time.sleep(0.5)
     if args.mode == "sleep":
@@ -138,9 +181,19 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(anatomy, file)
         if args.mode != "anatomyfile":
             extra["anatomy"] = anatomy
+    if args.analysis:
+        reference = None
+        if args.reference_mr:
+            reference = sitk.GetArrayFromImage(sitk.ReadImage(args.reference_mr[0])).astype(np.float32)
+        analysis = fakeAnalysis(ct, synthetic, roundTrip, reference, anatomy)
+        with open(os.path.join(args.output, "analysis.json"), "w") as file:
+            json.dump(analysis, file)
+        outputs["analysis"] = os.path.join(args.output, "analysis.json")
+        if args.mode != "anatomyfile":
+            extra["analysis"] = analysis
     emit(event="progress", stage="write", fraction=1.0, message="written")
     emit(event="done", outputs=outputs, seconds=0.0, device="cpu", precision="float32", model="fake",
-         roi_size=roi, sw_batch_size=args.sw_batch_size, harmonize=args.harmonize, **extra)
+         roi_size=roi, sw_batch_size=args.sw_batch_size, harmonize=args.harmonize, ct_window=CT_WINDOW, **extra)
     return 0
 
 

@@ -17,7 +17,8 @@ import slicer
 from CT2MRTranslationTestHelpers import addSyntheticVolume, dataFile, processIsGone
 
 from CT2MRTranslationLib import nodes, views
-from CT2MRTranslationLib.logic import DEVICES, CT2MRTranslationLogic, CT2MRTranslationResult
+from CT2MRTranslationLib.logic import CT2MRTranslationLogic, CT2MRTranslationResult
+from CT2MRTranslationLib.options import optionSpec
 from CT2MRTranslationLib.runner import TranslationProcess
 
 
@@ -113,6 +114,7 @@ def test_engine_arguments_and_kept_output_directory(mrml, logic, fakeEngineFacto
     assert argv[argv.index("--device") + 1] == "cuda:1"
     assert argv[argv.index("--model") + 1] == str(model)
     assert argv[argv.index("--overlap") + 1] == "0.25"
+    assert "--overwrite" in argv  # a folder the caller chose may hold an earlier run's outputs
     assert argv[-2:] == ["--precision", "fp32"]
     assert result.outputDir == str(outputDirectory)
     assert sorted(os.listdir(outputDirectory)) == ["error_map.nii.gz", "roundtrip_ct.nii.gz", "synthetic_mr.nii.gz"]
@@ -122,11 +124,14 @@ def test_engine_arguments_and_kept_output_directory(mrml, logic, fakeEngineFacto
     assert all(node.GetTransformNodeID() == transform.GetID() for node in result.volumeNodes)
 
 
-def test_default_engine_options_are_not_passed(mrml, logic, fakeEngineFactory):
+def test_default_engine_options_are_the_schemas(mrml, logic, fakeEngineFactory):
     result = logic.translate(addSyntheticVolume(mrml.scene), processFactory=fakeEngineFactory("ok"), setupLayout=False)
     argv = result.log[0]["argv"]
-    assert argv[argv.index("--device") + 1] == "auto"
-    assert "--model" not in argv and "--overlap" not in argv
+    assert argv[argv.index("--device") + 1] == optionSpec("device").default == "auto"
+    assert argv[argv.index("--overlap") + 1] == f"{optionSpec('overlap').default:g}"
+    # options whose default is null are left to the engine; flags that are off are not passed
+    assert not {"--model", "--roi-size", "--sw-batch-size", "--warp-check", "--analysis", "--reference-mr",
+                "--overwrite"} & set(argv)
 
 
 @pytest.mark.parametrize(
@@ -200,7 +205,7 @@ def test_timeout_cancels(mrml, logic, fakeEngineFactory):
         ("empty", ValueError, "no image data"),
         ("outside scene", ValueError, "not in a scene"),
         ("device", ValueError, "device must be one of auto, cuda, cpu or cuda:N"),
-        ("overlap", ValueError, r"overlap must be in \[0, 1\)"),
+        ("overlap", ValueError, r"overlap must be in \[0, 0.95\]"),
         ("model", FileNotFoundError, "leave the path empty to use the default model"),
     ],
 )
@@ -227,7 +232,7 @@ def test_invalid_arguments(mrml, logic, fakeEngineFactory, tmp_path, case, error
     with pytest.raises(error, match=message):
         logic.translate(inputNode, processFactory=fakeEngineFactory("ok"), **kwargs)
     assert not os.path.exists(logic.temporaryDirectory) or os.listdir(logic.temporaryDirectory) == []
-    assert DEVICES == ("auto", "cuda", "cpu")
+    assert optionSpec("device").choices == ("auto", "cuda", "cpu")
 
 
 @pytest.mark.engine

@@ -2,7 +2,8 @@
 the contrast-independent rows of the metrics table (edge correlation, GMS, NMI, displacement mean/p95).
 
 Real scene, real subprocesses: the fake engine (``fake_ct2mr.py --warp-check``) for the Logic, the real ``ct2mr`` for
-the test marked ``engine``.
+the test marked ``engine``. Every anatomy number comes from the engine (``anatomy.json`` / the ``analysis`` of its
+``done`` event); the Slicer process computes none.
 """
 
 from __future__ import annotations
@@ -20,18 +21,13 @@ import slicer
 from CT2MRTranslationTestHelpers import addSyntheticVolume, dataFile
 
 from CT2MRTranslationLib import nodes, plots
-from CT2MRTranslationLib.logic import (
-    DISPLACEMENT_COLOR_NODE_NAMES,
-    MIN_DISPLACEMENT_WINDOW_MM,
-    CT2MRTranslationLogic,
-)
+from CT2MRTranslationLib.logic import CT2MRTranslationLogic
+from CT2MRTranslationLib.nodes import DISPLACEMENT_COLOR_NODE_NAMES, MIN_DISPLACEMENT_WINDOW_MM
+from CT2MRTranslationLib.options import TranslationOptions
 from CT2MRTranslationLib.parameters import CT2MRTranslationParameters
 from CT2MRTranslationLib.runner import TranslationProcess
 
 from fake_ct2mr import ANATOMY as FAKE_ANATOMY  # the tests' folder is on sys.path, like the helpers
-
-ENGINE_ANATOMY = importlib.util.find_spec("ct2mr.anatomy") is not None
-"""The engine's anatomy module is importable: edge correlation, GMS and NMI are computed in the Slicer process."""
 
 ROWS_FROM_JSON = {"Edge correlation": "edge_correlation", "GMS": "gradient_magnitude_similarity", "NMI": "nmi"}
 
@@ -108,26 +104,21 @@ def test_warp_check_adds_the_displacement_map_and_the_anatomy_rows(mrml, logic, 
 
     values = tableValues(result.analysis.metricsTable)
     rows = [result.analysis.metricsTable.GetCellText(r, 0) for r in range(len(values))]
-    assert rows == [*plots.METRIC_ROWS[:4], "Edge correlation", "GMS", "NMI", "Displacement mean (mm)",
+    assert rows == ["MAE_cyc", "MAE_cyc (HU)", "Edge correlation", "GMS", "NMI", "Displacement mean (mm)",
                     "Displacement p95 (mm)"]
     assert values["Displacement mean (mm)"] == pytest.approx(anatomy["displacement_mean_mm"])
     assert values["Displacement p95 (mm)"] == pytest.approx(anatomy["displacement_p95_mm"])
-    if ENGINE_ANATOMY:  # computed here from the nodes with the engine's functions
-        computed = plots.anatomyMetrics(ctNode, result.syntheticMR)
-        for row in ROWS_FROM_JSON:
-            assert values[row] == pytest.approx(computed[row])
-        assert result.analysis.metrics["anatomySource"] == 1.0
-    else:  # read from anatomy.json
-        for row, key in ROWS_FROM_JSON.items():
-            assert values[row] == pytest.approx(anatomy[key])
+    for row, key in ROWS_FROM_JSON.items():  # the engine's values, shown as they are
+        assert values[row] == pytest.approx(anatomy[key])
     assert os.listdir(logic.temporaryDirectory) == []
 
 
 def test_anatomy_from_the_json_file_when_the_done_event_has_none(mrml, logic, fakeEngineFactory):
     ctNode = addSyntheticVolume(mrml.scene)
-    result = logic.translate(ctNode, warpCheck=True, processFactory=fakeEngineFactory("anatomyfile"),
+    result = logic.translate(ctNode, warpCheck=True, analysis=True, processFactory=fakeEngineFactory("anatomyfile"),
                              setupLayout=False)
-    assert "anatomy" not in result.log[-1]
+    assert "anatomy" not in result.log[-1] and "analysis" not in result.log[-1]
+    assert result.analysis.metrics["NMI"] == FAKE_ANATOMY["nmi"]  # analysis.json read from OUT_DIR
     assert {k: result.anatomy[k] for k in FAKE_ANATOMY} == FAKE_ANATOMY
     ct = slicer.util.arrayFromVolume(ctNode).astype(np.float32)
     inside = fakeDisplacement(ct)[ct > -500.0]
@@ -141,17 +132,17 @@ def test_parameters_turn_the_warp_check_on(mrml, logic, fakeEngineFactory):
     parameters.computeMetrics = False
     parameters.showCompareLayout = False
     keywords = parameters.translateKeywords()
-    assert keywords["warpCheck"] is True
+    assert keywords["options"].warpCheck is True and keywords["options"].analysis is False
     result = logic.translate(addSyntheticVolume(mrml.scene), processFactory=fakeEngineFactory("ok"), **keywords)
     assert result.displacementMap is not None and result.analysis is None
 
 
 def test_engine_options_and_retries_keep_the_warp_check(mrml, logic, fakeEngineFactory):
-    assert CT2MRTranslationLogic.engineOptions(warpCheck=True)[-1] == "--warp-check"
-    assert "--warp-check" not in CT2MRTranslationLogic.engineOptions()
+    assert "--warp-check" in TranslationOptions(warpCheck=True).engineArguments()
+    assert "--warp-check" not in TranslationOptions().engineArguments()
     result = logic.translate(addSyntheticVolume(mrml.scene), warpCheck=True, device="cuda", swBatchSize=4,
                              processFactory=fakeEngineFactory("oom"), setupLayout=False)
-    assert result.attempts == 2 and result.displacementMap is not None
+    assert len(result.retryMessages) == 1 and result.displacementMap is not None  # the engine's own retry
     assert all("--warp-check" in e["argv"] for e in result.log if e["event"] == "start")
 
 
@@ -187,7 +178,7 @@ def test_a_missing_displacement_file_fails_cleanly(mrml, logic, fakeEngineFactor
 def test_an_engine_without_the_warp_check_is_explained(mrml, logic):
     script = ("import sys; sys.stderr.write('usage: ct2mr translate [-h] ...\\nct2mr: error: unrecognized "
               "arguments: --warp-check\\n'); sys.exit(2)")
-    with pytest.raises(RuntimeError, match="has no warp check. Update the engine"):
+    with pytest.raises(RuntimeError, match="does not know --warp-check: it is older than this module"):
         logic.translate(addSyntheticVolume(mrml.scene), warpCheck=True,
                         processFactory=lambda args: TranslationProcess([sys.executable, "-c", script]))
 
@@ -216,58 +207,19 @@ def test_sequences_get_a_displacement_sequence(mrml, logic, fakeEngineFactory):
     assert not [n for n in scene.GetNodesByClass("vtkMRMLScalarVolumeNode") if "displacement" in n.GetName()]
 
 
-# --- the table's anatomy rows -----------------------------------------------------------------------------------------
+# --- the table's anatomy rows ---------------------------------------------------------------------------------------
 
 
-def test_anatomy_rows_come_from_the_json_without_the_engine_module(mrml, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ct2mr.anatomy", None)  # "import ct2mr.anatomy" raises ImportError
+def test_the_table_shows_the_engines_anatomy_rows_as_they_are(mrml):
     scene = mrml.scene
     ct = addSyntheticVolume(scene, "CT")
-    synthetic = addSyntheticVolume(scene, "CT synthetic MR")
-    anatomy = {**FAKE_ANATOMY, "displacement_mean_mm": 0.25, "displacement_p95_mm": 0.75, "displacement_max_mm": 2.0}
-
-    values = plots.anatomyMetrics(ct, synthetic, anatomy=anatomy)
-    assert values == {"Edge correlation": 0.875, "GMS": 0.8125, "NMI": 1.25, "Displacement mean (mm)": 0.25,
-                      "Displacement p95 (mm)": 0.75, "anatomySource": 0.0}
-    assert plots.anatomyMetrics(ct, synthetic) == {"anatomySource": 0.0}  # nothing known: no rows
-
-    table = plots.metricsTableNode(scene, {"SSIM_cyc": 0.9, **values}, "CT metrics")
-    assert tableValues(table) == {"SSIM_cyc": 0.9, **{k: v for k, v in values.items() if k != "anatomySource"}}
-    assert table.GetCellText(4, 2) == "mm" and "B-spline" in table.GetCellText(4, 3)
-    assert "Displacement" not in str(tableValues(plots.metricsTableNode(scene, {"NMI": 1.5}, "partial")))
-
-
-@pytest.mark.skipif(not ENGINE_ANATOMY, reason="the engine's ct2mr.anatomy module is not installed")
-def test_anatomy_rows_with_the_engine_functions(mrml):
-    import SimpleITK as sitk
-    from ct2mr.anatomy import anatomy_metrics
-
-    scene = mrml.scene
-    ctNode = addSyntheticVolume(scene, "CT", shape=(16, 24, 24))
-    ct = slicer.util.arrayFromVolume(ctNode).astype(np.float32)
-    # G(x) = the CT through the engine's [-1000, 1000] HU window: the same edges, NMI at its maximum
-    same = addSyntheticVolume(scene, "same", shape=(16, 24, 24))
-    slicer.util.updateVolumeFromArray(same, (np.clip(ct, -1000, 1000) / 1000.0).astype(np.float32))
-    identical = plots.anatomyMetrics(ctNode, same)
-    assert identical["Edge correlation"] == pytest.approx(1.0, abs=1e-5)
-    assert identical["GMS"] == pytest.approx(1.0, abs=1e-5) and identical["NMI"] == pytest.approx(2.0, abs=1e-5)
-    assert identical["anatomySource"] == 1.0 and "Displacement mean (mm)" not in identical
-
-    # a non-monotone remap moves nothing: NMI stays high; the values equal the engine's on the uncropped grid
-    remapped = addSyntheticVolume(scene, "remapped", shape=(16, 24, 24))
-    slicer.util.updateVolumeFromArray(remapped, np.cos(np.clip(ct + 1000, 0, 2000) / 2000 * 2.5 * np.pi)
-                                      .astype(np.float32))
-    mask = plots._bodyMask(ct, plots.CT_WINDOW)
-    values = plots.anatomyMetrics(ctNode, remapped, mask)
-    images = []
-    for array in (ct, slicer.util.arrayFromVolume(remapped)):
-        image = sitk.GetImageFromArray(np.asarray(array, np.float32))
-        image.SetSpacing(ctNode.GetSpacing())
-        images.append(image)
-    expected, _ = anatomy_metrics(images[0], images[1], body=mask)
-    for row, key in ROWS_FROM_JSON.items():
-        assert values[row] == pytest.approx(expected[key], rel=1e-5)
-    assert values["NMI"] > 1.2
+    rows = [{"name": "Edge correlation", "value": 0.875, "unit": "", "definition": "edges"},
+            {"name": "Displacement p95 (mm)", "value": 0.75, "unit": "mm", "definition": "B-spline registration"}]
+    analysis = {"histogram": {"centres": [-0.5, 0.5], "columns": {"Synthetic MR": [25.0, 75.0]}}, "rows": rows,
+                "error": ""}
+    nodesAdded = plots.addAnalysis(ct, analysis)
+    assert tableValues(nodesAdded.metricsTable) == {"Edge correlation": 0.875, "Displacement p95 (mm)": 0.75}
+    assert nodesAdded.metricsTable.GetCellText(1, 2) == "mm" and "B-spline" in nodesAdded.metricsTable.GetCellText(1, 3)
 
 
 # --- the real engine --------------------------------------------------------------------------------------------------
@@ -294,7 +246,7 @@ def test_real_engine_warp_check(mrml, logic, tmp_path):
     sitk.WriteImage(image[10:90, 10:90, 30:78], str(tmp_path / "crop.nrrd"))
     ctNode = mrml.loadVolume(tmp_path / "crop.nrrd", "Heart crop")
 
-    result = logic.translate(ctNode, device="cpu", warpCheck=True, computeMetrics=True, setupLayout=False)
+    result = logic.translate(ctNode, device="cpu", warpCheck=True, analysis=True, setupLayout=False)
 
     displacement = result.displacementMap
     assert displacement is not None and sameGrid(displacement, ctNode)
@@ -306,6 +258,6 @@ def test_real_engine_warp_check(mrml, logic, tmp_path):
     table = tableValues(result.analysis.metricsTable)
     assert {"Edge correlation", "GMS", "NMI", "Displacement mean (mm)", "Displacement p95 (mm)"} <= set(table)
     assert table["Displacement p95 (mm)"] == pytest.approx(anatomy["displacement_p95_mm"])
-    for row, key in ROWS_FROM_JSON.items():  # computed in Slicer on the same grid: the engine's values (the body
-        assert table[row] == pytest.approx(anatomy[key], abs=0.02)  # masks may differ by the model's CT window)
+    for row, key in ROWS_FROM_JSON.items():  # the warp check's values, as the engine reported them
+        assert table[row] == pytest.approx(anatomy[key])
     assert os.listdir(logic.temporaryDirectory) == []

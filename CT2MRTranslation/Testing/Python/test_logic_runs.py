@@ -1,10 +1,10 @@
-"""The Logic's run features on a real scene with real subprocesses: out-of-memory retries, device fallback, Advanced
-options, harmonisation inputs, analysis nodes, batches and sequences, device listing, model list and downloads."""
+"""The Logic's run features on a real scene with real subprocesses: out-of-memory reports, device fallback, Advanced
+options, harmonisation inputs, analysis nodes (from the engine's JSON), batches and sequences, device listing, model
+list and downloads."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import http.server
 import json
 import os
@@ -18,11 +18,8 @@ import slicer
 from CT2MRTranslationTestHelpers import FAKE_ENGINE, addSyntheticVolume, dataFile, processIsGone
 
 from CT2MRTranslationLib import views
-from CT2MRTranslationLib.logic import (
-    CT2MRTranslationLogic,
-    isOutOfMemoryMessage,
-    smallerRoiSize,
-)
+from CT2MRTranslationLib.engine import isOutOfMemoryMessage
+from CT2MRTranslationLib.logic import CT2MRTranslationLogic
 from CT2MRTranslationLib.runner import TranslationProcess
 
 
@@ -48,55 +45,43 @@ def volumeCount(scene) -> int:
 # --- out of memory ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("roi", "expected"), [(None, 64), (96, 64), (128, 80), (64, 32), (48, 32), (32, None)])
-def test_smallerRoiSize(roi, expected):
-    assert smallerRoiSize(roi) == expected
-
-
 def test_isOutOfMemoryMessage():
     assert isOutOfMemoryMessage("Out of memory on cuda:0 while translating")
     assert isOutOfMemoryMessage("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
     assert not isOutOfMemoryMessage("fake failure") and not isOutOfMemoryMessage(None)
 
 
-def test_out_of_memory_is_retried_with_a_smaller_window(mrml, logic, fakeEngineFactory):
-    inputNode = addSyntheticVolume(mrml.scene)
-    progress = []
-    result = logic.translate(inputNode, device="cuda", swBatchSize=4, processFactory=fakeEngineFactory("oom"),
-                             setupLayout=False, progressCallback=lambda f, m: progress.append(m))
-    assert result.attempts == 2 and len(result.retryMessages) == 1
-    assert "retrying with 1 window per pass and a 64-voxel window" in result.retryMessages[0]
-    first, second = argv(result, 0), argv(result, 1)
-    assert option(first, "--sw-batch-size") == "4" and option(first, "--roi-size") is None
-    assert option(second, "--sw-batch-size") == "1" and option(second, "--roi-size") == "64"
-    assert option(second, "--device") == "cuda"
-    assert any("Out of memory" in m for m in progress)
-    assert [e["event"] for e in result.log].count("error") == 1 and result.log[-1]["event"] == "done"
+def countingFactory(fakeEngineFactory, mode):
+    started = []
+
+    def factory(engineArgs):
+        started.append(engineArgs)
+        return fakeEngineFactory(mode)(engineArgs)
+
+    return factory, started
+
+
+def test_the_engines_out_of_memory_retry_is_reported(mrml, logic, fakeEngineFactory):
+    """The engine retries with fewer windows itself: one process, and its warning reaches the result."""
+    factory, started = countingFactory(fakeEngineFactory, "oom")
+    result = logic.translate(addSyntheticVolume(mrml.scene), device="cuda", swBatchSize=4, processFactory=factory,
+                             setupLayout=False)
+    assert len(started) == 1 and option(started[0], "--sw-batch-size") == "4"
+    assert len(result.retryMessages) == 1 and "Out of memory on cuda:0 with 4 windows per pass" in result.retryMessages[0]
     assert volumeCount(mrml.scene) == 4 and os.listdir(logic.temporaryDirectory) == []
 
 
-def test_out_of_memory_after_every_retry_is_reported(mrml, logic, fakeEngineFactory):
+def test_out_of_memory_after_the_engines_retries_is_reported(mrml, logic, fakeEngineFactory):
     inputNode = addSyntheticVolume(mrml.scene)
     before = mrml.scene.GetNumberOfNodes()
+    factory, started = countingFactory(fakeEngineFactory, "oomalways")
     with pytest.raises(RuntimeError) as error:
-        logic.translate(inputNode, roiSize=96, processFactory=fakeEngineFactory("oomalways"))
+        logic.translate(inputNode, roiSize=96, processFactory=factory)
     text = str(error.value)
     assert text.startswith("CT to MR translation failed: Out of memory on cuda:0")
-    assert "ran out of memory after 3 attempts" in text and "64-voxel window" in text and "32-voxel window" in text
-    assert "Choose the CPU" in text
+    assert "also after the engine's own retries" in text and "Choose the CPU" in text
+    assert len(started) == 1  # no front-end retry: the heuristic is the engine's
     assert mrml.scene.GetNumberOfNodes() == before and os.listdir(logic.temporaryDirectory) == []
-
-
-def test_no_retry_when_disabled_or_not_out_of_memory(mrml, logic, fakeEngineFactory):
-    inputNode = addSyntheticVolume(mrml.scene)
-    job = logic.startTranslation(inputNode, processFactory=fakeEngineFactory("oom"), oomRetries=0)
-    with pytest.raises(RuntimeError, match="The device ran out of memory. Choose the CPU"):
-        logic.finishTranslation(job)
-    assert job.attempts == 1
-    job = logic.startTranslation(inputNode, processFactory=fakeEngineFactory("fail"))
-    with pytest.raises(RuntimeError, match="fake failure"):
-        logic.finishTranslation(job)
-    assert job.attempts == 1
 
 
 # --- device -------------------------------------------------------------------------------------------------------
@@ -166,9 +151,9 @@ def test_advanced_options_reach_the_engine(mrml, logic, fakeEngineFactory):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"roiSize": 50}, "roiSize must be a multiple of 4 in \\[16, 512\\]"),
-        ({"roiSize": 1024}, "roiSize must be a multiple of 4"),
-        ({"swBatchSize": 0}, "swBatchSize must be at least 1"),
+        ({"roiSize": 50}, "roiSize must be a multiple of 16"),
+        ({"roiSize": 1024}, "roiSize must be in \\[16, 512\\]"),
+        ({"swBatchSize": -1}, "swBatchSize must be in \\[1, 64\\]"),
         ({"precision": "int8"}, "precision must be one of auto, fp32, bf16, fp16"),
         ({"harmonize": "magic"}, "harmonize must be one of none, histogram, nyul, zscore"),
         ({"harmonize": "nyul"}, "Harmonisation 'nyul' needs a reference MR"),
@@ -194,22 +179,31 @@ def test_analysis_nodes_and_layout_with_plot(mrml, logic, fakeEngineFactory):
     study = shNode.CreateStudyItem(shNode.CreateSubjectItem(shNode.GetSceneItemID(), "Patient"), "Study")
     shNode.CreateItem(study, ctNode)
 
-    result = logic.translate(ctNode, referenceMRNode=reference, computeMetrics=True,
+    result = logic.translate(ctNode, referenceMRNode=reference, analysis=True,
                              processFactory=fakeEngineFactory("ok"))
 
     analysis = result.analysis
     assert analysis is not None and analysis.metricsError == ""
+    assert "--analysis" in argv(result) and os.path.basename(option(argv(result), "--reference-mr")) == \
+        "reference_mr.nrrd"  # the reference goes to the engine for the histogram and W1, without harmonisation
+    engineAnalysis = result.log[-1]["analysis"]  # the table and plot show the engine's numbers, verbatim
+    assert analysis.metrics == {row["name"]: row["value"] for row in engineAnalysis["rows"]}
+    np.testing.assert_array_equal(slicer.util.arrayFromTableColumn(analysis.histogramTable, "Reference MR"),
+                                  engineAnalysis["histogram"]["columns"]["Reference MR"])
+    assert result.ctWindow == (-600.0, 1000.0)
     assert analysis.histogramTable.GetName() == "Heart CT histogram"
     assert [analysis.histogramTable.GetColumnName(i) for i in range(3)] == ["Intensity", "Synthetic MR",
                                                                           "Reference MR"]
     assert [s.GetYColumnName() for s in analysis.series] == ["Synthetic MR", "Reference MR"]
     assert analysis.chart.GetNumberOfPlotSeriesNodes() == 2
-    metrics = {analysis.metricsTable.GetCellText(r, 0) for r in range(analysis.metricsTable.GetNumberOfRows())}
-    anatomyRows = {"Edge correlation", "GMS", "NMI"} if importlib.util.find_spec("ct2mr.anatomy") else set()
-    assert metrics == {"SSIM_cyc", "PSNR_cyc", "MAE_cyc", "MAE_cyc (HU)", "W1", *anatomyRows}
+    metrics = [analysis.metricsTable.GetCellText(r, 0) for r in range(analysis.metricsTable.GetNumberOfRows())]
+    assert metrics == ["MAE_cyc", "MAE_cyc (HU)", "W1"]  # the fake engine's rows, in its order
+    assert analysis.metricsTable.GetCellText(1, 2) == "HU"
     assert result.displacementMap is None and result.anatomy == {}  # no warp check asked
-    # the fake engine's round trip is x clipped to [-600, 1000] HU: inside the body the error is the clipping only
-    assert analysis.metrics["MAE_cyc (HU)"] == pytest.approx(0.0, abs=1e-2) and analysis.metrics["SSIM_cyc"] > 0.99
+    # the fake engine's MAE (HU): mean |F(G(x)) - x| in its body mask x > -500 HU, i.e. the clipping above 1000 HU
+    ct = slicer.util.arrayFromVolume(ctNode).astype(np.float32)
+    error = slicer.util.arrayFromVolume(result.errorMap)
+    assert analysis.metrics["MAE_cyc (HU)"] == pytest.approx(float(error[ct > -500].mean()), rel=1e-4)
     for node in (analysis.histogramTable, analysis.chart, analysis.metricsTable):
         assert shNode.GetItemParent(shNode.GetItemByDataNode(node)) == study
 
@@ -469,7 +463,7 @@ def test_the_logic_runs_the_engine_with_the_fake_when_asked(mrml, logic):
         return TranslationProcess([sys.executable, str(FAKE_ENGINE), *engineArgs])
 
     result = logic.translate(addSyntheticVolume(mrml.scene), processFactory=factory, setupLayout=False)
-    assert result.device == "cpu" and result.attempts == 1
+    assert result.device == "cpu" and result.retryMessages == []
 
 
 # --- the real engine (python -m ct2mr), on a crop of the real heart CT -----------------------------------------------
@@ -490,11 +484,9 @@ def smallRealCT(mrml, tmp_path):
 def test_real_engine_falls_back_to_the_cpu_and_adds_the_analysis(mrml, logic, smallRealCT):
     reference = mrml.loadVolume(dataFile("mr/upper_abdomen_mr_3mm.nii.gz"), "Abdomen MR")
     progress = []
-    result = logic.translate(smallRealCT, device="cuda", computeMetrics=True, referenceMRNode=reference,
+    result = logic.translate(smallRealCT, device="cuda", analysis=True, referenceMRNode=reference,
                              progressCallback=lambda f, m: progress.append(f))
-    import torch
-
-    if torch.cuda.is_available():
+    if result.device.startswith("cuda"):
         assert result.device.startswith("cuda") and result.deviceMessage == ""
     else:
         assert result.device == "cpu"
@@ -502,9 +494,10 @@ def test_real_engine_falls_back_to_the_cpu_and_adds_the_analysis(mrml, logic, sm
     for node in result.volumeNodes:
         assert nodes_equal_grid(node, smallRealCT)
     assert progress[-1] == 1.0 and progress == sorted(progress)
-    anatomyRows = 3 if importlib.util.find_spec("ct2mr.anatomy") else 0  # edge correlation, GMS, NMI
-    assert result.analysis.metricsTable.GetNumberOfRows() == 5 + anatomyRows
+    rows = [result.analysis.metricsTable.GetCellText(r, 0) for r in range(result.analysis.metricsTable.GetNumberOfRows())]
+    assert {"SSIM_cyc", "MAE_cyc", "MAE_cyc (HU)", "W1", "Edge correlation", "GMS", "NMI"} <= set(rows)
     assert -1.0 <= result.analysis.metrics["SSIM_cyc"] <= 1.0 and result.analysis.metrics["W1"] >= 0.0
+    assert result.ctWindow == (-600.0, 1000.0)
     assert os.listdir(logic.temporaryDirectory) == []
 
 

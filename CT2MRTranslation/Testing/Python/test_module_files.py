@@ -1,4 +1,5 @@
-"""Checks of the module's files that need no Slicer application: .ui vs Widget code, CMake lists, icon, layering."""
+"""Checks of the module's files that need no Slicer application: .ui vs Widget code, the .ui / parameter node / CLI
+agreement on the engine's options schema, CMake lists, icon, layering (no Qt, no torch in the library)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import xml.etree.ElementTree as ET
 import pytest
 from CT2MRTranslationTestHelpers import MODULE_DIR
 
-from CT2MRTranslationLib.logic import DEVICES
-from CT2MRTranslationLib.parameters import HARMONIZATIONS, PRECISIONS, CT2MRTranslationParameters
+from CT2MRTranslationLib.options import TranslationOptions, loadSchema, optionSpec
+from CT2MRTranslationLib.parameters import CT2MRTranslationParameters
 
 MODULE_SCRIPT = MODULE_DIR / "CT2MRTranslation.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "CT2MRTranslation.ui"
@@ -58,32 +59,63 @@ def test_every_parameter_is_written_from_and_shown_in_the_gui():
         assert f"p.{name}" in shown, f"{name} is never shown in the GUI"
 
 
-def test_advanced_choices_match_the_logic(uiWidgets):
+def test_ui_parameter_node_and_cli_agree_on_the_engines_options(uiWidgets):
+    """One definition (ct2mr/translate_options.json): the .ui offers only what the parameter node accepts, which is
+    what the schema allows, and the engine's own argument parser reads the flags back as the same values."""
     def items(name):
         return tuple(s.text for s in uiWidgets[name].findall("./item/property[@name='text']/string"))
 
     def number(name, propertyName):
         return float(uiWidgets[name].find(f"./property[@name='{propertyName}']/*").text)
 
-    assert items("precisionComboBox") == PRECISIONS
-    assert items("harmonizeComboBox") == HARMONIZATIONS
-    for widgetName, parameter in (("overlapSpinBox", CT2MRTranslationParameters.overlap),
-                                  ("roiSizeSpinBox", CT2MRTranslationParameters.roiSize),
-                                  ("swBatchSizeSpinBox", CT2MRTranslationParameters.swBatchSize)):
+    P = CT2MRTranslationParameters
+    assert items("precisionComboBox") == optionSpec("precision").choices == tuple(P.precision.choices)
+    assert items("harmonizeComboBox") == optionSpec("harmonize").choices == tuple(P.harmonize.choices)
+    assert items("deviceComboBox") == optionSpec("device").choices
+    overlap = optionSpec("overlap")
+    assert (number("overlapSpinBox", "minimum"), number("overlapSpinBox", "maximum")) == (overlap.minimum,
+                                                                                          overlap.maximum)
+    assert number("overlapSpinBox", "singleStep") == overlap.step
+    roi, batch = optionSpec("roi_size"), optionSpec("sw_batch_size")
+    # 0 is the spin boxes' special value ("model default", "auto"): the engine decides
+    assert (number("roiSizeSpinBox", "minimum"), number("roiSizeSpinBox", "maximum")) == (0, roi.maximum)
+    assert number("roiSizeSpinBox", "singleStep") == roi.multipleOf and roi.minimum == roi.multipleOf
+    assert (number("swBatchSizeSpinBox", "minimum"), number("swBatchSizeSpinBox", "maximum")) == (0, batch.maximum)
+    for widgetName, parameter in (("overlapSpinBox", P.overlap), ("roiSizeSpinBox", P.roiSize),
+                                  ("swBatchSizeSpinBox", P.swBatchSize)):
         assert (number(widgetName, "minimum"), number(widgetName, "maximum")) == (parameter.minimum, parameter.maximum)
         assert number(widgetName, "value") == parameter.default
+    # every value a spin box steps to is one the parameter node and the schema accept
+    for value in range(0, int(roi.maximum) + 1, int(roi.multipleOf)):
+        P.roiSize.validate(value)
+    warpCheck = uiWidgets["warpCheckCheckBox"]
+    checked = warpCheck.find("./property[@name='checked']/bool").text == "true"
+    assert checked is P.warpCheck.default is optionSpec("warp_check").default
+
+    from ct2mr.cli import build_parser  # argparse only: the engine's command line
+
+    options = TranslationOptions(device="cuda:1", overlap=0.5, roiSize=64, swBatchSize=2, precision="bf16",
+                                 harmonize="zscore", warpCheck=True, analysis=True)
+    parsed = build_parser().parse_args(["translate", "in.nrrd", "-o", "out", *options.engineArguments()])
+    assert (parsed.device, parsed.overlap, parsed.roi_size, parsed.sw_batch_size, parsed.precision, parsed.harmonize,
+            parsed.warp_check, parsed.analysis) == ("cuda:1", 0.5, [64], 2, "bf16", "zscore", True, True)
+    defaults = build_parser().parse_args(["translate", "in.nrrd", "-o", "out", *TranslationOptions().engineArguments()])
+    for spec in loadSchema().values():
+        assert getattr(defaults, spec.name) == spec.default, spec.name
+
+
+def test_advanced_section_layout(uiWidgets):
     batchTypes = [s.text for s in uiWidgets["batchInputsSelector"].findall(
         "./property[@name='nodeTypes']/stringlist/string")]
     assert batchTypes == ["vtkMRMLScalarVolumeNode", "vtkMRMLSequenceNode"]
     assert uiWidgets["advancedCollapsibleButton"].find("./property[@name='collapsed']/bool").text == "true"
-    # the warp check sits in Advanced, off by default like its parameter, and its tooltip says what it costs
+    # the warp check sits in Advanced and its tooltip says what it costs
     advanced = {w.get("name") for w in uiWidgets["advancedCollapsibleButton"].iter("widget")}
-    warpCheck = uiWidgets["warpCheckCheckBox"]
-    assert "warpCheckCheckBox" in advanced
-    checked = warpCheck.find("./property[@name='checked']/bool").text == "true"
-    assert checked is CT2MRTranslationParameters.warpCheck.default
-    tooltip = warpCheck.find("./property[@name='toolTip']/string").text
+    assert {"warpCheckCheckBox", "restoreViewsButton"} <= advanced
+    tooltip = uiWidgets["warpCheckCheckBox"].find("./property[@name='toolTip']/string").text
     assert "displacement" in tooltip and "mm" in tooltip and "time" in tooltip
+    dependencies = {w.get("name") for w in uiWidgets["dependenciesCollapsibleButton"].iter("widget")}
+    assert "wheelFolderPathLineEdit" in dependencies
 
 
 def test_ui_widget_classes_and_properties(uiTree, uiWidgets):
@@ -112,8 +144,6 @@ def test_ui_widget_classes_and_properties(uiTree, uiWidgets):
     assert {name: uiWidgets[name].get("class") for name in expectedClasses} == expectedClasses
     nodeTypes = [s.text for s in uiWidgets["inputSelector"].findall("./property[@name='nodeTypes']/stringlist/string")]
     assert nodeTypes == ["vtkMRMLScalarVolumeNode"]
-    devices = [s.text for s in uiWidgets["deviceComboBox"].findall("./item/property[@name='text']/string")]
-    assert tuple(devices) == DEVICES
     assert uiWidgets["applyButton"].find("./property[@name='text']/string").text == "Translate"
 
 
@@ -140,11 +170,17 @@ def test_module_script_structure():
     assert ("CT2MRTranslationLib.logic", "CT2MRTranslationLogic") in imports
     text = MODULE_SCRIPT.read_text()
     for phrase in ("CT to MR Translation", "F(G(x))", "|F(G(x)) - x|", "Arifette",
-                   "CT to MRI Translation using CycleGAN for Medical Imaging Applications", "CT2MRTranslation team",
-                   "tryWithErrorDisplay", "QTimer", "UI/CT2MRTranslation.ui", "slicer.util.pip_install",
-                   "PyTorchUtils", "startBatch", "startModelDownload", "startDeviceQuery", "updateGUIFromParameterNode",
-                   "updateParameterNodeFromGUI", "computeMetrics=True"):
+                   "CT to MRI Translation using CycleGAN for Medical Imaging Applications", "Image Synthesis",
+                   "tryWithErrorDisplay", "QTimer", "QProcess", "UI/CT2MRTranslation.ui", "slicerVersionProblem",
+                   "startupCompleted()", "registerCompareLayouts", "restorePreviousViews", "editingFinished()",
+                   "keyboardTracking", "startBatch", "startModelDownload", "startDeviceQuery",
+                   "updateGUIFromParameterNode", "updateParameterNodeFromGUI", "analysis=True", "install.InstallRun"):
         assert phrase in text, phrase
+    # installs never run in the GUI thread, torch is never loaded into Slicer's process
+    for phrase in ("pip_install(", "installTorch(", "import torch", "processEvents"):
+        assert phrase not in text.split("class CT2MRTranslationTest")[0], phrase
+    contributors = re.search(r"parent\.contributors = \[(.*?)\]", text).group(1)
+    assert re.fullmatch(r'"[A-Z][\w. -]+ \([^)]+\)"', contributors.strip())  # "Name (Affiliation)"
 
 
 def cmakeList(variable: str) -> list[str]:
@@ -172,15 +208,30 @@ def test_icon_is_a_128_pixel_png():
     assert struct.unpack(">II", data[16:24]) == (128, 128)
 
 
+NO_SCIENCE = {"torch", "monai", "scipy", "h5py", "safetensors"}
+"""Never imported by the library: the engine process does the science (DESIGN.md)."""
+
+ENGINE_MODULES_ALLOWED = {"registry", "nnunet"}
+"""The engine's torch-free modules the library may use in Slicer's process: the model list and the dataset layout."""
+
+
 @pytest.mark.parametrize("path", sorted(LIB_DIR.glob("*.py")), ids=lambda p: p.name)
-def test_library_is_qt_free_and_documented(path):
-    """DESIGN.md: CT2MRTranslationLib never imports qt or ctk and never uses slicer.app."""
+def test_library_is_qt_free_torch_free_and_documented(path):
+    """DESIGN.md: CT2MRTranslationLib never imports qt or ctk, never uses slicer.app, never imports torch or engine
+    science (only the engine's torch-free registry and dataset layout)."""
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            assert not {a.name.split(".")[0] for a in node.names} & {"qt", "ctk", "PythonQt"}, path.name
+            names = {a.name for a in node.names}
+            assert not {n.split(".")[0] for n in names} & ({"qt", "ctk", "PythonQt"} | NO_SCIENCE), path.name
+            assert not [n for n in names if n.startswith("ct2mr") and n.partition(".")[2] not in ENGINE_MODULES_ALLOWED]
         if isinstance(node, ast.ImportFrom):
-            assert (node.module or "").split(".")[0] not in {"qt", "ctk", "PythonQt"}, path.name
+            module = node.module or ""
+            assert module.split(".")[0] not in {"qt", "ctk", "PythonQt"} | NO_SCIENCE, path.name
+            if module == "ct2mr":
+                assert {a.name for a in node.names} <= ENGINE_MODULES_ALLOWED, path.name
+            if module.startswith("ct2mr."):
+                assert module.partition(".")[2] in ENGINE_MODULES_ALLOWED, path.name
         if isinstance(node, ast.Attribute) and node.attr == "app":
             assert not (isinstance(node.value, ast.Name) and node.value.id == "slicer"), f"slicer.app in {path.name}"
     assert ast.get_docstring(tree), f"{path.name} has no module docstring"

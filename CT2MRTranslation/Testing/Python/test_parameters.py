@@ -9,6 +9,7 @@ import slicer
 from CT2MRTranslationTestHelpers import addSyntheticVolume
 
 from CT2MRTranslationLib.logic import CT2MRTranslationLogic
+from CT2MRTranslationLib.options import TranslationOptions
 from CT2MRTranslationLib.parameters import MODULE_NAME, CT2MRTranslationParameters, getParameterNode
 
 
@@ -32,14 +33,15 @@ def test_parameter_node_is_the_module_singleton_with_defaults(mrml):
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("overlap", 0.99, "overlap must be <= 0.95"),
-        ("overlap", -0.1, "overlap must be >= 0"),
-        ("overlap", "half", "overlap must be a float"),
-        ("device", "gpu", "device must be one of auto, cuda, cpu \\(or cuda:N\\)"),
+        ("overlap", 0.99, "overlap must be in \\[0, 0.95\\]"),
+        ("overlap", -0.1, "overlap must be in \\[0, 0.95\\]"),
+        ("overlap", "half", "overlap must be a number"),
+        ("device", "gpu", "device must be one of auto, cuda, cpu or cuda:N"),
         ("precision", "fp8", "precision must be one of auto, fp32, bf16, fp16"),
         ("harmonize", "magic", "harmonize must be one of none, histogram, nyul, zscore"),
-        ("swBatchSize", -1, "swBatchSize must be >= 0"),
-        ("roiSize", 1024, "roiSize must be <= 512"),
+        ("swBatchSize", -1, "swBatchSize must be in \\[1, 64\\]; got -1. \\(0: the engine decides\\)"),
+        ("roiSize", 1024, "roiSize must be in \\[16, 512\\]"),
+        ("roiSize", 50, "roiSize must be a multiple of 16"),
         ("computeMetrics", "maybe", "computeMetrics must be true or false"),
         ("warpCheck", "sometimes", "warpCheck must be true or false"),
     ],
@@ -95,9 +97,14 @@ def test_translate_keywords_follow_the_parameters(mrml):
     parameters.roiSize = 0
     parameters.harmonize = "zscore"
     assert parameters.translateKeywords() == {
-        "modelPath": None, "device": "auto", "overlap": 0.25, "roiSize": None, "swBatchSize": None, "precision": "auto",
-        "harmonize": "zscore", "referenceMRNode": mr, "computeMetrics": True, "warpCheck": False,
-        "setupLayout": True}
+        "options": TranslationOptions(modelPath=None, device="auto", overlap=0.25, roiSize=None, swBatchSize=None,
+                                      precision="auto", harmonize="zscore", warpCheck=False, analysis=True),
+        "referenceMRNode": mr, "setupLayout": True}
+    parameters.roiSize, parameters.swBatchSize = 64, 2
+    parameters.modelPath = "/models/m1.safetensors"
+    options = parameters.translationOptions()
+    assert (options.roiSize, options.swBatchSize, options.modelPath) == (64, 2, "/models/m1.safetensors")
+    assert parameters.translationOptions("/models/other.safetensors").modelPath == "/models/other.safetensors"
     parameters.inputVolume = mr
     parameters.inputVolume = None
     assert parameters.inputVolume is None

@@ -1,26 +1,31 @@
-"""Histogram table + plot chart, cycle metrics and their table, on a real scene with exact expected values."""
+"""Histogram table + plot chart and metrics table from the engine's analysis JSON, on a real scene (exact values).
+
+Nothing is computed here: the nodes must show the engine's numbers as they are (``ct2mr.translation_analysis``).
+"""
 
 from __future__ import annotations
-
-import importlib.util
-import math
 
 import numpy as np
 import pytest
 import slicer
-from CT2MRTranslationTestHelpers import addSyntheticVolume, dataFile
+from CT2MRTranslationTestHelpers import addSyntheticVolume
 
 from CT2MRTranslationLib import plots
 
-SHAPE = (16, 24, 24)
-ENGINE_ANATOMY = importlib.util.find_spec("ct2mr.anatomy") is not None  # edge/GMS/NMI rows computed in Slicer
+CENTRES = [-0.75, -0.25, 0.25, 0.75]
+ROWS = [
+    {"name": "SSIM_cyc", "key": "ssim_cyc", "value": 0.93, "unit": "", "definition": "SSIM-3D of x and F(G(x))"},
+    {"name": "MAE_cyc (HU)", "key": "mae_cyc_hu", "value": 41.5, "unit": "HU", "definition": "mean |F(G(x)) - x|"},
+    {"name": "W1", "key": "w1", "value": 0.125, "unit": "normalised", "definition": "1-Wasserstein distance"},
+]
 
 
-def volumeLike(scene, reference, array, name):
-    node = addSyntheticVolume(scene, name, shape=SHAPE)
-    node.CopyOrientation(reference)
-    slicer.util.updateVolumeFromArray(node, np.asarray(array, np.float32))
-    return node
+def analysisJson(reference=True, rows=ROWS, error=""):
+    columns = {"Synthetic MR": [10.0, 20.0, 30.0, 40.0]}
+    if reference:
+        columns["Reference MR"] = [40.0, 30.0, 20.0, 10.0]
+    return {"version": 1, "ct_window": [-600.0, 1000.0], "histogram": {"bins": 4, "range": [-1, 1],
+            "centres": CENTRES, "columns": columns}, "metrics": {}, "rows": rows, "error": error}
 
 
 def tableColumn(table, name) -> np.ndarray:
@@ -29,19 +34,14 @@ def tableColumn(table, name) -> np.ndarray:
 
 def test_histogram_table_and_chart(mrml):
     scene = mrml.scene
-    ct = addSyntheticVolume(scene, "CT", shape=SHAPE)
-    values = np.linspace(-1.0, 1.0, int(np.prod(SHAPE)), endpoint=False).reshape(SHAPE)  # uniform over [-1, 1)
-    synthetic = volumeLike(scene, ct, values, "CT synthetic MR")
-    reference = volumeLike(scene, ct, 100.0 + 50.0 * np.random.default_rng(0).random(SHAPE), "Real MR")
-
-    table = plots.histogramTableNode(scene, synthetic, reference, bins=16)
-    assert table.GetName() == "CT synthetic MR histogram" and table.GetNumberOfRows() == 16
+    table = plots.histogramTableNode(scene, analysisJson()["histogram"], "CT histogram")
+    assert table.GetName() == "CT histogram" and table.GetNumberOfRows() == 4
     assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == list(plots.HISTOGRAM_COLUMNS)
-    np.testing.assert_allclose(tableColumn(table, "Intensity"), np.linspace(-1 + 1 / 16, 1 - 1 / 16, 16))
-    np.testing.assert_allclose(tableColumn(table, "Synthetic MR"), np.full(16, 100.0 / 16))  # uniform: 6.25 % per bin
-    referenceColumn = tableColumn(table, "Reference MR")
-    assert referenceColumn.sum() == pytest.approx(100.0) and referenceColumn.min() >= 0
+    np.testing.assert_array_equal(tableColumn(table, "Intensity"), CENTRES)
+    np.testing.assert_array_equal(tableColumn(table, "Synthetic MR"), [10, 20, 30, 40])
+    np.testing.assert_array_equal(tableColumn(table, "Reference MR"), [40, 30, 20, 10])
     assert table.GetColumnUnitLabel("Synthetic MR") == "%"
+    assert table.GetColumnUnitLabel("Intensity") == "normalised intensity"
 
     chart, series = plots.histogramChartNode(scene, table)
     assert chart.IsA("vtkMRMLPlotChartNode") and chart.GetNumberOfPlotSeriesNodes() == 2
@@ -51,73 +51,58 @@ def test_histogram_table_and_chart(mrml):
     assert all(s.GetPlotType() == slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter for s in series)
     assert chart.GetXAxisTitle() == "Normalised MR intensity" and chart.GetYAxisTitle() == "Voxels (%)"
 
-    # without a reference: one curve
-    table = plots.histogramTableNode(scene, synthetic, mask=values > 0, bins=4, name="half")
-    assert table.GetNumberOfColumns() == 2
-    np.testing.assert_allclose(tableColumn(table, "Synthetic MR"), [0, 0, 50, 50], atol=0.05)  # float32 edges
-    assert len(plots.histogramChartNode(scene, table)[1]) == 1
+    single = plots.histogramTableNode(scene, analysisJson(reference=False)["histogram"], "one curve")
+    assert single.GetNumberOfColumns() == 2 and len(plots.histogramChartNode(scene, single)[1]) == 1
 
 
-def test_cycle_metrics_exact_values(mrml):
+def test_metrics_table_shows_the_engines_rows(mrml):
+    table = plots.metricsTableNode(mrml.scene, ROWS, "CT metrics")
+    assert [table.GetColumnName(i) for i in range(4)] == list(plots.METRICS_COLUMNS)
+    assert [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())] == ["SSIM_cyc", "MAE_cyc (HU)", "W1"]
+    assert [table.GetTable().GetValue(r, 1).ToDouble() for r in range(3)] == [0.93, 41.5, 0.125]
+    assert table.GetCellText(1, 2) == "HU" and table.GetCellText(2, 3) == "1-Wasserstein distance"
+    assert table.GetUseColumnTitleAsColumnHeader()
+
+
+def test_column_header_setting_is_guarded(mrml):
+    class OldTableNode:  # a table node of a Slicer without SetUseColumnTitleAsColumnHeader (5.6 had another name)
+        def __init__(self):
+            self.calls = []
+
+        def SetUseColumnNameAsColumnHeader(self, value):
+            self.calls.append(value)
+
+    old = OldTableNode()
+    plots.useColumnTitlesAsHeader(old)
+    assert old.calls == [True]
+    plots.useColumnTitlesAsHeader(object())  # neither method: no error, the default header stays
+
+
+def test_addAnalysis_nodes(mrml):
     scene = mrml.scene
-    ct = addSyntheticVolume(scene, "CT", shape=SHAPE)
-    x = slicer.util.arrayFromVolume(ct).astype(np.float32)
-    mask = plots._bodyMask(x, plots.CT_WINDOW)
-    assert 0 < mask.sum() < mask.size
+    ct = addSyntheticVolume(scene, "Heart CT")
+    analysis = plots.addAnalysis(ct, analysisJson())
+    assert analysis.metricsError == "" and analysis.metrics == {"SSIM_cyc": 0.93, "MAE_cyc (HU)": 41.5, "W1": 0.125}
+    assert [n.GetName() for n in (analysis.histogramTable, analysis.chart, analysis.metricsTable)] == [
+        "Heart CT histogram", "Heart CT histogram chart", "Heart CT metrics"]
+    assert len(analysis.series) == 2 and len(analysis.nodes) == 5
+    assert all(node.GetScene() is scene for node in analysis.nodes)
 
-    same = plots.cycleMetrics(ct, volumeLike(scene, ct, x, "same"))
-    assert same["SSIM_cyc"] == pytest.approx(1.0) and math.isinf(same["PSNR_cyc"])
-    assert same["MAE_cyc"] == 0.0 and math.isnan(same["W1"]) and same["voxels"] == mask.sum()
-
-    shifted = plots.cycleMetrics(ct, volumeLike(scene, ct, x + 80.0, "shifted"))  # body stays inside the window
-    assert shifted["MAE_cyc (HU)"] == pytest.approx(80.0, abs=1e-3)
-    assert shifted["MAE_cyc"] == pytest.approx(0.1, abs=1e-6)  # 80 HU of a 1600 HU window mapped to width 2
-    assert shifted["PSNR_cyc"] == pytest.approx(10 * math.log10(4 / 0.01), abs=1e-3)
-    assert 0.0 < shifted["SSIM_cyc"] < 1.0 and shifted["ssimStride"] == 1.0
-
-    strided = plots.cycleMetrics(ct, volumeLike(scene, ct, x + 80.0, "strided"), maxSSIMVoxels=500)
-    assert strided["ssimStride"] >= 2 and math.isnan(strided["SSIM_cyc"])  # too small for the 11-voxel window
-    assert strided["MAE_cyc"] == shifted["MAE_cyc"]  # only SSIM is subsampled
+    without = plots.addAnalysis(ct, analysisJson(rows=[], error="ValueError: The body mask is empty."))
+    assert without.metricsTable is None and without.metricsError == "ValueError: The body mask is empty."
+    assert plots.addAnalysis(ct, analysisJson(rows=[])).metricsError == "the engine reported no metric"
 
 
-def test_w1_and_metrics_table(mrml):
+@pytest.mark.parametrize("broken", ["no histogram", "short column"])
+def test_a_broken_analysis_leaves_nothing(mrml, broken):
     scene = mrml.scene
-    ct = addSyntheticVolume(scene, "CT", shape=SHAPE)
-    x = slicer.util.arrayFromVolume(ct).astype(np.float32)
-    synthetic = volumeLike(scene, ct, np.clip((x + 600) / 800 - 1, -1, 1), "CT synthetic MR")
-    reference = volumeLike(scene, ct, x + 2000.0, "MR")  # any units: normalised by its own percentiles
-    metrics = plots.cycleMetrics(ct, volumeLike(scene, ct, x, "rt"), synthetic, reference)
-    assert 0.0 <= metrics["W1"] < 2.0
-
-    table = plots.metricsTableNode(scene, metrics, "CT metrics")
-    assert [table.GetColumnName(i) for i in range(4)] == ["Metric", "Value", "Unit", "Definition"]
-    rows = [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())]
-    assert rows == list(plots.METRIC_ROWS[:5])  # no anatomy values given: no anatomy rows
-    values = {table.GetCellText(r, 0): table.GetTable().GetValue(r, 1).ToDouble() for r in range(len(rows))}
-    assert values["SSIM_cyc"] == pytest.approx(1.0) and values["W1"] == pytest.approx(metrics["W1"])
-    assert table.GetCellText(1, 2) == "dB" and table.GetCellText(3, 2) == "HU"
-
-    without = plots.metricsTableNode(scene, {**metrics, "W1": float("nan")}, "no reference")
-    assert without.GetNumberOfRows() == 4
-
-
-def test_addAnalysis_on_the_real_heart_ct(mrml):
-    scene = mrml.scene
-    ct = mrml.loadVolume(dataFile("ct/thorax_cta_heart_crop_1p5mm.nii.gz"), "Heart CT")
-    x = slicer.util.arrayFromVolume(ct).astype(np.float32)
-    synthetic = slicer.util.addVolumeFromArray(np.clip((x + 600) / 800 - 1, -1, 1).astype(np.float32),
-                                               name="Heart CT synthetic MR")
-    synthetic.CopyOrientation(ct)
-    roundTrip = slicer.util.addVolumeFromArray(np.clip(x, -600, 1000) + 20.0, name="Heart CT round-trip CT")
-    roundTrip.CopyOrientation(ct)
-    reference = mrml.loadVolume(dataFile("mr/upper_abdomen_mr_3mm.nii.gz"), "Abdomen MR")
-
-    analysis = plots.addAnalysis(ct, synthetic, roundTrip, reference)
-    assert analysis.metricsError == ""
-    assert analysis.histogramTable.GetNumberOfColumns() == 3 and len(analysis.series) == 2
-    assert analysis.metrics["MAE_cyc (HU)"] == pytest.approx(20.0, abs=0.5)  # ~20 HU, less where x > 980 HU
-    assert analysis.metricsTable.GetNumberOfRows() == (8 if ENGINE_ANATOMY else 5)  # + edge correlation, GMS, NMI
-    assert all(node.GetScene() is scene for node in analysis.nodes) and len(analysis.nodes) == 5
-
-    withoutMetrics = plots.addAnalysis(ct, synthetic, roundTrip, computeMetrics=False)
-    assert withoutMetrics.metricsTable is None and len(withoutMetrics.series) == 1
+    ct = addSyntheticVolume(scene, "CT")
+    before = scene.GetNumberOfNodes()
+    analysis = analysisJson()
+    if broken == "no histogram":
+        del analysis["histogram"]
+    else:
+        analysis["histogram"]["columns"]["Reference MR"] = [1.0, 2.0]
+    with pytest.raises(ValueError, match="no histogram|has 2 values for 4 bins"):
+        plots.addAnalysis(ct, analysis)
+    assert scene.GetNumberOfNodes() == before

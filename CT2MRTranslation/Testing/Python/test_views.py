@@ -1,14 +1,16 @@
-"""The 3 x 4 compare layout on a real scene, with and without Slicer's layout logic."""
+"""The 3 x 4 compare layout on a real scene, with and without Slicer's layout logic: registered at start-up, kept
+through .mrb save and reopen, views fitted to the volume, the user's previous views restored."""
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 import slicer
 from CT2MRTranslationTestHelpers import addSyntheticVolume
 
-from CT2MRTranslationLib import views
+from CT2MRTranslationLib import nodes, views
 
 ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
 
@@ -162,3 +164,109 @@ def test_cursors_are_linked_through_the_crosshair(mrml):
     assert crosshair.GetCrosshairMode() == slicer.vtkMRMLCrosshairNode.ShowSmallBasic
     assert crosshair.GetCrosshairBehavior() == slicer.vtkMRMLCrosshairNode.OffsetJumpSlice
     assert views.linkCursors(mrml.scene) is crosshair  # reused, not duplicated
+
+
+# --- registered at start-up, kept with the scene, fitted, and undone --------------------------------------------------
+
+
+def test_registration_at_start_up_is_idempotent(mrmlWithoutLayoutLogic):
+    scene = mrmlWithoutLayoutLogic.scene
+    layoutNode = views.registerCompareLayouts(scene)
+    assert layoutNode.IsLayoutDescription(views.COMPARE_LAYOUT_ID)
+    assert layoutNode.GetLayoutDescription(views.COMPARE_ANALYSIS_LAYOUT_ID) == views.compareLayoutDescription(True)
+    assert views.registerCompareLayouts(scene) is layoutNode and scene.GetNumberOfNodesByClass("vtkMRMLLayoutNode") == 1
+    assert layoutNode.GetViewArrangement() != views.COMPARE_LAYOUT_ID  # registering does not switch the layout
+
+
+def withDataIO(fixture, folder):
+    """What Slicer's application sets up for reading .mrb files: a data I/O manager with a cache folder."""
+    cache = slicer.vtkCacheManager()
+    folder.mkdir(parents=True, exist_ok=True)
+    cache.SetRemoteCacheDirectory(str(folder))
+    dataIO = slicer.vtkDataIOManager()
+    dataIO.SetCacheManager(cache)
+    fixture.scene.SetDataIOManager(dataIO)
+    fixture.scene.SetCacheManager(cache)
+    fixture.keep = (cache, dataIO)
+    return fixture
+
+
+@pytest.mark.parametrize("analysisRow", [False, True])
+def test_compare_layout_survives_saving_and_reopening_the_scene(tmp_path, analysisRow):
+    """A .mrb saved with the compare layout reopens in it in a fresh application, because the layouts are registered
+    at start-up (a scene file keeps the layout's ID, not its description)."""
+    from CT2MRTranslationTestHelpers import closeScene, dataFile, makeScene
+
+    ctPath = dataFile("ct/thorax_cta_heart_crop_1p5mm.nii.gz")
+    first = withDataIO(makeScene(tmp_path / "first", withLayoutLogic=True), tmp_path / "cache1")
+    try:
+        views.registerCompareLayouts(first.scene)  # what the module does when Slicer starts
+        volumes = [first.loadVolume(ctPath, name) for name in ("CT", "CT synthetic MR", "CT round-trip CT",
+                                                               "CT error map")]
+        chart = first.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", "histogram") if analysisRow else None
+        layoutId = views.setupCompareLayout(first.scene, volumes, plotChartNode=chart)
+        assert first.scene.WriteToMRB(str(tmp_path / "compare.mrb"))
+    finally:
+        closeScene(first)
+
+    fresh = withDataIO(makeScene(tmp_path / "fresh", withLayoutLogic=True), tmp_path / "cache2")
+    try:
+        views.registerCompareLayouts(fresh.scene)  # the module's start-up in the new session
+        assert fresh.scene.ReadFromMRB(str(tmp_path / "compare.mrb"))
+        layoutNode = views.getOrCreateLayoutNode(fresh.scene)
+        assert fresh.scene.GetNumberOfNodesByClass("vtkMRMLLayoutNode") == 1
+        assert layoutNode.GetViewArrangement() == layoutId
+        assert layoutNode.GetCurrentLayoutDescription() == views.compareLayoutDescription(analysisRow)
+        sliceNode = fresh.scene.GetSingletonNode(views.compareViewName("ErrorMap", "Coronal"), "vtkMRMLSliceNode")
+        background = slicer.vtkMRMLSliceLogic.GetSliceCompositeNode(sliceNode).GetBackgroundVolumeID()
+        assert fresh.scene.GetNodeByID(background).GetName() == "CT error map"
+        assert views.hasPreviousViews(fresh.scene)  # the user's layout from before is kept with the scene too
+    finally:
+        closeScene(fresh)
+
+
+def test_previous_layout_and_crosshair_are_restored(mrml):
+    scene = mrml.scene
+    layoutNode = views.getOrCreateLayoutNode(scene)
+    layoutNode.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+    crosshair = views.linkCursors(scene)
+    crosshair.SetCrosshairMode(slicer.vtkMRMLCrosshairNode.NoCrosshair)
+    crosshair.SetCrosshairBehavior(slicer.vtkMRMLCrosshairNode.NoAction)
+    assert not views.hasPreviousViews(scene) and not views.restorePreviousViews(scene)
+
+    views.setupCompareLayout(scene, addFourVolumes(scene))
+    assert crosshair.GetCrosshairMode() == slicer.vtkMRMLCrosshairNode.ShowSmallBasic
+    layoutNode.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpRedSliceView)  # the user looks around
+    views.setupCompareLayout(scene, addFourVolumes(scene))  # a second translation keeps the first memory
+
+    assert views.restorePreviousViews(scene)
+    assert layoutNode.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView
+    assert crosshair.GetCrosshairMode() == slicer.vtkMRMLCrosshairNode.NoCrosshair
+    assert crosshair.GetCrosshairBehavior() == slicer.vtkMRMLCrosshairNode.NoAction
+    assert not views.hasPreviousViews(scene) and not views.restorePreviousViews(scene)
+
+
+@pytest.mark.parametrize("dimensions", [(256, 256), (400, 200)])
+def test_views_are_fitted_to_the_volume(mrml, dimensions):
+    scene = mrml.scene
+    volume = addSyntheticVolume(scene, "Oblique CT", shape=(12, 20, 16), spacing=(0.7, 0.8, 2.5), angleDegrees=20.0)
+    matrix = nodes.ijkToRASMatrixAsNumpy(volume)
+    shape = (16, 20, 12)  # (i, j, k)
+    corners = np.array([[i, j, k, 1.0] for i in (-0.5, shape[0] - 0.5) for j in (-0.5, shape[1] - 0.5)
+                        for k in (-0.5, shape[2] - 0.5)])
+    ras = (matrix @ corners.T)[:3]
+    for orientation in ORIENTATIONS:
+        sliceNode = slicer.vtkMRMLSliceNode()
+        sliceNode.SetOrientation(orientation)
+        sliceNode.SetDimensions(dimensions[0], dimensions[1], 1)
+        scene.AddNode(sliceNode)
+        views.fitSliceToVolume(sliceNode, volume)
+        rotation = slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())[:3, :3]
+        extent = np.ptp(rotation.T @ ras, axis=1)
+        fov = sliceNode.GetFieldOfView()
+        # the whole volume is in view, one side exactly, at the view's aspect ratio
+        assert fov[0] >= extent[0] - 1e-6 and fov[1] >= extent[1] - 1e-6
+        assert min(fov[0] - extent[0], fov[1] - extent[1]) == pytest.approx(0.0, abs=1e-6)
+        assert fov[0] / fov[1] == pytest.approx(dimensions[0] / dimensions[1])
+        np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())[:3, 3], ras.mean(axis=1),
+                                   atol=1e-6)
