@@ -22,6 +22,7 @@ Sub-commands:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -45,14 +46,19 @@ EXAMPLES_TRANSLATE = """examples:
   torchrun --nproc-per-node 4 -m ct2mr translate cases.txt -o out/ --device cuda
 
 single vs batch: one CT file or one DICOM series folder writes OUT_DIR/synthetic_mr.nii.gz, roundtrip_ct.nii.gz
-and error_map.nii.gz. A folder of volumes (image files and DICOM series sub-folders), several paths, or a list file
-(.txt, .lst, .csv: one path per line, '#' comment lines, relative paths relative to the list file; .csv: first
-column) is a batch: OUT_DIR/<case>/ per volume (<case> = file name without suffix, _2, _3 ... on collisions) and
-OUT_DIR/translate_summary.json (per case: input, status done/skipped/failed, seconds, error). The model is loaded
-once and the next CT is read and preprocessed while the current one is translated.
+and error_map.nii.gz (an OUT_DIR that already holds them is refused unless --overwrite). A folder of volumes
+(image files and DICOM series sub-folders), several paths, or a list file (.txt, .lst, .csv: one path per line, '#'
+comment lines, relative paths relative to the list file; .csv: first column) is a batch: OUT_DIR/<case>/ per volume
+(<case> = file name without suffix, _2, _3 ... on collisions) and OUT_DIR/translate_summary.json (per case: input,
+status done/skipped/failed, seconds, error). The model is loaded once and the next CT is read and preprocessed while
+the current one is translated.
 resume: a case is skipped when its outputs and OUT_DIR/<case>/.ct2mr_done.json (input path, size and modification
 time, model SHA-256, settings) match; a crash mid-case leaves no partial outputs, so rerunning the same command
 finishes the batch. A failing case is recorded and the others go on; exit status 1 when any case failed.
+checks before the work: OUT_DIR is created and a probe file written first; the free disk space, the 1 mm network
+grid and the estimated memory are checked; the input must look like a CT in HU (air/lung/fat, soft tissue, CT range;
+not constant; --force overrides) with spacings of 0.1-20 mm; NaN/inf voxels are replaced by -1024 HU. Every output is
+fsynced and read back before it gets its name: a full disk ends with exit status 1 and no partial file.
 torchrun / clusters: every process (RANK of WORLD_SIZE, e.g. torchrun --nproc-per-node N, multi-node alike, or a
 scheduler that sets RANK and WORLD_SIZE) takes every WORLD_SIZE-th case of the sorted list, runs on
 cuda:LOCAL_RANK (when --device is auto or cuda and CUDA is available) and writes its own cases and
@@ -182,8 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "('volume' dataset) or a DICOM series folder; or a folder of them, or a list file (.txt, .lst, "
                    ".csv) for a batch (see below)")
     t.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder (created if missing)")
-    t.add_argument("--overwrite", action="store_true", help="batch: recompute cases that are already done "
+    t.add_argument("--overwrite", action="store_true", help="one CT: replace outputs already in OUT_DIR (without "
+                   "it such a folder is refused before any work); batch: recompute cases that are already done "
                    "(default: skip them)")
+    t.add_argument("--force", action="store_true", help="translate a volume that fails the CT plausibility check "
+                   "(HU statistics: air/lung, soft tissue and CT-range shares; a constant volume), e.g. a CT in "
+                   "unusual units; spacings outside 0.1-20 mm stay refused")
     t.add_argument("--model", metavar="PATH", help="ct2mr checkpoint (.safetensors); default: the bundled model")
     t.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N "
                    "(default: %(default)s; falls back to CPU with a warning when CUDA is missing)")
@@ -214,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "registration (Mattes MI, ~50 mm control points, 3 mm working grid) of G(x) onto x; also writes "
                    "OUT_DIR/displacement_mm.nii.gz (|displacement| in mm on the input's grid; near 0 when G moved no "
                    "anatomy) and OUT_DIR/anatomy.json (metrics, mean/p95 displacement, settings). Adds ~10-60 s")
+    t.add_argument("--analysis", action="store_true", help="also write OUT_DIR/analysis.json (and put it in the done "
+                   "event): cycle SSIM/PSNR/MAE of x vs F(G(x)), W1 vs the --reference-mr histogram, edge correlation, "
+                   "GMS and NMI of x vs G(x), and the intensity histograms, all in the CT's body mask "
+                   "(ct2mr.translation_analysis); for front ends that show them")
 
     r = sub.add_parser("train", help="train a 3D CycleGAN-family model (presets M1-M4, HIST, HLSNC, PAIRED)",
                        description="Train generators G (CT -> MR) and F (MR -> CT) against 3D PatchGAN discriminators "
@@ -263,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "learning-rate decay then follows the clock instead of the step count")
     r.add_argument("--checkpoint-every", type=int, help="steps between resumable checkpoints (100)")
     r.add_argument("--val-every", type=int, help="steps between validations on held-out volumes (500; 0: none)")
+    r.add_argument("--force", action="store_true", help="use --ct volumes that fail the CT plausibility check and "
+                   "--mr volumes that look like CTs (HU statistics), with a warning; spacings outside 0.1-20 mm and "
+                   "a file given as both CT and MR stay refused")
     r.add_argument("--progress", default="bar", choices=("bar", "json", "none"), help="progress display")
 
     m = sub.add_parser("demo", help="translate a public chest CT with the default model",
@@ -378,6 +395,7 @@ def _models(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2) if args.json else registry.models_table(rows))
     elif args.action == "download":
         entry = reg.get(args.name, args.version)
+        _interrupt_on_sigterm()  # a front end's Cancel: the download removes its partial file itself
         reporter = make_reporter(args.progress)
         reporter.event("start", command="models download", model=entry.name, version=entry.version, url=entry.url,
                        size=entry.size)
@@ -399,6 +417,16 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt_on_sigterm() -> None:
+    """Turn SIGTERM (a front end's Cancel) into KeyboardInterrupt, so that clean-up code (``finally``) runs."""
+    import signal
+
+    def interrupt(signum, frame):  # noqa: ANN001, ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _translate(args: argparse.Namespace) -> int:
     from .inference import translate_file
     from .progress import make_reporter
@@ -415,9 +443,14 @@ def _translate(args: argparse.Namespace) -> int:
             reporter.event("start", command="translate", input=args.input, output=args.output,
                            model=args.model or "default", device=args.device)
             settings = _inference_settings(args)
+            overwrite = getattr(args, "overwrite", None)
+            if overwrite is None:  # `ct2mr demo` rewrites its own output folder
+                overwrite = args.command == "demo"
             result = translate_file(args.input, args.output, args.model, settings, reporter,
                                     getattr(args, "harmonize", "none"), getattr(args, "reference_mr", None),
-                                    warp_check=getattr(args, "warp_check", False))
+                                    warp_check=getattr(args, "warp_check", False), overwrite=overwrite,
+                                    force=getattr(args, "force", False))
+            analysis = _translate_analysis(args, result, reporter) if getattr(args, "analysis", False) else None
     finally:
         reporter.close()
     info = result["info"]
@@ -425,7 +458,8 @@ def _translate(args: argparse.Namespace) -> int:
                    device=info["device"], precision=info["precision"], model=info["model_name"],
                    mean_error_hu=round(info["mean_error_hu"], 3), stage_seconds=info.get("seconds"),
                    sw_batch_size=info.get("sw_batch_size"), stitch_device=info.get("stitch_device"),
-                   fast=info.get("fast"), gpu_peak_mib=info.get("gpu_peak_mib"), anatomy=info.get("anatomy"))
+                   fast=info.get("fast"), gpu_peak_mib=info.get("gpu_peak_mib"), anatomy=info.get("anatomy"),
+                   ct_window=_translate_ct_window(info), analysis=analysis)
     if args.progress != "json":
         print(f"Synthetic MR:  {result['outputs']['synthetic_mr']}\nRound-trip CT: {result['outputs']['roundtrip_ct']}"
               f"\nError map:     {result['outputs']['error_map']}\n({time.perf_counter() - start:.1f} s on "
@@ -448,6 +482,33 @@ def _inference_settings(args: argparse.Namespace):
     return InferenceSettings(roi_size=args.roi_size, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                              precision=args.precision, device=args.device, fast=fast,
                              gpu_memory_gb=getattr(args, "gpu_memory_gb", None))
+
+
+def _translate_ct_window(info: dict) -> list[float]:
+    """The CT window (HU) of the model that ran, for the done event (front ends display with it)."""
+    from .translation_analysis import ct_window_of
+
+    return ct_window_of(info)
+
+
+def _translate_analysis(args: argparse.Namespace, result: dict, reporter) -> dict:  # noqa: ANN001
+    """``translate --analysis``: metrics table and histograms (ct2mr.translation_analysis) into OUT_DIR/analysis.json."""
+    import SimpleITK as sitk
+
+    from .io import read_image
+    from .translation_analysis import analyze_translation, ct_window_of, write_analysis
+
+    outputs, info = result["outputs"], result["info"]
+    percentiles = ((info.get("preprocessing") or {}).get("config") or {}).get("mr_percentiles") or (1.0, 99.0)
+    analysis = analyze_translation(
+        read_image(args.input), sitk.ReadImage(outputs["synthetic_mr"]), sitk.ReadImage(outputs["roundtrip_ct"]),
+        ct_window_of(info), getattr(args, "reference_mr", None), percentiles, info.get("anatomy"),
+        lambda fraction, message: reporter.event("progress", stage="analysis", fraction=1.0,
+                                                 stage_fraction=round(fraction, 4), message=message))
+    if analysis["error"]:
+        reporter.event("warning", message=f"analysis incomplete: {analysis['error']}")
+    outputs["analysis"] = str(write_analysis(analysis, args.output))
+    return analysis
 
 
 def _translate_batch(args: argparse.Namespace, inputs: list[str]) -> int:
@@ -483,7 +544,8 @@ def _translate_batch(args: argparse.Namespace, inputs: list[str]) -> int:
                            model=args.model or "default", device=args.device)
             summary = translate_batch(inputs, args.output, args.model, settings, reporter, on_case,
                                       getattr(args, "overwrite", False), getattr(args, "harmonize", "none"),
-                                      getattr(args, "reference_mr", None), command="ct2mr " + shlex.join(sys.argv[1:]), **extra)
+                                      getattr(args, "reference_mr", None), command="ct2mr " + shlex.join(sys.argv[1:]),
+                                      force=getattr(args, "force", False), **extra)
     finally:
         if bar is not None:
             bar.close()
@@ -495,10 +557,39 @@ def _translate_batch(args: argparse.Namespace, inputs: list[str]) -> int:
         print(summary.text())
     for result in summary.failed:
         print(f"ct2mr translate: error: {result.case_id} ({result.input}): {result.error}", file=sys.stderr)
-    return 1 if summary.failed else 0
+    if summary.summary_error:
+        print(f"ct2mr translate: error: the summary {summary.summary} could not be updated: {summary.summary_error}",
+              file=sys.stderr)
+    return 1 if summary.failed or summary.summary_error else 0
+
+
+@contextlib.contextmanager
+def _plain_warnings(command: str):
+    """Show Python warnings raised inside the block as one line each: ``ct2mr COMMAND: warning: MESSAGE``."""
+    import warnings
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        print(f"ct2mr {command}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+def _training_device_type(config) -> str:  # noqa: ANN001
+    """``"cuda"`` or ``"cpu"``: where ``config.train.device`` will put the training."""
+    import torch
+
+    name = str(config.train.device)
+    return "cuda" if name != "cpu" and torch.cuda.is_available() else "cpu"
 
 
 def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .checks import check_training_inputs, check_training_memory, human_bytes, input_checks
     from .config import load_config, shorthand_overrides, split_overrides
     from .training import command_line, resume_config, train_run
 
@@ -519,6 +610,15 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         config = resume_config(args.out, overrides)
     else:
         config = load_config(args.preset or "m1", overrides)
+    # checks before the work (ct2mr.checks): a file in both domains, a step too large for the memory, fp16 on a CPU
+    check_training_inputs(config)
+    estimate = check_training_memory(config)
+    logging.getLogger("ct2mr.checks").info("training step: about %s (%s)", human_bytes(estimate.total_bytes),
+                                           estimate.detail)
+    if config.train.precision == "fp16" and _training_device_type(config) == "cpu":
+        from .inference import CPU_FP16_NOTE
+
+        print(f"ct2mr train: note: {CPU_FP16_NOTE}", file=sys.stderr)
     bar = None
     rank0 = os.environ.get("RANK", "0") == "0"
     if args.progress == "bar" and rank0:
@@ -540,7 +640,8 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     else:
         progress = None
     try:
-        path = train_run(config, args.out, args.resume, progress, command_line(argv))
+        with input_checks(getattr(args, "force", False)), _plain_warnings("train"):
+            path = train_run(config, args.out, args.resume, progress, command_line(argv))
     finally:
         if bar is not None:
             bar.close()
@@ -617,7 +718,26 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"Demo CT: {ct} ({how})", file=sys.stderr)
     args.input, args.model, args.overlap, args.roi_size, args.sw_batch_size, args.precision = (
         str(ct), None, 0.25, None, None, "auto")
-    return _translate(args)
+    status = _translate(args)
+    if status == 0:
+        print(f"Overview:      {_demo_overview(Path(args.input), Path(args.output))}")
+    return status
+
+
+def _demo_overview(ct_path, out_dir):
+    """Write ``OUT/overview.png`` (CT, G(x), F(G(x)), error map, tri-planar) and return its path."""
+    import SimpleITK as sitk
+
+    from .checkpoint import load_checkpoint
+    from .figures import plot_translation_overview
+    from .io import read_image
+
+    outputs = [sitk.ReadImage(str(out_dir / name)) for name in
+               ("synthetic_mr.nii.gz", "roundtrip_ct.nii.gz", "error_map.nii.gz")]
+    checkpoint = load_checkpoint(None)
+    window = checkpoint.preprocessing.ct_window
+    return plot_translation_overview(out_dir / "overview.png", read_image(ct_path), *outputs, ct_window=window,
+                                     title=f"ct2mr demo: {ct_path.name} with {checkpoint.name}")
 
 
 def _synthesize_dataset(args: argparse.Namespace) -> int:

@@ -64,11 +64,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import load_training_state, save_checkpoint, save_training_state
+from .checkpoint import CheckpointError, load_training_state, save_checkpoint, save_training_state
 from .config import RunConfig, load_config, to_yaml
 from .data import (DomainVolume, PairedPatchSampler, PatchPrefetcher, TrainingBatches, UnpairedPatchSampler,
                    load_domain, make_split, pair_volumes, read_split, write_split)
 from .inference import InferenceSettings, resolve_device, resolve_precision, sliding_window
+from .io import verify_file, write_json, write_text
 from .networks import build_discriminator, build_generator
 from .preprocessing import PreprocessingConfig
 
@@ -1015,21 +1016,75 @@ def _open_writer(out_dir: Path, purge_step: int | None) -> Any:
     return SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=purge_step)
 
 
+def _complete_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Checkpoint folders ``checkpoints/step_N`` holding a readable ``trainer.pt`` and ``rank*.pt``, newest first."""
+    found = []
+    for folder in (out_dir / "checkpoints").glob("step_*"):
+        try:
+            step = int(folder.name.split("_", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        ranks = sorted(folder.glob("rank*.pt"))
+        try:
+            for file in [folder / "trainer.pt", *ranks]:
+                verify_file(file)
+        except OSError:
+            continue
+        if ranks:
+            found.append((step, folder))
+    return sorted(found, reverse=True)
+
+
 def _latest_state(out_dir: Path) -> dict[str, Any] | None:
+    """The run's latest complete training state: ``state.json``, or the newest complete checkpoint folder.
+
+    ``state.json`` is used when it parses and points at a folder with ``trainer.pt``. When it is corrupt (a bad JSON
+    document, missing keys, a folder that is gone) or missing while checkpoint folders exist, the newest complete
+    folder (:func:`_complete_checkpoints`) is used with a warning that names the file.
+
+    Returns:
+        ``{"step", "dir", ...}``, or ``None`` when the folder holds no run.
+
+    Raises:
+        CheckpointError: ``state.json`` is corrupt and no complete checkpoint folder remains.
+    """
     pointer = out_dir / STATE_POINTER
-    if not pointer.is_file():
+    problem = None
+    if pointer.is_file():
+        try:
+            state = json.loads(pointer.read_text(encoding="utf-8"))
+            if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
+                    or not isinstance(state.get("dir"), str):
+                raise ValueError("it lacks an integer 'step' or a 'dir'")
+            if not (out_dir / state["dir"] / "trainer.pt").is_file():
+                raise ValueError(f"the folder it names, {out_dir / state['dir']}, holds no trainer.pt")
+            return state
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            problem = f"{pointer} is corrupt ({' '.join(str(exc).split())})"
+    complete = _complete_checkpoints(out_dir)
+    if not complete:
+        if problem:
+            raise CheckpointError(f"{problem}, and {out_dir / 'checkpoints'} holds no complete checkpoint folder "
+                                  "(trainer.pt and rank*.pt) to fall back to. Start a new run with another --out.")
         return None
-    return json.loads(pointer.read_text())
+    step, folder = complete[0]
+    why = problem or f"{pointer} is missing"
+    logger.warning("%s; falling back to the newest complete checkpoint folder %s (step %d). The wall-clock budget "
+                   "(--max-minutes) counts from this resume.", why, folder, step)
+    return {"step": step, "dir": str(folder.relative_to(out_dir)), "elapsed_s": 0.0, "fallback": True}
 
 
 def _truncate_log(log_path: Path, step: int) -> None:
     if not log_path.is_file():
         return
-    kept = [line for line in log_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = log_path.with_name(f".{log_path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, log_path)
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            if line.strip() and json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line cut by a kill mid-write
+            continue
+    write_text(log_path, "".join(line + "\n" for line in kept))
 
 
 def resume_config(out_dir: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
@@ -1040,7 +1095,8 @@ def resume_config(out_dir: str | Path, overrides: Sequence[str] = ()) -> RunConf
         ValueError: bad overrides.
     """
     out_dir = Path(out_dir)
-    if not (out_dir / "config.yaml").is_file() or not (out_dir / STATE_POINTER).is_file():
+    if not (out_dir / "config.yaml").is_file() or not ((out_dir / STATE_POINTER).is_file()
+                                                       or _complete_checkpoints(out_dir)):
         raise FileNotFoundError(f"Nothing to resume in {out_dir}: it has no config.yaml and {STATE_POINTER} from an "
                                 "earlier `ct2mr train` (start a new run without --resume).")
     return load_config(base=out_dir / "config.yaml", overrides=overrides)
@@ -1134,17 +1190,15 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
     log = None
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / ".config.yaml.tmp"
-        tmp.write_text(to_yaml(config))
-        os.replace(tmp, out_dir / "config.yaml")
+        write_text(out_dir / "config.yaml", to_yaml(config))
         if not resume:
             write_split(out_dir / "split.json", split, seed=t.seed, val_fraction=d.val_fraction,
                         test_fraction=d.test_fraction)
-        (out_dir / "config.json").write_text(json.dumps(
-            {"config": config.to_dict(), "command": command, "world_size": dist.world_size,
-             "global_batch": trainer.global_batch, "ct": [v.name for v in ct_volumes],
-             "mr": [v.name for v in mr_volumes], "val_ct": [v.name for v in val_ct],
-             "val_mr": [v.name for v in val_mr]}, indent=2))
+        write_json(out_dir / "config.json",
+                   {"config": config.to_dict(), "command": command, "world_size": dist.world_size,
+                    "global_batch": trainer.global_batch, "ct": [v.name for v in ct_volumes],
+                    "mr": [v.name for v in mr_volumes], "val_ct": [v.name for v in val_ct],
+                    "val_mr": [v.name for v in val_mr]})
         if resume:
             _truncate_log(out_dir / "log.jsonl", start)
         log = open(out_dir / "log.jsonl", "a", encoding="utf-8")
@@ -1179,12 +1233,10 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
             save_training_state(folder / "trainer.pt", trainer.state_dict())
             save_checkpoint(out_dir / "last.safetensors", trainer.networks, architecture, prep, inference,
                             summary(step, last))
-            tmp = out_dir / f".{STATE_POINTER}.tmp"
-            tmp.write_text(json.dumps({"step": step, "dir": str(folder.relative_to(out_dir)),
-                                       "world_size": dist.world_size, "global_batch": trainer.global_batch,
-                                       "elapsed_s": round(elapsed(), 3),
-                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-            os.replace(tmp, out_dir / STATE_POINTER)
+            write_json(out_dir / STATE_POINTER, {"step": step, "dir": str(folder.relative_to(out_dir)),
+                                                 "world_size": dist.world_size, "global_batch": trainer.global_batch,
+                                                 "elapsed_s": round(elapsed(), 3),
+                                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=None)
             for old in (out_dir / "checkpoints").glob("step_*"):
                 if old != folder:
                     shutil.rmtree(old, ignore_errors=True)
@@ -1255,16 +1307,17 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
             if t.val_every and step % t.val_every == 0 and dist.is_main and val_ct + val_mr:
                 run_validation(step)
                 validated_at = step
-            if dist.is_main and elapsed() >= next_snapshot:
+            if dist.is_main and (elapsed() >= next_snapshot or (t.snapshot_every and step % t.snapshot_every == 0)):
                 snapshot(step, losses)
-                next_snapshot += 60 * t.snapshot_minutes
+                while next_snapshot <= elapsed():
+                    next_snapshot += 60 * t.snapshot_minutes
             if step % t.checkpoint_every == 0 and step < t.steps:
                 save_state(step, losses)
             if progress is not None and dist.is_main:
                 progress(step, t.steps, {**losses, "patches_per_s": rate})
         if t.val_every and dist.is_main and val_ct + val_mr and validated_at != final_step and start < final_step:
             run_validation(final_step)
-        if t.snapshot_minutes and dist.is_main and final_step > start:
+        if (t.snapshot_minutes or t.snapshot_every) and dist.is_main and final_step > start:
             snapshot(final_step, losses)
         save_state(final_step, losses)
         final = out_dir / "model.safetensors"
