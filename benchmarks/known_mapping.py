@@ -29,6 +29,7 @@ each recipe's last snapshot) and the run folders. Nothing of ``../shared/data`` 
 Usage, from the repository root (2 CPU cores: one recipe at a time, ``--threads`` for torch)::
 
     .venv/bin/python benchmarks/known_mapping.py --recipe sc --recipe m1 --max-minutes 20 --threads 2
+    .venv/bin/python benchmarks/known_mapping.py --recipe sc --steps sc=400 --recipe m1 --steps m1=640
     .venv/bin/python benchmarks/known_mapping.py --score-only --recipe sc --recipe m1   # re-score existing runs
     .venv/bin/python benchmarks/known_mapping.py --tiny                                 # smoke run (about 2 minutes)
 """
@@ -140,13 +141,16 @@ def baselines(train: list[tuple[Path, Path]], test_ct: np.ndarray, window: tuple
 def train_recipe(recipe: str, train: list[tuple[Path, Path]], run_dir: Path, args: argparse.Namespace) -> None:
     """``ct2mr train`` (a subprocess, as a user runs it), resumed when the run folder already holds a run."""
     ct2mr = str(Path(sys.executable).with_name("ct2mr"))
-    extra = ["--steps", "20" if args.tiny else "100000", "--max-minutes", str(args.max_minutes),
-             "train.snapshot_minutes=" + str(args.snapshot_minutes), "--threads", str(args.threads),
+    steps = dict(item.split("=") for item in args.steps).get(recipe)
+    budget = ["--steps", steps, f"train.snapshot_every={max(1, int(steps) // args.snapshots)}"] if steps else \
+        ["--steps", "20" if args.tiny else "100000", "--max-minutes", str(args.max_minutes),
+         "train.snapshot_minutes=" + str(args.snapshot_minutes)]
+    extra = [*budget, "--threads", str(args.threads),
              "--seed", str(args.seed), "--val-every", "0", "--checkpoint-every", "50", "--progress", "none"]
     if args.tiny:
         extra += ["--patch-size", "32", "--width", "4", "model.discriminator.n_layers=2"]
     if (run_dir / "state.json").exists():
-        cmd = [ct2mr, "train", "--out", str(run_dir), "--resume", *extra[2:4]]
+        cmd = [ct2mr, "train", "--out", str(run_dir), "--resume"]
         if (run_dir / "model.safetensors").exists():
             return
     else:
@@ -224,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
                         "%(default)s)")
     parser.add_argument("--snapshot-minutes", type=float, default=5.0, help="learning-curve spacing (default: "
                         "%(default)s)")
+    parser.add_argument("--steps", action="append", default=[], metavar="RECIPE=N", help="a step budget for a "
+                        "recipe instead of --max-minutes (repeatable): reproducible on a loaded machine; convert to "
+                        "minutes with the recipe's quiet-machine seconds per step (benchmarks/train_speed.py)")
+    parser.add_argument("--snapshots", type=int, default=3, help="learning-curve points of a step budget "
+                        "(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of training and translation")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--score-only", action="store_true", help="score existing runs, train nothing")

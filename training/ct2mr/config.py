@@ -353,6 +353,7 @@ class TrainConfig:
             ``decay_start / steps`` of the budget is spent and reaches 0 at the end. ``None``: no budget.
         snapshot_minutes: every this many minutes of training, keep a copy of G and F as
             ``RUN_DIR/snapshots/step_NNNNNNNN.safetensors`` (for learning curves); 0 disables.
+        snapshot_every: the same every this many steps (reproducible on a loaded machine); 0 disables.
     """
 
     steps: int = 1000
@@ -383,6 +384,7 @@ class TrainConfig:
     tensorboard: bool = True
     max_minutes: Optional[float] = None
     snapshot_minutes: float = 0.0
+    snapshot_every: int = 0
 
 
 @dataclass
@@ -510,8 +512,9 @@ class RunConfig:
             t.val_crop = crop
         if t.max_minutes is not None and not t.max_minutes > 0:
             raise ValueError(f"train.max_minutes must be > 0 minutes or null, got {t.max_minutes}.")
-        if t.snapshot_minutes < 0:
-            raise ValueError(f"train.snapshot_minutes must be >= 0, got {t.snapshot_minutes}.")
+        if t.snapshot_minutes < 0 or t.snapshot_every < 0:
+            raise ValueError(f"train.snapshot_minutes and train.snapshot_every must be >= 0, got "
+                             f"{t.snapshot_minutes}, {t.snapshot_every}.")
         if not 0 <= t.val_overlap < 1:
             raise ValueError(f"train.val_overlap must be in [0, 1), got {t.val_overlap}.")
         if t.device != "auto" and t.device != "cpu" and not t.device.startswith("cuda"):

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["triplanar_slices", "plot_triplanar", "plot_raw_histograms", "plot_preprocessed_histogram",
-           "Panel", "plot_triplanar_panels", "plot_histogram_overlay"]
+           "Panel", "plot_triplanar_panels", "plot_histogram_overlay", "plot_translation_overview"]
 
 
 #: One column of :func:`plot_triplanar_panels`: ``(label, slices, (vmin, vmax), colormap)`` with ``slices`` as
@@ -285,3 +285,42 @@ def plot_histogram_overlay(path: str | os.PathLike, edges: Sequence[float], real
     ax.set_title(title, fontsize=11)
     ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)
+
+
+def plot_translation_overview(path: str | os.PathLike, ct, synthetic_mr, roundtrip_ct, error_map,
+                              ct_window: Sequence[float] = (-1000.0, 1000.0), title: str = "") -> Path:
+    """Tri-planar overview of one translation: CT x, synthetic MR G(x), round trip F(G(x)) and error map.
+
+    What ``ct2mr demo`` writes so that a newcomer sees the result, not only file names. The four images are
+    SimpleITK images on the CT's grid (as ``ct2mr translate`` writes them); they are reoriented to RAS for display
+    (radiological convention: patient right on the left), with the CT's spacing for the aspect ratios. The planes
+    cross at the centre of the body (CT > -500 HU).
+
+    Args:
+        path: destination PNG.
+        ct, roundtrip_ct: CT and F(G(x)) in HU.
+        synthetic_mr: G(x) on the [-1, 1] MR scale.
+        error_map: |F(G(x)) - x| in HU.
+        ct_window: display window of the CT columns (HU).
+        title: figure title.
+
+    Returns:
+        The PNG path.
+    """
+    from .preprocessing import reorient_to_ras
+    import SimpleITK as sitk
+
+    arrays = [sitk.GetArrayFromImage(reorient_to_ras(image)).astype(np.float32)
+              for image in (ct, synthetic_mr, roundtrip_ct, error_map)]
+    spacing = tuple(reorient_to_ras(ct).GetSpacing()[::-1])
+    body = np.argwhere(arrays[0] > -500.0)
+    centre = body.mean(0).round().astype(int) if len(body) else None
+    hi_error = float(np.percentile(arrays[3][arrays[0] > -500.0], 99)) if len(body) else 200.0
+    lo, hi = float(ct_window[0]), float(ct_window[1])
+    panels = [("CT x (HU)", triplanar_slices(arrays[0], spacing, centre), (lo, hi), "gray"),
+              ("synthetic MR G(x)", triplanar_slices(arrays[1], spacing, centre), (-1.0, 1.0), "gray"),
+              ("round trip F(G(x)) (HU)", triplanar_slices(arrays[2], spacing, centre), (lo, hi), "gray"),
+              ("error |F(G(x)) - x| (HU)", triplanar_slices(arrays[3], spacing, centre), (0.0, max(hi_error, 1.0)),
+               "magma")]
+    return plot_triplanar_panels(path, panels, title=title, note="on the CT's own grid; radiological view (R on the "
+                                 "left)")

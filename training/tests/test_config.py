@@ -18,10 +18,27 @@ PRESETS = {
     "paired": ("resnet", "instance", "lsgan", 0.0, 0.0, 0.0, False, "adam", True),
 }
 PAIRS = ['data.paired_ct=["a.nii.gz"]', 'data.paired_mr=["b.nii.gz"]']
+# issue 13 presets beside the thesis's: preset -> (lambda_mind, lambda_nce, pointwise path, CT window)
+STRUCTURE_PRESETS = {
+    "sc": (2.0, 0.0, 16, [-1000.0, 1000.0]),
+    "nce": (0.0, 1.0, 16, [-1000.0, 1000.0]),
+}
 
 
 def test_every_bundled_preset_is_listed_and_described_here():
-    assert sorted(list_presets()) == sorted(PRESETS)
+    assert sorted(list_presets()) == sorted([*PRESETS, *STRUCTURE_PRESETS])
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURE_PRESETS))
+def test_structure_presets_keep_the_protocol_and_add_their_terms(name):
+    mind, nce, pointwise, window = STRUCTURE_PRESETS[name]
+    config = load_config(name)
+    m = config.model
+    assert config.preset == name and config.name == f"ct2mr-{name}"
+    assert (m.lambda_mind, m.lambda_nce, m.generator.extra.get("pointwise")) == (mind, nce, pointwise)
+    assert list(config.data.preprocessing["ct_window"]) == window
+    assert (m.lambda_cyc, m.lambda_id, m.adversarial, config.train.lr_g) == (10.0, 0.2, "lsgan", 2e-4)
+    assert "#" in preset_path(name).read_text().splitlines()[0]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
