@@ -512,7 +512,7 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 line = f"done in {event.get('seconds', '?')} s on {event.get('device', '?')}"
             else:
                 line = f"{kind}: {event.get('message', '')}"
-            self.ui.logTextEdit.appendPlainText(f"[{label}] {line}")
+            self.ui.logTextEdit.appendPlainText(f"[{label}] {line}" if label else line)  # "": the engine's own
         self._loggedEvents = len(batch.events)
 
     # ------------------------------------------------------------------ dependencies

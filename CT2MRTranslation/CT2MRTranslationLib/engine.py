@@ -44,14 +44,16 @@ _log = logging.getLogger(__name__)
 
 def translateArguments(inputPath: str, outputDir: str, optionArguments: Sequence[str], overwrite: bool = False
                        ) -> list[str]:
-    """The engine arguments of one translation.
+    """The engine arguments of one translation, or of a batch.
 
     Args:
-        inputPath: the CT written by the Logic (NRRD).
+        inputPath: the CT written by the Logic (NRRD); for a batch, a list file (``.txt``, one CT per line): the
+            engine then writes ``OUT_DIR/<case>/`` per CT (``<case>``: the file name without suffix) and
+            ``OUT_DIR/translate_summary.json``, and reports ``case`` / ``case_done`` events per CT.
         outputDir: OUT_DIR.
         optionArguments: :meth:`TranslationOptions.engineArguments`.
         overwrite: replace outputs already in OUT_DIR (a folder the user chose and translates into again); the
-            engine refuses such a folder otherwise.
+            engine refuses such a folder otherwise (a batch: it would skip the cases already done there).
 
     Returns:
         ``["translate", INPUT, "-o", OUT_DIR, "--progress", "json", ["--overwrite",] *optionArguments]``.

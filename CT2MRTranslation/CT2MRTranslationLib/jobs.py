@@ -1,10 +1,12 @@
 """Translations and batches as background engine processes: start, events, progress, cancel, result.
 
-A :class:`CT2MRTranslationJob` is one ``ct2mr translate`` process: :meth:`~CT2MRTranslationJob.update` (called from
-the Widget's ``QTimer`` or a script's loop) drains its JSON events without blocking, keeps the latest progress and
-calls the progress callback in the caller's thread. A :class:`CT2MRTranslationBatch` runs several jobs one after
-another (volumes, or the items of sequences, whose outputs become new sequences). The Logic
-(:class:`CT2MRTranslationLib.logic.CT2MRTranslationLogic`) starts jobs, loads their outputs into the scene and
+A :class:`CT2MRTranslationJob` is one translation: for a single volume its own ``ct2mr translate`` process, whose
+JSON events :meth:`~CT2MRTranslationJob.update` (called from the Widget's ``QTimer`` or a script's loop) drains
+without blocking, keeping the latest progress and calling the progress callback in the caller's thread. A
+:class:`CT2MRTranslationBatch` translates several volumes (or the items of sequences, whose outputs become new
+sequences) in ONE engine process (``ct2mr translate LIST_FILE``: model loaded once, next CT prefetched), with one
+job per item fed from that process's per-case events. The Logic
+(:class:`CT2MRTranslationLib.logic.CT2MRTranslationLogic`) starts engines, loads their outputs into the scene and
 cancels them; :class:`CT2MRTranslationResult` is what one translation added to the scene.
 
 No Qt here: runs inside Slicer and in plain Python with the ``slicer-core`` wheel.
@@ -13,6 +15,9 @@ No Qt here: runs inside Slicer and in plain Python with the ``slicer-core`` whee
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,10 +26,10 @@ from typing import Any, Protocol
 import slicer
 import vtk
 
-from . import nodes
+from . import engine, nodes
 from .options import TranslationOptions
 from .plots import AnalysisNodes
-from .runner import EngineEvent, TranslationProcessProtocol
+from .runner import EngineEvent, ProcessFactory, TranslationProcessProtocol
 
 __all__ = [
     "CT2MRTranslationBatch",
@@ -32,6 +37,7 @@ __all__ = [
     "CT2MRTranslationResult",
     "JobRunner",
     "ProgressCallback",
+    "caseIdFor",
     "validateInputNode",
 ]
 
@@ -102,11 +108,13 @@ class CT2MRTranslationJob:
 
     Call :meth:`update` regularly (the Widget does it from a ``QTimer``): it drains the engine's events, keeps the
     latest progress and calls the progress callback in the caller's thread. Then hand the job to
-    :meth:`CT2MRTranslationLogic.finishTranslation` or :meth:`CT2MRTranslationLogic.cancel`.
+    :meth:`CT2MRTranslationLogic.finishTranslation` or :meth:`CT2MRTranslationLogic.cancel`. An item of a
+    :class:`CT2MRTranslationBatch` is a job too, fed by the batch from its shared process (:meth:`handle`); the
+    batch loads it with :meth:`CT2MRTranslationLogic.loadTranslation`.
 
     Attributes:
-        inputVolumeNode: the CT volume node being translated.
-        process: the running engine process.
+        inputVolumeNode: the CT volume node being translated (a sequence item's: set when its outputs are loaded).
+        process: the running engine process (a batch item: the batch's).
         workDir: temporary folder holding the input file (and the outputs unless ``outputDir`` was given).
         outputDir: folder the engine writes to.
         options: the validated translation options.
@@ -209,17 +217,17 @@ class CT2MRTranslationJob:
 class JobRunner(Protocol):
     """What a batch needs from the Logic (:class:`CT2MRTranslationLib.logic.CT2MRTranslationLogic`)."""
 
-    def startTranslation(self, inputVolumeNode: Any, options: TranslationOptions | None = None, **keywords: Any
-                         ) -> CT2MRTranslationJob:
-        """Start one translation."""
+    def makeWorkDirectory(self) -> str:
+        """Create a new temporary folder for one run's files (the caller removes it)."""
         ...
 
-    def finishTranslation(self, job: CT2MRTranslationJob) -> CT2MRTranslationResult:
-        """Load a finished translation into the scene."""
+    def startEngine(self, arguments: Sequence[str], processFactory: ProcessFactory | None = None
+                    ) -> TranslationProcessProtocol:
+        """Start ``ct2mr ARGUMENTS`` in the background."""
         ...
 
-    def cancel(self, job: CT2MRTranslationJob) -> None:
-        """Stop a running translation."""
+    def loadTranslation(self, job: CT2MRTranslationJob) -> CT2MRTranslationResult:
+        """Load the outputs the engine reported for one translation (its ``done`` event) into the scene."""
         ...
 
 
@@ -229,6 +237,8 @@ class _BatchItem:
     inputNode: Any = None
     sequenceNode: Any = None
     itemIndex: int = -1
+    caseId: str = ""  # the engine's case (OUT_DIR/<caseId>/) once the input is written
+    finished: bool = False  # translated and loaded, or failed
 
 
 def validateInputNode(inputVolumeNode: Any, what: str = "input") -> None:
@@ -251,16 +261,40 @@ def validateInputNode(inputVolumeNode: Any, what: str = "input") -> None:
         raise ValueError(f"'{inputVolumeNode.GetName()}' is not in a scene: add it to the scene first.")
 
 
+def caseIdFor(position: int, count: int, label: str) -> str:
+    """The engine's case name (and file stem) of a batch item: ``"0003_CT_chest"``.
+
+    Zero-padded positions keep the engine's order (it sorts its inputs by path) the order of the items; the label's
+    letters, digits, ``_`` and ``-`` (at most 40) make ``OUT_DIR/<case>/`` readable.
+
+    Args:
+        position: 1-based position of the item in the batch.
+        count: number of items (sets the padding, at least 4 digits).
+        label: the item's label (node name, or ``"<sequence> [<index value>]"``).
+    """
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_")[:40] or "volume"
+    return f"{position:0{max(4, len(str(count)))}d}_{name}"
+
+
 class CT2MRTranslationBatch:
-    """Several translations run one after another (the Widget's Translate, scripts' ``translateBatch``).
+    """Several translations in one background engine process (the Widget's Translate, scripts' ``translateBatch``).
+
+    The inputs are written to files once (a share per :meth:`update` call, so that the GUI stays responsive), then
+    ONE ``ct2mr translate LIST_FILE -o OUT_DIR --progress json`` process translates them all: the model is loaded
+    once and the next CT is read and preprocessed while the current one runs through G and F
+    (``ct2mr.translate_batch``). Its per-case events (``case``, ``progress``, ``case_done``) drive the overall
+    progress, and each case's outputs are loaded into the scene as soon as that case is done, as the same nodes a
+    single translation adds (:meth:`CT2MRTranslationLogic.loadTranslation`).
 
     Inputs are scalar volume nodes and sequence nodes (each item of a sequence is one translation; its outputs go
     into three new sequences ``"<sequence> synthetic MR"`` etc., a fourth ``"<sequence> displacement (mm)"`` with
     the warp check, with the same index values, placed next to the input sequence and added to the browsers that
-    show it; sequence items get no layout and no analysis). Overall progress is ``(i + fraction of item i) / n``.
-    A failed item is recorded and the batch goes on (unless ``stopOnError``); :meth:`cancel` stops the running
-    engine and skips the rest: the finished items stay, the running one leaves no node or file, partly filled
-    output sequences are removed.
+    show it; sequence items get no layout and no analysis nodes: with the analysis on, the engine, which runs every
+    case with the same options, analyses them too, but only volume items show it). Overall progress is
+    ``(i + fraction of item i) / n``. A failed item is recorded and the batch goes on (unless ``stopOnError``: then
+    the engine is stopped); :meth:`cancel` stops the engine's whole process tree and skips the rest: the finished
+    items stay, the running one leaves no node, partly filled output sequences are removed, and so are the
+    temporary files.
 
     Args:
         logic: the Logic (:class:`JobRunner`).
@@ -268,20 +302,36 @@ class CT2MRTranslationBatch:
         options: the translation options of every item.
         progressCallback: ``progressCallback(fraction, message)`` with the overall fraction.
         stopOnError: stop at the first failed item.
-        keywords: further keyword arguments of ``startTranslation`` (``referenceMRNode``, ``setupLayout``,
-            ``processFactory``, ``outputDirectory``).
+        keywords: ``referenceMRNode``, ``setupLayout``, ``processFactory`` (builds the process from the engine
+            arguments), ``outputDirectory`` (keep the engine's outputs there, one ``<case>/`` folder per item and
+            ``translate_summary.json``; cases already there are recomputed).
 
     Attributes:
         results: one result per finished volume item (sequence items are moved into the output sequences).
         failures: ``(label, message)`` per failed item.
-        events: ``(label, event)`` for every engine event of every item, in order (for a log view).
+        events: ``(label, event)``: each item's events as a single translation reports them (``start``,
+            ``progress``, ``warning``, ``log``, ``done``; ``error`` for a failure), and ``("", event)`` for the
+            engine's messages outside any case (for a log view).
         outputSequences: input sequence ID -> ``(synthetic MR, round-trip CT, error map[, displacement (mm)])``
             sequence nodes.
         state: ``"running"``, ``"finished"``, ``"failed"`` or ``"cancelled"``.
+        index: items finished (loaded or failed) so far.
+        job: the running item's :class:`CT2MRTranslationJob` (its ``process`` is the batch's; the batch drives it,
+            do not call its ``update``), else ``None``.
+        process: the batch's one engine process, once started.
+        workDir: temporary folder of the written inputs (``inputs/``, ``inputs.txt``), the reference MR and, without
+            ``outputDirectory``, the engine's outputs; removed when the batch ends.
+        outputDir: the engine's OUT_DIR.
+        engineArguments: the engine's argument list.
+        engineLog: every event of the engine process, unchanged, in order.
+        summaryPath: the engine's ``translate_summary.json`` (from its final ``done`` event), else ``None``.
 
     Raises:
         ValueError: no input, or an input that is neither a scalar volume nor a sequence.
     """
+
+    exportSeconds = 0.5
+    """Seconds of input writing per :meth:`update` call before control returns to the caller (the GUI)."""
 
     def __init__(self, logic: JobRunner, inputNodes: Sequence[Any], options: TranslationOptions | None = None,
                  progressCallback: ProgressCallback | None = None, stopOnError: bool = False,
@@ -305,14 +355,27 @@ class CT2MRTranslationBatch:
         self.results: list[CT2MRTranslationResult] = []
         self.failures: list[tuple[str, str]] = []
         self.events: list[tuple[str, EngineEvent]] = []
-        self._collected = 0
         self.outputSequences: dict[str, tuple[Any, ...]] = {}
         self.index = 0
         self.job: CT2MRTranslationJob | None = None
         self.state = "running"
         self.message = "Starting"
-        self._temporaryInput = None
+        self.process: TranslationProcessProtocol | None = None
+        self.workDir: str | None = None
+        self.outputDir: str | None = None
+        self.engineArguments: list[str] = []
+        self.engineLog: list[EngineEvent] = []
+        self.summaryPath: str | None = None
         self.startTime = time.monotonic()
+        self._temporaryInput = None
+        self._exported = 0
+        self._cases: dict[str, _BatchItem] = {}
+        self._current: _BatchItem | None = None
+        self._caseDone: dict[str, EngineEvent] = {}
+        self._engineOptions: TranslationOptions | None = None
+        self._engineStart: EngineEvent = {}
+        self._engineError: str | None = None
+        self._deviceMessage = ""
 
     @property
     def count(self) -> int:
@@ -336,6 +399,8 @@ class CT2MRTranslationBatch:
         if self.progressCallback is not None:
             self.progressCallback(self.fraction, self.message)
 
+    # ------------------------------------------------------------------ inputs
+
     def _inputFor(self, item: _BatchItem):
         if item.sequenceNode is None:
             return item.inputNode
@@ -356,78 +421,267 @@ class CT2MRTranslationBatch:
         if node is not None and node.GetScene() is not None:
             node.GetScene().RemoveNode(node)
 
-    def start(self) -> CT2MRTranslationBatch:
-        """Start the first translation (``update`` does it too). Returns ``self``."""
-        if self.job is None and self.isRunning:
-            self._startNext()
-        return self
+    def _itemOptions(self, item: _BatchItem) -> tuple[TranslationOptions, bool]:
+        """An item's options and whether it sets up the compare layout (sequence items: no analysis, no layout)."""
+        options = self._engineOptions or self.options
+        if item.sequenceNode is not None:
+            return TranslationOptions.fromKeywords(options, analysis=False), False
+        return options, bool(self.keywords.get("setupLayout", True))
 
-    def _startNext(self) -> None:
-        while self.index < self.count:
-            item = self.items[self.index]
+    def _validate(self) -> None:
+        """Check the options and the reference MR once for the batch (as ``startTranslation`` does per volume)."""
+        reference = self.keywords.get("referenceMRNode")
+        if reference is not None:
+            validateInputNode(reference, "reference MR")
+        options = TranslationOptions.fromKeywords(self.options).validated()
+        if options.needsReference and reference is None:
+            raise ValueError(f"Harmonisation '{options.harmonize}' needs a reference MR: select one, or choose 'none' "
+                             "or 'zscore'.")
+        if options.analysis and all(item.sequenceNode is not None for item in self.items):
+            options = TranslationOptions.fromKeywords(options, analysis=False)  # no item would show it
+        options.engineArguments()  # validates before anything is written
+        self._engineOptions = options
+
+    def _writeInputs(self) -> bool:
+        """Write the next inputs (for at most :attr:`exportSeconds`); ``True`` once every input is written."""
+        if self.workDir is None:
             try:
-                inputNode = self._inputFor(item)
-                options, keywords = self.options, dict(self.keywords)
-                if item.sequenceNode is not None:  # no per-item layout or analysis for sequence items
-                    options = TranslationOptions.fromKeywords(options, analysis=False)
-                    keywords["setupLayout"] = False
-                self._collected = 0
-                self.job = self.logic.startTranslation(
-                    inputNode, options, progressCallback=lambda fraction, message: self._notify(message), **keywords)
-                return
+                self._validate()
+                self.workDir = self.logic.makeWorkDirectory()
+                os.makedirs(os.path.join(self.workDir, "inputs"))
+            except Exception as error:  # noqa: BLE001 - every item fails with it, reported by the caller
+                self._failRemaining(error)
+                return False
+        deadline = time.monotonic() + self.exportSeconds
+        while self.isRunning and self._exported < self.count:
+            item = self.items[self._exported]
+            self._exported += 1
+            caseId = caseIdFor(self._exported, self.count, item.label)
+            try:
+                nodes.writeVolumeNode(self._inputFor(item), self._inputPath(caseId))
             except Exception as error:  # noqa: BLE001 - recorded, reported by the caller
-                self._removeTemporaryInput()
+                self._itemFinished(item)
                 self._recordFailure(item, error)
+            else:
+                item.caseId = caseId
+                self._cases[caseId] = item
+            finally:
+                self._removeTemporaryInput()
+            if time.monotonic() > deadline:
+                break
+        if self.isRunning and self._exported < self.count:
+            self._notify(f"Writing the inputs: {self._exported} of {self.count}")
+            return False
+        return self.isRunning
+
+    def _inputPath(self, caseId: str) -> str:
+        return os.path.join(str(self.workDir), "inputs", f"{caseId}.nrrd")
+
+    # ------------------------------------------------------------------ the engine process
+
+    def _startEngine(self) -> None:
+        todo = [item for item in self.items if item.caseId and not item.finished]
+        if not todo:
+            self._finish()
+            return
+        try:
+            options = self._engineOptions or self.options
+            reference = self.keywords.get("referenceMRNode")
+            referencePath = None
+            if reference is not None and (options.harmonize != "none" or options.analysis):
+                referencePath = nodes.writeVolumeNode(reference, os.path.join(str(self.workDir), "reference_mr.nrrd"))
+            listFile = os.path.join(str(self.workDir), "inputs.txt")
+            with open(listFile, "w", encoding="utf-8") as file:
+                file.write("".join(f"{self._inputPath(item.caseId)}\n" for item in todo))
+            outputDirectory = self.keywords.get("outputDirectory")
+            self.outputDir = os.path.abspath(outputDirectory) if outputDirectory else os.path.join(str(self.workDir),
+                                                                                                 "output")
+            os.makedirs(self.outputDir, exist_ok=True)
+            self.engineArguments = engine.translateArguments(listFile, self.outputDir,
+                                                             options.engineArguments(referencePath),
+                                                             overwrite=bool(outputDirectory))
+            self.process = self.logic.startEngine(self.engineArguments, self.keywords.get("processFactory"))
+        except Exception as error:  # noqa: BLE001 - every item fails with it, reported by the caller
+            self._failRemaining(error)
+            return
+        self._notify(f"Translating {len(todo)} volume{'s' if len(todo) > 1 else ''} in one engine process")
+
+    def _handle(self, event: EngineEvent) -> None:
+        """Route one engine event: a case starts, reports, is done (load it) or failed; or the batch's own."""
+        self.engineLog.append(event)
+        kind = event.get("event")
+        if kind in ("case", "case_done"):
+            item = self._cases.get(str(event.get("case")))
+            if item is None or item.finished:
+                _log.warning("CT2MR batch: an event of an unknown case: %s", event)
+            elif kind == "case_done":
+                self._caseDone[item.caseId] = event  # loaded with the case's final status, which follows
+            elif event.get("status") == "running":
+                self._beginCase(item, event)
+            elif event.get("status") in ("done", "skipped"):
+                self._finishCase(item, self._caseDone.pop(item.caseId, None) or event)
+            elif event.get("status") == "failed":
+                self._failCase(item, str(event.get("error") or "unknown error"))
+        elif kind == "start":
+            self._engineStart = event
+        elif kind == "done":
+            self.summaryPath = event.get("summary")
+        elif self.job is not None and self._current is not None:
+            self._caseEvent(self._current, event)
+        else:  # the engine's own messages (a CUDA fallback, a whole-batch error) before, between or after cases
+            message = str(event.get("message", ""))
+            if kind == "error":
+                self._engineError = message or "unknown error"
+            elif kind == "warning":
+                lowered = message.lower()
+                if "cuda" in lowered and "not available" in lowered:
+                    self._deviceMessage = message
+                _log.warning("ct2mr: %s", message)
+            elif kind == "log":
+                _log.info("ct2mr: %s", message)
+            self.events.append(("", event))
+
+    def _caseEvent(self, item: _BatchItem, event: EngineEvent) -> None:
+        assert self.job is not None
+        self.job.handle(event)
+        self.events.append((item.label, event))
+
+    def _beginCase(self, item: _BatchItem, event: EngineEvent) -> None:
+        options, setupLayout = self._itemOptions(item)
+        self._current = item
+        self.job = CT2MRTranslationJob(
+            inputVolumeNode=item.inputNode, process=self.process, workDir=str(self.workDir),
+            outputDir=os.path.join(str(self.outputDir), item.caseId), options=options,
+            engineArguments=self.engineArguments, keepOutputDir=bool(self.keywords.get("outputDirectory")),
+            progressCallback=lambda fraction, message: self._notify(message), setupLayout=setupLayout,
+            referenceMRNode=self.keywords.get("referenceMRNode"), deviceMessage=self._deviceMessage)
+        self._caseEvent(item, {"event": "start", "case": item.caseId, "input": event.get("input"),
+                               "device": self._engineStart.get("device"), "model": self._engineStart.get("model")})
+
+    def _finishCase(self, item: _BatchItem, doneEvent: EngineEvent) -> None:
+        if self._current is not item:  # a case the engine skipped without running it
+            self._beginCase(item, doneEvent)
+        job = self.job
+        assert job is not None
+        self._caseEvent(item, {**doneEvent, "event": "done"})
+        try:
+            if item.sequenceNode is not None:
+                job.inputVolumeNode = self._inputFor(item)
+            result = self.logic.loadTranslation(job)
+        except Exception as error:  # noqa: BLE001 - recorded, reported by the caller
+            job.state = "failed"
+            self._removeTemporaryInput()
+            self._itemFinished(item)
+            self._recordFailure(item, error)
+        else:
+            if item.sequenceNode is not None:
+                self._storeSequenceItem(item, result)
+            else:
+                self.results.append(result)
+            self._removeTemporaryInput()
+            self._itemFinished(item)
+        finally:
+            if not job.keepOutputDir:  # loaded: the files are no longer needed
+                shutil.rmtree(job.outputDir, ignore_errors=True)
+
+    def _failCase(self, item: _BatchItem, error: str) -> None:
+        if self._current is item and self.job is not None:
+            self.job.errorMessage = error
+            self.job.state = "failed"
+        self._itemFinished(item)
+        self._recordFailure(item, RuntimeError(engine.failureMessage(error, "", None)))
+
+    def _engineEnded(self) -> None:
+        """The engine process has ended and its events are handled: items it never reported fail with its error."""
+        assert self.process is not None
+        pending = [item for item in self.items if item.caseId and not item.finished]
+        if pending:
+            message = engine.failureMessage(self._engineError, self.process.stderrTail, self.process.returncode)
+            for item in pending:
                 if not self.isRunning:
                     return
-                self.index += 1
-        self._finish()
+                if self._current is item and self.job is not None:
+                    self.job.state = "failed"
+                self._itemFinished(item)
+                self._recordFailure(item, RuntimeError(message))
+        if self.isRunning:
+            self._finish()
 
-    def _collectEvents(self, item: _BatchItem, job: CT2MRTranslationJob | None) -> None:
-        if job is not None:
-            self.events += [(item.label, event) for event in job.log[self._collected:]]
-            self._collected = len(job.log)
+    def _itemFinished(self, item: _BatchItem) -> None:
+        item.finished = True
+        self.index += 1
+        if self._current is item:
+            self._current, self.job = None, None
+
+    def _failRemaining(self, error: BaseException) -> None:
+        """Every item not finished yet fails with ``error`` (the batch could not be set up or started)."""
+        for item in self.items:
+            if not self.isRunning:
+                return
+            if not item.finished:
+                self._itemFinished(item)
+                self._recordFailure(item, error)
+        if self.isRunning:
+            self._finish()
 
     def _recordFailure(self, item: _BatchItem, error: BaseException) -> None:
         _log.error("CT2MR batch: %s failed: %s", item.label, error)
         self.failures.append((item.label, str(error)))
         self.events.append((item.label, {"event": "error", "message": str(error)}))
-        if self.stopOnError:
+        if self.stopOnError and self.isRunning:
             self.state = "failed"
+            self._stop()
             self._removePartialSequences()
 
+    def _stop(self) -> None:
+        """Stop the engine process tree (if any) and remove the temporary files."""
+        if self.job is not None:
+            self.job.state = "cancelled" if self.state == "cancelled" else "failed"
+            self.job.message = "Cancelled" if self.state == "cancelled" else self.job.message
+        self._current, self.job = None, None
+        if self.process is not None:
+            self.process.cancel()
+        self._removeTemporaryInput()
+        self._removeWorkDir()
+
+    def _removeWorkDir(self) -> None:
+        if self.workDir is not None:
+            shutil.rmtree(self.workDir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ driving
+
+    def start(self) -> CT2MRTranslationBatch:
+        """Begin: write the first inputs and, once all are written, start the engine (``update`` goes on).
+
+        Returns:
+            ``self``.
+        """
+        if self.isRunning and self.process is None:
+            self.update()
+        return self
+
     def update(self) -> bool:
-        """Drive the running translation; load it when it ends and start the next one.
+        """Write inputs, start the engine, handle its events: load each case as it is done, record failures.
 
         Returns:
             ``True`` once every item is done (or the batch was cancelled or stopped at an error).
         """
         if not self.isRunning:
             return True
-        if self.job is None:
-            self._startNext()
+        if self.process is None:
+            if self._writeInputs():
+                self._startEngine()
             return not self.isRunning
-        item = self.items[self.index]
-        finished = self.job.update()
-        self._collectEvents(item, self.job)
-        if not finished:
-            return False
-        job, self.job = self.job, None
-        try:
-            result = self.logic.finishTranslation(job)
-        except Exception as error:  # noqa: BLE001 - recorded, reported by the caller
-            self._removeTemporaryInput()
-            self._recordFailure(item, error)
+        for event in self.process.events():
+            self._handle(event)
             if not self.isRunning:
                 return True
-        else:
-            if item.sequenceNode is not None:
-                self._storeSequenceItem(item, result)
-            else:
-                self.results.append(result)
-        self._removeTemporaryInput()
-        self.index += 1
-        self._startNext()
+        if self.process.poll() is not None:
+            for event in self.process.events():  # lines read between the two calls
+                self._handle(event)
+                if not self.isRunning:
+                    return True
+            self._engineEnded()
         return not self.isRunning
 
     def _storeSequenceItem(self, item: _BatchItem, result: CT2MRTranslationResult) -> None:
@@ -477,23 +731,22 @@ class CT2MRTranslationBatch:
         self.outputSequences.clear()
 
     def _finish(self) -> None:
-        self.job = None
+        self.job, self._current = None, None
         self.state = "finished"
+        self._removeWorkDir()
         self._finishSequences()
         done = self.count - len(self.failures)
         self._notify(f"Done: {done} of {self.count} translated in {time.monotonic() - self.startTime:.1f} s"
                      + (f"; {len(self.failures)} failed" if self.failures else "") + ".", final=True)
 
     def cancel(self) -> None:
-        """Stop the running engine (no partial node or file is left) and skip the remaining items."""
+        """Stop the engine's process tree (the running item leaves no node; the temporary files are removed) and
+        skip the remaining items; the finished items stay, partly filled output sequences are removed."""
         if not self.isRunning:
             return
-        job, self.job = self.job, None
-        if job is not None:
-            self.logic.cancel(job)
-        self._removeTemporaryInput()
-        self._removePartialSequences()
         self.state = "cancelled"
+        self._stop()
+        self._removePartialSequences()
         self._notify(f"Cancelled after {len(self.results)} of {self.count}.", final=True)
 
     def run(self, pollInterval: float = 0.1, shouldCancel: Callable[[], bool] | None = None,

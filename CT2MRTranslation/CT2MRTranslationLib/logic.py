@@ -15,8 +15,10 @@ input's voxel grid, beside the input in subject hierarchy (:mod:`.nodes`), shown
 With ``analysis`` the engine also computes the metrics table and histograms (``ct2mr translate --analysis``), which
 become table and plot nodes (:mod:`.plots`); nothing of it is computed in Slicer's process, which never imports torch.
 Out of memory, the engine retries with fewer windows and CPU stitching itself; when CUDA is asked for but missing it
-runs on the CPU and the result says so. Several CT volumes (or the items of a sequence) are translated one after
-another by :class:`~.jobs.CT2MRTranslationBatch`. Models come from the engine's registry (:mod:`.models`).
+runs on the CPU and the result says so. Several CT volumes (or the items of a sequence) are translated by
+:class:`~.jobs.CT2MRTranslationBatch` in one engine process (the model loaded once, the next CT read while the
+current one is translated), each loaded as soon as it is done. Models come from the engine's registry
+(:mod:`.models`).
 
 The Logic never touches Qt or ``slicer.app`` (DESIGN.md): it runs in Slicer and in plain Python with the
 ``slicer-core`` wheel ("Can be used without GUI widget"). The Widget uses :meth:`startBatch` and ``update()`` from a
@@ -171,17 +173,23 @@ class CT2MRTranslationLogic(_LogicBase):
         timeout: float | None = None,
         **keywords: Any,
     ) -> CT2MRTranslationBatch:
-        """Translate several CT volumes (or the items of sequences) one after another, and wait.
+        """Translate several CT volumes (or the items of sequences) in one engine process, and wait.
+
+        The inputs are written once, one ``ct2mr translate`` process loads the model once and translates them all
+        (the next CT prefetched), and each item's nodes are added as soon as it is done
+        (:class:`~.jobs.CT2MRTranslationBatch`).
 
         Args:
             inputNodes: scalar volume nodes and/or sequence nodes.
             options: the translation options of every item.
             progressCallback: ``progressCallback(fraction, message)`` with the overall fraction ``(i + f) / n``.
             shouldCancel: polled; returning ``True`` cancels the running translation and skips the rest.
-            stopOnError: stop at the first failure (else failures are recorded and the batch goes on).
+            stopOnError: stop at the first failure (the engine is stopped; else failures are recorded and the
+                batch goes on).
             pollInterval: seconds between progress checks.
             timeout: seconds after which the batch is cancelled.
-            keywords: ``referenceMRNode``, ``setupLayout``, ``processFactory``, ``outputDirectory`` and option
+            keywords: ``referenceMRNode``, ``setupLayout``, ``processFactory``, ``outputDirectory`` (keep the
+                outputs in ``<outputDirectory>/<case>/``, with the engine's ``translate_summary.json``) and option
                 changes by name (``device="cpu"``, ``warpCheck=True``).
 
         Returns:
@@ -212,7 +220,7 @@ class CT2MRTranslationLogic(_LogicBase):
         Args: as :meth:`translateBatch`.
 
         Returns:
-            The running batch (its first translation started).
+            The running batch (its first inputs written; it starts the engine once all are).
         """
         options, keywords = self._splitKeywords(options, keywords)
         return CT2MRTranslationBatch(self, inputNodes, options, progressCallback, stopOnError, **keywords).start()
@@ -253,10 +261,7 @@ class CT2MRTranslationLogic(_LogicBase):
                              "or 'zscore'.")
         options.engineArguments()  # validates before anything is written
 
-        parent = self.temporaryDirectory
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        workDir = tempfile.mkdtemp(prefix="CT2MR-", dir=parent or None)
+        workDir = self.makeWorkDirectory()
         try:
             inputPath = nodes.writeVolumeNode(inputVolumeNode, os.path.join(workDir, "input.nrrd"))
             referencePath = None
@@ -266,18 +271,10 @@ class CT2MRTranslationLogic(_LogicBase):
             os.makedirs(outputDir, exist_ok=True)
             arguments = engine.translateArguments(inputPath, outputDir, options.engineArguments(referencePath),
                                                   overwrite=bool(outputDirectory))
-            factory = processFactory or self._defaultProcessFactory
-            try:
-                process = factory(arguments)
-            except OSError as error:
-                raise RuntimeError(
-                    f"Could not start the CT to MR engine ({error}). Install the dependencies (Dependencies > "
-                    "Install missing...)."
-                ) from error
+            process = self.startEngine(arguments, processFactory)
         except BaseException:
             shutil.rmtree(workDir, ignore_errors=True)
             raise
-        _log.info("CT2MR translation started: %s", " ".join(arguments))
         job = CT2MRTranslationJob(
             inputVolumeNode=inputVolumeNode, process=process, workDir=workDir, outputDir=outputDir, options=options,
             engineArguments=arguments, keepOutputDir=bool(outputDirectory), progressCallback=progressCallback,
@@ -314,11 +311,7 @@ class CT2MRTranslationLogic(_LogicBase):
             returnCode = job.process.returncode
             if returnCode != 0 or job.errorMessage is not None or job.doneEvent is None:
                 raise RuntimeError(engine.failureMessage(job.errorMessage, job.process.stderrTail, returnCode))
-            outputNodes = nodes.loadOutputNodes(job.outputDir, job.doneEvent.get("outputs"), job.inputVolumeNode,
-                                                job.options.warpCheck)
-            result = self._addToScene(job, outputNodes)
-            job.state = "finished"
-            return result
+            return self.loadTranslation(job)
         except BaseException:
             job.state = "failed"
             if job.keepOutputDir:
@@ -326,6 +319,35 @@ class CT2MRTranslationLogic(_LogicBase):
             raise
         finally:
             shutil.rmtree(job.workDir, ignore_errors=True)
+
+    def loadTranslation(self, job: CT2MRTranslationJob) -> CT2MRTranslationResult:
+        """Load the outputs the engine reported for one translation (its ``done`` event) into the scene.
+
+        :meth:`finishTranslation` does it once a single translation's process has ended; a batch
+        (:class:`~.jobs.CT2MRTranslationBatch`) does it for each item as soon as the engine reports that case done
+        (its ``case_done`` event), while the process goes on with the next. The nodes are those described in
+        :meth:`finishTranslation`; the job's files are left where they are.
+
+        Args:
+            job: a job whose ``doneEvent`` holds the engine's ``outputs`` (in ``job.outputDir``), ``device``,
+                ``ct_window`` and, when asked for, ``anatomy`` and ``analysis`` (else read from
+                ``anatomy.json`` / ``analysis.json`` in ``job.outputDir``).
+
+        Returns:
+            The result; ``job.state`` becomes ``"finished"``.
+
+        Raises:
+            RuntimeError: no ``done`` event, an output file missing, unreadable or not on the input's voxel grid,
+                or an analysis asked for but not reported. No node is added.
+        """
+        if job.doneEvent is None:
+            raise RuntimeError("CT to MR translation failed: the engine reported no outputs for "
+                               f"'{job.inputVolumeNode.GetName()}' (no 'done' event).")
+        outputNodes = nodes.loadOutputNodes(job.outputDir, job.doneEvent.get("outputs"), job.inputVolumeNode,
+                                            job.options.warpCheck)
+        result = self._addToScene(job, outputNodes)
+        job.state = "finished"
+        return result
 
     def cancel(self, job: CT2MRTranslationJob) -> None:
         """Stop a running job, its engine process and every process it started, and remove its temporary files.
@@ -400,6 +422,43 @@ class CT2MRTranslationLogic(_LogicBase):
 
     def _defaultProcessFactory(self, engineArgs: Sequence[str]) -> TranslationProcess:
         return TranslationProcess(engineCommand(engineArgs, python=self.pythonExecutable))
+
+    def makeWorkDirectory(self) -> str:
+        """Create a new temporary folder ``CT2MR-*`` for one run's files (inputs, reference MR, outputs).
+
+        Returns:
+            Its path, under :attr:`temporaryDirectory` (created when missing), else the system's temporary folder;
+            the caller removes it.
+        """
+        parent = self.temporaryDirectory
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        return tempfile.mkdtemp(prefix="CT2MR-", dir=parent or None)
+
+    def startEngine(self, arguments: Sequence[str], processFactory: ProcessFactory | None = None
+                    ) -> TranslationProcessProtocol:
+        """Start the engine in the background: ``python -m ct2mr ARGUMENTS`` with this Logic's Python.
+
+        Args:
+            arguments: the engine's arguments (:func:`engine.translateArguments`: one CT, or a list file of them).
+            processFactory: builds the process from the arguments instead (tests inject a real small process).
+
+        Returns:
+            The running process (:class:`TranslationProcessProtocol`).
+
+        Raises:
+            RuntimeError: the process could not be started (the message says to install the dependencies).
+        """
+        factory = processFactory or self._defaultProcessFactory
+        try:
+            process = factory(arguments)
+        except OSError as error:
+            raise RuntimeError(
+                f"Could not start the CT to MR engine ({error}). Install the dependencies (Dependencies > "
+                "Install missing...)."
+            ) from error
+        _log.info("CT2MR engine started: %s", " ".join(str(a) for a in arguments))
+        return process
 
     # ------------------------------------------------------------------ views
 

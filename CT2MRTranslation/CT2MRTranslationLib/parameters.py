@@ -237,7 +237,7 @@ class CT2MRTranslationParameters:
     """
 
     inputVolume = NodeReference("InputVolume", "CT volume to translate (HU).")
-    batchInputs = NodeReferenceList("BatchInput", "CT volumes and sequences translated one after another in batch.")
+    batchInputs = NodeReferenceList("BatchInput", "CT volumes and sequences translated in batch, by one engine process.")
     referenceMR = NodeReference("ReferenceMR", "Reference MR: histogram plot, W1 distance and harmonisation.")
     segmentation = NodeReference("Segmentation", "Segmentation of the CT, shown over the synthetic MR.")
 

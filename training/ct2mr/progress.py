@@ -4,10 +4,23 @@ The JSON lines are the contract with front ends such as the Slicer module's runn
 
 * ``{"event": "start", "command": "translate", "input": ..., "model": ..., "device": ...}``
 * ``{"event": "progress", "stage": "preprocess"|"G"|"F"|"postprocess"|"write", "fraction": overall 0..1,
-  "stage_fraction": 0..1, "message": ...}``
+  "stage_fraction": 0..1, "message": ...}`` (``translate --uncertainty`` adds the stage ``"uncertainty"`` before
+  ``"write"``)
+* ``{"event": "ood", "score": ..., "ood_warning": ..., ...}`` (``translate --ood``, before the networks run)
 * ``{"event": "warning", "message": ...}``
 * ``{"event": "done", "outputs": {...}, "seconds": ..., ...}``
 * ``{"event": "error", "message": ...}`` (and a non-zero exit code)
+
+A batch (``ct2mr translate`` over several CTs, :mod:`ct2mr.translate_batch`) reports, between its ``start``
+(``"mode": "batch"``) and ``done`` (``"mode": "batch"``, ``"summary"``, counts per status) events, per case:
+
+* ``{"event": "case", "index": i, "total": n, "case": ..., "input": ..., "status": "running", ...}`` when it starts,
+  then the case's ``progress`` (and ``warning``) events;
+* for a finished case ``{"event": "case_done", "index", "total", "case", "input", "status": "done"|"skipped",
+  "seconds", "outputs": {...}, "output_dir", "device", "precision", "model", "mean_error_hu", "stage_seconds", ...,
+  "anatomy", "ct_window", "analysis"}`` (what the single-CT ``done`` event reports, for that case), then
+* ``{"event": "case", ..., "status": "done"|"skipped"|"failed", "error": ..., "outputs": {...}}`` (a failed case
+  has no ``case_done``; the batch goes on).
 """
 
 from __future__ import annotations
@@ -25,9 +38,9 @@ __all__ = ["STAGE_WEIGHTS", "ProgressReporter", "JsonReporter", "BarReporter", "
 STAGE_WEIGHTS = {"preprocess": 0.1, "G": 0.4, "F": 0.4, "postprocess": 0.05, "write": 0.05}
 
 
-def _overall(stage: str, fraction: float) -> float:
+def _overall(stage: str, fraction: float, weights: dict[str, float] | None = None) -> float:
     done = 0.0
-    for name, weight in STAGE_WEIGHTS.items():
+    for name, weight in (weights or STAGE_WEIGHTS).items():
         if name == stage:
             return min(1.0, done + weight * max(0.0, min(1.0, fraction)))
         done += weight
@@ -78,9 +91,11 @@ class JsonReporter(ProgressReporter):
         min_step: smallest change of the overall fraction that produces a new line.
     """
 
-    def __init__(self, stream: TextIO | None = None, min_step: float = 0.01) -> None:
+    def __init__(self, stream: TextIO | None = None, min_step: float = 0.01,
+                 weights: dict[str, float] | None = None) -> None:
         self.stream = stream or sys.stdout
         self.min_step = min_step
+        self.weights = weights
         self._last = (None, -1.0)
 
     def _emit(self, payload: dict[str, Any]) -> None:
@@ -89,7 +104,7 @@ class JsonReporter(ProgressReporter):
 
     def __call__(self, stage: str, fraction: float, message: str = "") -> None:
         """Emit a ``progress`` line when the stage changes or the overall fraction moved enough."""
-        overall = _overall(stage, fraction)
+        overall = _overall(stage, fraction, self.weights)
         last_stage, last_overall = self._last
         if stage != last_stage or overall - last_overall >= self.min_step or fraction >= 1.0:
             self._last = (stage, overall)
@@ -104,8 +119,10 @@ class JsonReporter(ProgressReporter):
 class BarReporter(ProgressReporter):
     """A tqdm progress bar on stderr with the current stage as description."""
 
-    def __init__(self) -> None:
+    def __init__(self, weights: dict[str, float] | None = None) -> None:
         from tqdm.auto import tqdm
+
+        self.weights = weights
 
         self.bar = tqdm(total=100, unit="%", file=sys.stderr, bar_format="{desc:<28} {percentage:3.0f}%|{bar}| "
                         "{elapsed}<{remaining}")
@@ -114,7 +131,7 @@ class BarReporter(ProgressReporter):
     def __call__(self, stage: str, fraction: float, message: str = "") -> None:
         """Move the bar to the overall fraction."""
         self.bar.set_description_str(message[:28] or stage)
-        self.bar.n = round(100 * _overall(stage, fraction), 1)
+        self.bar.n = round(100 * _overall(stage, fraction, self.weights), 1)
         self.bar.refresh()
 
     def event(self, name: str, **fields: Any) -> None:
@@ -127,16 +144,21 @@ class BarReporter(ProgressReporter):
         self.bar.close()
 
 
-def make_reporter(kind: str) -> ProgressReporter:
+def make_reporter(kind: str, weights: dict[str, float] | None = None) -> ProgressReporter:
     """Build the reporter for ``--progress bar|json|none``.
+
+    Args:
+        kind: ``"bar"``, ``"json"`` or ``"none"``.
+        weights: share of the whole run per stage, in stage order (default :data:`STAGE_WEIGHTS`; a translation
+            with an uncertainty map adds the ``"uncertainty"`` stage: :func:`ct2mr.uncertainty.stage_weights`).
 
     Raises:
         ValueError: unknown kind.
     """
     if kind == "json":
-        return JsonReporter()
+        return JsonReporter(weights=weights)
     if kind == "bar":
-        return BarReporter()
+        return BarReporter(weights)
     if kind == "none":
         return NullReporter()
     raise ValueError(f"Unknown progress kind {kind!r}; choose bar, json or none.")

@@ -5,8 +5,9 @@ One input that is a CT file or a DICOM series folder keeps the single-volume beh
 (:func:`is_single_input`): a folder of volumes (:func:`ct2mr.io.list_images`: image files and DICOM series
 sub-folders), several paths, or a list file (:data:`LIST_SUFFIXES`, :func:`read_list_file`). A batch writes
 
-* ``OUT_DIR/<case_id>/`` with the outputs of :func:`ct2mr.inference.translate_file` (each on that input's voxel grid)
-  and a done-marker :data:`DONE_MARKER` (input path, size and modification time, model SHA-256, inference settings);
+* ``OUT_DIR/<case_id>/`` with the outputs of :func:`ct2mr.inference.translate_file` (each on that input's voxel grid),
+  with ``analysis=True`` also ``analysis.json`` (:func:`ct2mr.translation_analysis.analyze_outputs`), and a
+  done-marker :data:`DONE_MARKER` (input path, size and modification time, model SHA-256, inference settings);
 * ``OUT_DIR/translate_summary.json`` (``translate_summary.rank{R}.json`` per process under ``torchrun``): per case the
   input, status (:data:`STATUSES`), seconds, error message and the timeline of its preparation and translation;
   rewritten atomically after every case.
@@ -36,6 +37,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -50,6 +52,7 @@ from .checks import check_input_image, prepare_output_dir
 from .io import ImageReadError, OutputWriteError, image_suffix, list_images, read_image, write_json
 from .labeltransfer import shard
 from .preprocessing import preprocess
+from .translation_analysis import analyze_outputs, ct_window_of
 
 __all__ = [
     "LIST_SUFFIXES",
@@ -114,7 +117,13 @@ class CaseResult:
         error: one-line error message of a failed case.
         outputs: ``{key: path}`` of the written (or, when skipped, existing) outputs.
         timeline: UNIX times (s) ``prepare_start``, ``prepare_end`` (read + preprocess, background thread),
-            ``translate_start``, ``translate_end`` (networks + write, main thread) of a computed case.
+            ``translate_start``, ``translate_end`` (networks + write, main thread) and, with the analysis,
+            ``analysis_end`` of a computed case.
+        info: what a front end shows of a finished case (not in the summary): for a computed case
+            ``translate_file``'s ``info`` (``device``, ``precision``, ``model_name``, ``mean_error_hu``, stage
+            ``seconds``, ``anatomy`` with the warp check, ...) plus ``ct_window`` (HU) and, with the analysis,
+            ``analysis`` (the dictionary of ``analysis.json``); for a skipped case ``model_name`` and ``ct_window``
+            only (its ``anatomy.json`` / ``analysis.json`` are in its folder).
     """
 
     case_id: str
@@ -124,6 +133,7 @@ class CaseResult:
     error: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)
     timeline: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form used in the summary (seconds rounded to ms)."""
@@ -370,14 +380,24 @@ def _finished(case_dir: Path, fingerprint: dict[str, Any]) -> dict[str, str] | N
     return outputs if all(Path(p).is_file() for p in outputs.values()) else None
 
 
+def _analyze_case(case: Case, image: Any, outputs: dict[str, str], info: dict[str, Any], case_dir: Path,
+                  references: Sequence[str | os.PathLike], progress: ProgressCallback | None) -> dict[str, Any]:
+    """``analysis.json`` of one computed case (adds ``outputs["analysis"]``); an incomplete one warns."""
+    report = (lambda fraction, message: progress("analysis", 1.0, message)) if progress is not None else None
+    result = analyze_outputs(image, outputs, info, case_dir, list(references) or None, report)
+    if result["error"]:
+        warnings.warn(f"{case.case_id}: analysis incomplete: {result['error']}", RuntimeWarning, stacklevel=2)
+    return result
+
+
 def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                     model: str | os.PathLike | None = None, settings: InferenceSettings | None = None,
                     progress: ProgressCallback | None = None, on_case: CaseCallback | None = None,
                     overwrite: bool = False, harmonize: str = "none",
                     reference_mr: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                     rank: int | None = None, world_size: int | None = None, prefetch: bool = True,
-                    command: str | None = None, force: bool = False, **translate_options: Any
-                    ) -> BatchTranslation:
+                    command: str | None = None, force: bool = False, analysis: bool = False,
+                    **translate_options: Any) -> BatchTranslation:
     """Translate every CT of a collection into ``OUT_DIR/<case_id>/``, resumably, sharded under ``torchrun``.
 
     The checkpoint is loaded once (G and F stay on the device); while a case runs through G and F, a background
@@ -404,6 +424,11 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
         command: the command line, recorded in the summary.
         force: translate CTs that fail the HU plausibility check (:func:`ct2mr.checks.check_input_image`) with a
             warning instead of failing the case.
+        analysis: also write ``OUT_DIR/<case_id>/analysis.json`` per case (``translate --analysis``: metrics table
+            and histograms, :func:`ct2mr.translation_analysis.analyze_outputs`, with ``reference_mr`` for the
+            reference histogram and W1), listed in the case's outputs and kept in ``CaseResult.info["analysis"]``;
+            recorded in the done-marker, so a case done without it is recomputed. An incomplete analysis is a
+            warning, not a failure.
         **translate_options: further keyword arguments of :func:`ct2mr.inference.translate_file` (e.g.
             ``warp_check=True``); recorded in the done-marker, so changing them recomputes.
 
@@ -437,7 +462,8 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
     harmonizer = fit_harmonizer_for(harmonize, reference_mr, checkpoint)
     references = [reference_mr] if isinstance(reference_mr, (str, os.PathLike)) else list(reference_mr or [])
     options = {"harmonize": harmonize, "reference_mr": [str(Path(p).resolve()) for p in references],
-               **translate_options}
+               **translate_options, **({"analysis": True} if analysis else {})}
+    ct_window = [float(v) for v in checkpoint.preprocessing.ct_window]
     summary = summary_path(out_dir, rank, world_size)
     results = [CaseResult(case.case_id, str(case.path)) for case in mine]
     index = {case.case_id: i for i, case in enumerate(mine)}
@@ -483,6 +509,7 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
             continue
         done = None if overwrite else _finished(out_dir / case.case_id, fingerprint)
         if done is not None:
+            results[index[case.case_id]].info = {"model_name": checkpoint.name, "ct_window": ct_window}
             finish(case, "skipped", outputs=done, write=False)
         else:
             todo.append((case, fingerprint))
@@ -521,10 +548,15 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
                 written = translate_file(case.path, case_dir, settings=settings, progress=progress,
                                          harmonize=harmonize, checkpoint=checkpoint, image=image, preprocessed=pre,
                                          harmonizer=harmonizer, overwrite=True, **translate_options)
-                del image, pre
                 timeline["translate_end"] = time.time()
-                result.timeline, result.seconds = timeline, time.perf_counter() - t_case
                 outputs = {key: str(path) for key, path in written["outputs"].items()}
+                info = {**written["info"], "ct_window": ct_window_of(written["info"])}
+                if analysis:
+                    info["analysis"] = _analyze_case(case, image, outputs, written["info"], case_dir, references,
+                                                     progress)
+                    timeline["analysis_end"] = time.time()
+                del image, pre
+                result.timeline, result.seconds, result.info = timeline, time.perf_counter() - t_case, info
                 marker = {**fingerprint, "case": case.case_id,
                           "outputs": {k: Path(p).name for k, p in outputs.items()},
                           "seconds": round(result.seconds, 3), "device": written["info"].get("device"),

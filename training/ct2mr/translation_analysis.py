@@ -46,6 +46,7 @@ __all__ = [
     "HISTOGRAM_BINS",
     "MAX_SSIM_VOXELS",
     "METRIC_ROWS",
+    "analyze_outputs",
     "analyze_translation",
     "ct_window_of",
     "write_analysis",
@@ -280,6 +281,34 @@ def analyze_translation(ct, synthetic_mr, roundtrip_ct, ct_window: Sequence[floa
         "rows": rows,
         "error": "; ".join(errors),
     }
+
+
+def analyze_outputs(ct, outputs: dict[str, str], info: Mapping[str, Any], out_dir: str | os.PathLike,
+                    reference_mr: Sequence[str | os.PathLike] | None = None, progress: Report | None = None
+                    ) -> dict[str, Any]:
+    """Analyse one written translation and write ``OUT_DIR/analysis.json`` (``ct2mr translate --analysis``; in a
+    batch, per case into ``OUT_DIR/<case>/``).
+
+    Args:
+        ct: the input x that was translated, ``SimpleITK.Image`` in HU.
+        outputs: ``translate_file(...)["outputs"]`` (``{key: path}``); gains ``"analysis"``: the written file.
+        info: ``translate_file(...)["info"]``: the model's CT window and MR percentiles (thesis section 4,
+            eq. 4.4) and, with the warp check, ``anatomy``.
+        out_dir: folder of ``analysis.json`` (the translation's output folder).
+        reference_mr: reference MR file(s) for the histogram and W1; ``None``: none.
+        progress: ``progress(fraction, message)``.
+
+    Returns:
+        The analysis dictionary (:func:`analyze_translation`; ``error`` says why metrics are missing).
+    """
+    import SimpleITK as sitk
+
+    percentiles = ((info.get("preprocessing") or {}).get("config") or {}).get("mr_percentiles") or (1.0, 99.0)
+    analysis = analyze_translation(ct, sitk.ReadImage(str(outputs["synthetic_mr"])),
+                                   sitk.ReadImage(str(outputs["roundtrip_ct"])), ct_window_of(info), reference_mr,
+                                   percentiles, info.get("anatomy"), progress)
+    outputs["analysis"] = str(write_analysis(analysis, out_dir))
+    return analysis
 
 
 def write_analysis(analysis: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:

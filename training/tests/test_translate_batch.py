@@ -20,7 +20,7 @@ from ct2mr.inference import OUTPUT_NAMES, InferenceSettings
 from ct2mr.translate_batch import (DONE_MARKER, SUMMARY_NAME, case_ids, collect_cases, is_single_input,
                                    read_list_file, translate_batch)
 
-from ct2mr_testdata import ABDOMEN_CT, DICOM_CT, REPO, need, run_ct2mr
+from ct2mr_testdata import ABDOMEN_CT, ABDOMEN_MR, DICOM_CT, HEART_CT, REPO, need, run_ct2mr
 from test_cli import _assert_on_input_grid
 
 #: (index, size) of the three crops, in voxels (x, y, z) of the 3 mm abdomen CT: three different grids.
@@ -185,6 +185,49 @@ def test_list_file_with_a_corrupt_and_a_missing_input(tiny_checkpoint, crops, tm
                                                                         "write"}
     assert sorted(p.name for p in out.iterdir()) == ["case_a", "case_c", SUMMARY_NAME], "no folder of a failure"
     _assert_case_on_grid(out / "case_c", crops / "case_c.nii.gz")
+
+
+@pytest.mark.slow
+def test_batch_reports_each_case_done_with_its_analysis(tmp_path):
+    """What a front end (the Slicer module) loads per case from one batch process: a ``case_done`` event with the
+    outputs, device, CT window and analysis, before the case's final ``case`` event; a rerun reports skipped cases
+    the same way. The bundled default model, two small crops of a real CT (about 10 s on a CPU)."""
+    need(HEART_CT, ABDOMEN_MR)
+    ct = sitk.ReadImage(str(HEART_CT))
+    sitk.WriteImage(ct[10:42, 10:42, 30:54], str(tmp_path / "a.nrrd"))
+    sitk.WriteImage(ct[30:62, 20:52, 30:54], str(tmp_path / "b.nrrd"))
+    (tmp_path / "cases.txt").write_text("b.nrrd\na.nrrd\n")
+    out = tmp_path / "out"
+    arguments = ("translate", str(tmp_path / "cases.txt"), "-o", str(out), "--device", "cpu", "--progress", "json",
+                 "--analysis", "--reference-mr", str(ABDOMEN_MR))
+    proc = run_ct2mr(*arguments, check=True)
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert (events[0]["event"], events[0]["mode"], events[-1]["event"], events[-1]["done"]) == ("start", "batch",
+                                                                                                "done", 2)
+    kinds = [(e["event"], e.get("case"), e.get("status")) for e in events if e["event"] in ("case", "case_done")]
+    assert kinds == [("case", "a", "running"), ("case_done", "a", "done"), ("case", "a", "done"),
+                     ("case", "b", "running"), ("case_done", "b", "done"), ("case", "b", "done")]
+    stages = [e.get("stage") for e in events if e["event"] == "progress"]
+    assert stages.count("analysis") >= 2 and stages.index("analysis") > stages.index("write")
+    for done in (e for e in events if e["event"] == "case_done"):
+        case_dir = out / done["case"]
+        analysis = json.loads((case_dir / "analysis.json").read_text())
+        assert done["output_dir"] == str(case_dir) and done["outputs"]["analysis"] == str(case_dir / "analysis.json")
+        assert set(done["outputs"]) == {*OUTPUT_NAMES, "analysis"} and done["analysis"] == analysis
+        assert done["device"] == "cpu" and done["ct_window"] == [-600.0, 1000.0] and done["mean_error_hu"] > 0
+        assert done["model"] and done["stage_seconds"]["G"] > 0 and done["anatomy"] is None
+        assert analysis["error"] == "" and list(analysis["histogram"]["columns"]) == ["Synthetic MR", "Reference MR"]
+        _assert_on_input_grid(case_dir, sitk.ReadImage(str(tmp_path / f"{done['case']}.nrrd")))
+        marker = json.loads((case_dir / DONE_MARKER).read_text())
+        assert marker["options"]["analysis"] is True and marker["outputs"]["analysis"] == "analysis.json"
+    summary = _summary(out / SUMMARY_NAME)
+    assert "info" not in summary["a"] and summary["a"]["outputs"]["analysis"] == str(out / "a" / "analysis.json")
+
+    again = [json.loads(line) for line in run_ct2mr(*arguments, check=True).stdout.splitlines() if line[:1] == "{"]
+    skipped = [e for e in again if e["event"] == "case_done"]
+    assert [(e["case"], e["status"]) for e in skipped] == [("a", "skipped"), ("b", "skipped")]
+    assert skipped[0]["outputs"]["analysis"] == str(out / "a" / "analysis.json")
+    assert skipped[0]["ct_window"] == [-600.0, 1000.0] and skipped[0]["analysis"] is None
 
 
 @pytest.mark.slow

@@ -24,6 +24,15 @@ error after its retries, exit 1), ``slow`` (like ``ok``, after 0.5 s), ``anatomy
 
 Like the real engine, it has no CUDA: ``--device cuda`` gives the engine's fallback warning and runs "on the CPU".
 Every ``ct2mr translate`` option the Logic passes is accepted; ``--reference-mr`` files must exist.
+
+A batch (several inputs, or a ``.txt``/``.lst`` list file) runs as the engine's batch mode does
+(``ct2mr.translate_batch``): cases sorted by path, named by the file name without suffix, outputs in
+``OUT_DIR/<case>/``; one ``start`` event (``"mode": "batch"``, after the CUDA fallback warning as in the engine), per
+case ``case`` (running), its events, then for a finished case ``case_done`` (what the single ``done`` event reports)
+and ``case`` (done), for a failed one ``case`` (failed, with the error; ``fail`` and ``oomalways`` fail only that
+case); then ``OUT_DIR/translate_summary.json`` and ``done`` (``"mode": "batch"``, counts), exit status 1 when a case
+failed. ``--mode`` may then list one mode per case, comma-separated (``ok,fail,ok``; the last one repeats);
+``crash`` and ``nodone`` end the whole process at that case, ``sleep`` keeps it there.
 """
 
 from __future__ import annotations
@@ -78,68 +87,47 @@ def emit(**event) -> None:
     print(json.dumps(event), flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fake_ct2mr")
-    parser.add_argument("--mode", default="ok",
-                        choices=["ok", "fail", "crash", "shifted", "resized", "nodone", "sleep", "oom", "oomalways",
-                                 "slow", "anatomyfile"])
-    commands = parser.add_subparsers(dest="command", required=True)
-    translate = commands.add_parser("translate")
-    translate.add_argument("input")
-    translate.add_argument("-o", "--output", required=True)
-    translate.add_argument("--model")
-    translate.add_argument("--device", default="auto")
-    translate.add_argument("--overlap", type=float, default=0.5)
-    translate.add_argument("--progress", choices=["json", "bar", "none"], default="bar")
-    translate.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    translate.add_argument("--roi-size", type=int, nargs="+")
-    translate.add_argument("--sw-batch-size", type=int, default=None)
-    translate.add_argument("--harmonize", choices=["none", "histogram", "nyul", "zscore"], default="none")
-    translate.add_argument("--reference-mr", nargs="+")
-    translate.add_argument("--warp-check", action="store_true")
-    translate.add_argument("--analysis", action="store_true")
-    translate.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+class CaseFailed(Exception):
+    """A case that fails with an ``error`` message (single: an ``error`` event; batch: the case's status)."""
 
-    emit(event="start", input=args.input, device="cpu" if args.device == "auto" else args.device,
-         model=args.model, overlap=args.overlap, argv=sys.argv[sys.argv.index("translate"):])
-    print("plain text from a library", flush=True)
-    if args.device.startswith("cuda"):  # what ct2mr.inference.resolve_device warns on a machine without CUDA
-        emit(event="warning", message="CUDA was requested but is not available (no NVIDIA GPU, or a CPU-only "
-             "PyTorch); running on the CPU instead.", category="RuntimeWarning")
-    for path in args.reference_mr or ():
-        if not os.path.isfile(path):
-            emit(event="error", message=f"reference MR {path} does not exist")
-            return 1
+    def __init__(self, message: str, exitCode: int) -> None:
+        super().__init__(message)
+        self.exitCode = exitCode
+
+
+def translateOne(inputPath: str, outputDir: str, args, mode: str) -> dict | None:
+    """Translate one CT (see the module docstring); returns the ``done`` event's fields, ``None`` for ``nodone``.
+
+    Raises:
+        CaseFailed: modes ``fail`` and ``oomalways``.
+    """
     roi = (args.roi_size or [96])[0]
-    if args.mode == "oomalways":
+    if mode == "oomalways":
         emit(event="progress", stage="G", fraction=0.2, message="G(x)")
-        emit(event="error", message="Out of memory on cuda:0 while translating a [128, 128, 128] volume, even with one "
-             "window per pass and CPU stitching. Try a smaller --roi-size, or --device cpu.", type="RuntimeError")
-        return 1
-    if args.mode == "oom":
+        raise CaseFailed("Out of memory on cuda:0 while translating a [128, 128, 128] volume, even with one window "
+                         "per pass and CPU stitching. Try a smaller --roi-size, or --device cpu.", 1)
+    if mode == "oom":
         emit(event="warning", message=f"Out of memory on cuda:0 with {args.sw_batch_size or 4} windows per pass; "
              "retrying with 1.", category="RuntimeWarning")
-    if args.mode == "slow":
+    if mode == "slow":
         time.sleep(0.5)
-    if args.mode == "sleep":
+    if mode == "sleep":
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
         emit(event="progress", stage="G", fraction=0.1, message="sleeping", child_pid=child.pid)
         time.sleep(120)
-        return 0
-    if args.mode == "crash":
+        sys.exit(0)
+    if mode == "crash":
         raise MemoryError("fake CUDA out of memory")
-    if args.mode == "nodone":
-        return 0
+    if mode == "nodone":
+        return None
 
     import numpy as np
     import SimpleITK as sitk
 
-    image = sitk.ReadImage(args.input)
+    image = sitk.ReadImage(inputPath)
     emit(event="progress", stage="preprocess", fraction=0.1, message="read input")
-    if args.mode == "fail":
-        emit(event="error", message="fake failure: the model does not fit this input")
-        return 2
+    if mode == "fail":
+        raise CaseFailed("fake failure: the model does not fit this input", 2)
     emit(event="warning", message="fake engine: no network, arithmetic only")
     ct = sitk.GetArrayFromImage(image).astype(np.float32)  # (z, y, x), HU
     synthetic = np.clip((ct + 600.0) / 1600.0, 0.0, 1.0) * 2.0 - 1.0
@@ -161,39 +149,142 @@ def main(argv: list[str] | None = None) -> int:
         arrays.append(("displacement_mm", displacement))
         emit(event="progress", stage="warp-check", fraction=0.9, message="registration x -> G(x)")
 
-    os.makedirs(args.output, exist_ok=True)
+    os.makedirs(outputDir, exist_ok=True)
     outputs = {}
     for key, array in arrays:
-        if args.mode == "resized":
+        if mode == "resized":
             array = array[:-1]
         result = sitk.GetImageFromArray(array.astype(np.float32))
         result.SetSpacing(image.GetSpacing())
         result.SetDirection(image.GetDirection())
         origin = image.GetOrigin()
-        if args.mode == "shifted":
+        if mode == "shifted":
             origin = (origin[0] + 2.0, origin[1], origin[2])
         result.SetOrigin(origin)
-        outputs[key] = os.path.join(args.output, f"{key}.nii.gz")
+        outputs[key] = os.path.join(outputDir, f"{key}.nii.gz")
         sitk.WriteImage(result, outputs[key], useCompression=True, compressionLevel=1)
     extra = {}
     if anatomy is not None:
-        with open(os.path.join(args.output, "anatomy.json"), "w") as file:
+        with open(os.path.join(outputDir, "anatomy.json"), "w") as file:
             json.dump(anatomy, file)
-        if args.mode != "anatomyfile":
+        if mode != "anatomyfile":
             extra["anatomy"] = anatomy
     if args.analysis:
         reference = None
         if args.reference_mr:
             reference = sitk.GetArrayFromImage(sitk.ReadImage(args.reference_mr[0])).astype(np.float32)
         analysis = fakeAnalysis(ct, synthetic, roundTrip, reference, anatomy)
-        with open(os.path.join(args.output, "analysis.json"), "w") as file:
+        with open(os.path.join(outputDir, "analysis.json"), "w") as file:
             json.dump(analysis, file)
-        outputs["analysis"] = os.path.join(args.output, "analysis.json")
-        if args.mode != "anatomyfile":
+        outputs["analysis"] = os.path.join(outputDir, "analysis.json")
+        if mode != "anatomyfile":
             extra["analysis"] = analysis
     emit(event="progress", stage="write", fraction=1.0, message="written")
-    emit(event="done", outputs=outputs, seconds=0.0, device="cpu", precision="float32", model="fake",
-         roi_size=roi, sw_batch_size=args.sw_batch_size, harmonize=args.harmonize, ct_window=CT_WINDOW, **extra)
+    return dict(outputs=outputs, seconds=0.0, device="cpu", precision="float32", model="fake", roi_size=roi,
+                sw_batch_size=args.sw_batch_size, harmonize=args.harmonize, ct_window=CT_WINDOW, **extra)
+
+
+def caseList(inputs: list[str]) -> list[str] | None:
+    """The batch's CT paths, sorted (``None``: one CT, the single-volume mode)."""
+    if len(inputs) == 1 and not inputs[0].endswith((".txt", ".lst")):
+        return None
+    paths = []
+    for path in inputs:
+        if path.endswith((".txt", ".lst")):
+            with open(path, encoding="utf-8") as file:
+                lines = [line.strip() for line in file if line.strip() and not line.startswith("#")]
+            paths += [os.path.join(os.path.dirname(path), line) for line in lines]
+        else:
+            paths.append(path)
+    return sorted(os.path.abspath(p) for p in paths)
+
+
+def runBatch(paths: list[str], args, modes: list[str]) -> int:
+    """The engine's batch mode (see the module docstring)."""
+    started = time.monotonic()
+    cases = []
+    for index, path in enumerate(paths, start=1):
+        case = os.path.basename(path).split(".")[0]
+        mode = modes[min(index - 1, len(modes) - 1)]
+        record = {"case": case, "input": path, "status": "running", "seconds": 0.0, "error": None, "outputs": {},
+                  "timeline": {}}
+        emit(event="case", index=index, total=len(paths), **record)
+        caseStart = time.monotonic()
+        try:
+            done = translateOne(path, os.path.join(args.output, case), args, mode)
+        except CaseFailed as failure:
+            record.update(status="failed", error=str(failure))
+        else:
+            if done is None:  # nodone: the process ends without reporting this case or the rest
+                return 0
+            record.update(status="done", outputs=done["outputs"])
+        record["seconds"] = round(time.monotonic() - caseStart, 3)
+        if record["status"] == "done":
+            emit(event="case_done", index=index, total=len(paths), case=case, input=path, status="done",
+                 output_dir=os.path.join(args.output, case), **{**done, "seconds": record["seconds"]})
+        emit(event="case", index=index, total=len(paths), **record)
+        cases.append(record)
+    summary = os.path.join(args.output, "translate_summary.json")
+    counts = {status: sum(c["status"] == status for c in cases) for status in ("done", "skipped", "failed")}
+    with open(summary, "w", encoding="utf-8") as file:
+        json.dump({"command": "fake", "out_dir": args.output, "counts": counts, "cases": cases}, file)
+    emit(event="done", mode="batch", summary=summary, seconds=round(time.monotonic() - started, 3), device="cpu",
+         **counts)
+    return 1 if counts["failed"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fake_ct2mr")
+    parser.add_argument("--mode", default="ok", help="ok, fail, crash, shifted, resized, nodone, sleep, oom, "
+                        "oomalways, slow, anatomyfile; a batch: one per case, comma-separated")
+    commands = parser.add_subparsers(dest="command", required=True)
+    translate = commands.add_parser("translate")
+    translate.add_argument("inputs", nargs="+")
+    translate.add_argument("-o", "--output", required=True)
+    translate.add_argument("--model")
+    translate.add_argument("--device", default="auto")
+    translate.add_argument("--overlap", type=float, default=0.5)
+    translate.add_argument("--progress", choices=["json", "bar", "none"], default="bar")
+    translate.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    translate.add_argument("--roi-size", type=int, nargs="+")
+    translate.add_argument("--sw-batch-size", type=int, default=None)
+    translate.add_argument("--harmonize", choices=["none", "histogram", "nyul", "zscore"], default="none")
+    translate.add_argument("--reference-mr", nargs="+")
+    translate.add_argument("--warp-check", action="store_true")
+    translate.add_argument("--analysis", action="store_true")
+    translate.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    modes = args.mode.split(",")
+    known = {"ok", "fail", "crash", "shifted", "resized", "nodone", "sleep", "oom", "oomalways", "slow", "anatomyfile"}
+    if not set(modes) <= known:
+        parser.error(f"unknown --mode {args.mode}")
+    paths = caseList(args.inputs)
+
+    if paths is None:
+        emit(event="start", input=args.inputs[0], device="cpu" if args.device == "auto" else args.device,
+             model=args.model, overlap=args.overlap, argv=sys.argv[sys.argv.index("translate"):])
+        print("plain text from a library", flush=True)
+    if args.device.startswith("cuda"):  # what ct2mr.inference.resolve_device warns on a machine without CUDA
+        emit(event="warning", message="CUDA was requested but is not available (no NVIDIA GPU, or a CPU-only "
+             "PyTorch); running on the CPU instead.", category="RuntimeWarning")
+    if paths is not None:
+        emit(event="start", command="translate", mode="batch", inputs=args.inputs, output=args.output,
+             model=args.model or "default", device=args.device, argv=sys.argv[sys.argv.index("translate"):])
+        print("plain text from a library", flush=True)
+    for path in args.reference_mr or ():
+        if not os.path.isfile(path):
+            emit(event="error", message=f"reference MR {path} does not exist")
+            return 1
+    if paths is not None:
+        return runBatch(paths, args, modes)
+    try:
+        done = translateOne(args.inputs[0], args.output, args, modes[0])
+    except CaseFailed as failure:
+        emit(event="error", message=str(failure), **({"type": "RuntimeError"} if modes[0] == "oomalways" else {}))
+        return failure.exitCode
+    if done is None:
+        return 0
+    emit(event="done", **done)
     return 0
 
 

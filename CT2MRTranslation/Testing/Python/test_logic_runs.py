@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from CT2MRTranslationTestHelpers import FAKE_ENGINE, addSyntheticVolume, dataFil
 
 from CT2MRTranslationLib import views
 from CT2MRTranslationLib.engine import isOutOfMemoryMessage
+from CT2MRTranslationLib.jobs import CT2MRTranslationBatch
 from CT2MRTranslationLib.logic import CT2MRTranslationLogic
 from CT2MRTranslationLib.runner import TranslationProcess
 
@@ -240,57 +242,176 @@ def test_batch_of_volumes_with_overall_progress(mrml, logic, fakeEngineFactory):
     assert volumeCount(mrml.scene) == 3 + 9 and os.listdir(logic.temporaryDirectory) == []
 
 
+def test_a_batch_is_one_engine_process(mrml, logic, fakeEngineFactory, tmp_path):
+    """Two volumes: written once, ONE engine process (the model loaded once), each loaded as its case finishes."""
+    inputs = [addSyntheticVolume(mrml.scene, "CT chest"), addSyntheticVolume(mrml.scene, "CT/abdomen 2")]
+    factory, started = countingFactory(fakeEngineFactory, "ok,slow")  # the second case waits 0.5 s
+    seen = set()
+    batch = logic.startBatch(inputs, processFactory=factory, setupLayout=False, outputDirectory=str(tmp_path / "out"))
+    deadline = time.monotonic() + 30
+    while not batch.update():
+        seen.add((len(batch.results), batch.process is not None and batch.process.poll() is None))
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert len(started) == 1 and batch.state == "finished" and not batch.failures
+    arguments = started[0]
+    listFile = arguments[1]
+    assert arguments[0] == "translate" and listFile.endswith("inputs.txt") and "--overwrite" in arguments
+    assert batch.engineArguments == arguments and option(arguments, "-o") == str(tmp_path / "out")
+    cases = ["0001_CT_chest", "0002_CT_abdomen_2"]
+    summary = json.loads((tmp_path / "out" / "translate_summary.json").read_text())
+    assert batch.summaryPath == str(tmp_path / "out" / "translate_summary.json")
+    assert [(case["case"], case["status"]) for case in summary["cases"]] == [(c, "done") for c in cases]
+    assert [r.syntheticMR.GetName() for r in batch.results] == ["CT chest synthetic MR", "CT/abdomen 2 synthetic MR"]
+    assert [r.outputDir for r in batch.results] == [str(tmp_path / "out" / c) for c in cases]
+    for result, node in zip(batch.results, inputs, strict=True):
+        ct = slicer.util.arrayFromVolume(node).astype(np.float32)
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(result.syntheticMR),
+                                   np.clip((ct + 600) / 1600, 0, 1) * 2 - 1, atol=1e-5)
+        assert [e["event"] for e in result.log][0] == "start" and result.log[-1]["event"] == "done"
+        assert result.log[-1]["case"] in cases and result.ctWindow == (-600.0, 1000.0)
+    assert [e["event"] for e in batch.engineLog].count("case_done") == 2
+    assert [label for label, event in batch.events if event["event"] == "start"] == ["CT chest", "CT/abdomen 2"]
+    assert (1, True) in seen, "the first volume is in the scene while the engine still runs the second"
+    assert not os.path.exists(batch.workDir) and os.listdir(logic.temporaryDirectory) == []
+
+
 def test_batch_goes_on_after_a_failure_unless_asked_to_stop(mrml, logic, fakeEngineFactory):
     good = addSyntheticVolume(mrml.scene, "good")
     label = mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "no image")  # fails at start
-    modes = iter(["ok", "fail", "ok"])
-
-    def factory(engineArgs):
-        return fakeEngineFactory(next(modes))(engineArgs)
+    factory, started = countingFactory(fakeEngineFactory, "ok,fail,ok")  # one mode per case of the one process
 
     batch = logic.translateBatch([good, addSyntheticVolume(mrml.scene, "bad"), good], processFactory=factory,
                                  setupLayout=False)
-    assert batch.state == "finished" and len(batch.results) == 2
+    assert batch.state == "finished" and len(batch.results) == 2 and len(started) == 1
     assert batch.failures == [("bad", batch.failures[0][1])] and "fake failure" in batch.failures[0][1]
+    assert batch.failures[0][1].startswith("CT to MR translation failed: fake failure")
     assert ("bad", {"event": "error", "message": batch.failures[0][1]}) in batch.events
+    assert batch.message.startswith("Done: 2 of 3 translated") and batch.message.endswith("; 1 failed.")
     with pytest.raises(ValueError, match="no image data"):
         logic.translateBatch([good, label])
-    stopped = logic.translateBatch([good, good], processFactory=fakeEngineFactory("fail"), stopOnError=True,
-                                   setupLayout=False)
+    factory, started = countingFactory(fakeEngineFactory, "fail")
+    stopped = logic.translateBatch([good, good], processFactory=factory, stopOnError=True, setupLayout=False)
     assert stopped.state == "failed" and len(stopped.failures) == 1 and stopped.results == []
+    assert len(started) == 1 and processIsGone(stopped.process.pid) and not os.path.exists(stopped.workDir)
     with pytest.raises(ValueError, match="No input"):
         logic.translateBatch([])
+    assert os.listdir(logic.temporaryDirectory) == []
+
+
+@pytest.mark.parametrize(("mode", "expected"), [
+    ("ok,crash", "fake CUDA out of memory"),  # the engine dies at the second case: the rest fail with its words
+    ("ok,shifted", "does not have the input's IJK-to-RAS matrix"),  # a case's outputs do not load: that item fails
+])
+def test_batch_failures_after_a_finished_item(mrml, logic, fakeEngineFactory, mode, expected):
+    inputs = [addSyntheticVolume(mrml.scene, f"CT {i}") for i in range(3)]
+    before = volumeCount(mrml.scene)
+    batch = logic.translateBatch(inputs, processFactory=fakeEngineFactory(mode), setupLayout=False)
+    assert batch.state == "finished" and [r.syntheticMR.GetName() for r in batch.results][0] == "CT 0 synthetic MR"
+    assert [label for label, _ in batch.failures] == ["CT 1", "CT 2"]
+    assert all(re.search(expected, message) for _, message in batch.failures), batch.failures
+    assert volumeCount(mrml.scene) == before + 3 and os.listdir(logic.temporaryDirectory) == []
+
+
+def test_batch_setup_errors_fail_every_item(mrml, logic, fakeEngineFactory):
+    inputs = [addSyntheticVolume(mrml.scene, f"CT {i}") for i in range(2)]
+    factory, started = countingFactory(fakeEngineFactory, "ok")
+    batch = logic.translateBatch(inputs, processFactory=factory, harmonize="histogram")  # no reference MR
+    assert batch.state == "finished" and started == [] and [label for label, _ in batch.failures] == ["CT 0", "CT 1"]
+    assert all("needs a reference MR" in message for _, message in batch.failures)
+
+    def missing(engineArgs):
+        raise FileNotFoundError("no such interpreter")
+
+    batch = logic.translateBatch(inputs, processFactory=missing)
+    assert [label for label, _ in batch.failures] == ["CT 0", "CT 1"]
+    assert all("Could not start the CT to MR engine" in message for _, message in batch.failures)
+    assert os.listdir(logic.temporaryDirectory) == []
+
+
+def test_batch_inputs_are_written_a_share_per_update(mrml, logic, fakeEngineFactory):
+    """The GUI stays responsive: at most exportSeconds of writing per update(), then the engine starts."""
+    inputs = [addSyntheticVolume(mrml.scene, f"CT {i}") for i in range(3)]
+    progress = []
+    batch = CT2MRTranslationBatch(logic, inputs, progressCallback=lambda f, m: progress.append(m),
+                                  processFactory=fakeEngineFactory("ok"), setupLayout=False)
+    batch.exportSeconds = 0.0  # one input per call
+    assert not batch.update() and batch.process is None and progress[-1].endswith("Writing the inputs: 1 of 3")
+    assert not batch.update() and batch.process is None
+    assert not batch.update() and batch.process is not None  # the last one written, the engine started
+    batch.run(pollInterval=0.02)
+    assert batch.state == "finished" and len(batch.results) == 3
 
 
 def test_cancel_a_batch_midway(mrml, logic, fakeEngineFactory):
     inputs = [addSyntheticVolume(mrml.scene, f"CT {i}") for i in range(3)]
-    modes = iter(["ok", "sleep", "ok"])
-    started = []
-
-    def factory(engineArgs):
-        process = fakeEngineFactory(next(modes))(engineArgs)
-        started.append(process)
-        return process
+    factory, started = countingFactory(fakeEngineFactory, "ok,sleep,ok")
 
     batch = logic.startBatch(inputs, processFactory=factory, setupLayout=False)
     deadline = time.monotonic() + 30
-    while len(started) < 2 or batch.job is None or batch.job.fraction < 0.1:
+    while batch.index < 1 or batch.job is None or batch.job.fraction < 0.1:
         assert not batch.update() and time.monotonic() < deadline
         time.sleep(0.05)
     childPid = batch.job.log[-1]["child_pid"]
-    workDir = batch.job.workDir
-    assert 1 / 3 <= batch.fraction < 2 / 3
+    workDir = batch.workDir
+    assert 1 / 3 <= batch.fraction < 2 / 3 and os.path.isdir(workDir)
+    process = batch.process
 
     batch.cancel()
 
-    assert batch.state == "cancelled" and batch.update() and len(started) == 2
+    assert batch.state == "cancelled" and batch.update() and len(started) == 1
+    assert batch.message == "Cancelled after 1 of 3."
     assert [r.syntheticMR.GetName() for r in batch.results] == ["CT 0 synthetic MR"]  # the finished one stays
-    assert processIsGone(started[1].pid) and not os.path.exists(workDir)
+    assert processIsGone(process.pid) and not os.path.exists(workDir)
     deadline = time.monotonic() + 5
     while not processIsGone(childPid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert processIsGone(childPid)
     assert volumeCount(mrml.scene) == 3 + 3 and os.listdir(logic.temporaryDirectory) == []
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_real_engine_batch_is_one_process_with_prefetch(mrml, logic, tmp_path):
+    """The real engine: two CTs, one process (the model loaded once, the second CT read during the first one's
+    translation), each with its analysis, loaded from the engine's per-case events."""
+    import importlib.util
+
+    if importlib.util.find_spec("ct2mr") is None:
+        pytest.skip("the ct2mr engine is not installed")
+    import SimpleITK as sitk
+
+    from CT2MRTranslationLib.runner import engineCommand
+
+    image = sitk.ReadImage(str(dataFile("ct/thorax_cta_heart_crop_1p5mm.nii.gz")))
+    sitk.WriteImage(image[10:42, 10:42, 30:54], str(tmp_path / "a.nrrd"))
+    sitk.WriteImage(image[30:62, 20:52, 30:54], str(tmp_path / "b.nrrd"))
+    inputs = [mrml.loadVolume(tmp_path / "a.nrrd", "Heart A"), mrml.loadVolume(tmp_path / "b.nrrd", "Heart B")]
+    reference = mrml.loadVolume(dataFile("mr/upper_abdomen_mr_3mm.nii.gz"), "Abdomen MR")
+    started = []
+
+    def factory(engineArgs):
+        started.append(list(engineArgs))
+        return TranslationProcess(engineCommand(engineArgs, python=sys.executable))
+
+    batch = logic.translateBatch(inputs, processFactory=factory, device="cpu", analysis=True, referenceMRNode=reference,
+                                 setupLayout=False, outputDirectory=str(tmp_path / "out"), timeout=600)
+
+    assert batch.state == "finished" and not batch.failures, batch.failures
+    assert len(started) == 1, "one engine process for the whole batch"
+    summary = json.loads((tmp_path / "out" / "translate_summary.json").read_text())
+    cases = {case["case"]: case for case in summary["cases"]}
+    assert list(cases) == ["0001_Heart_A", "0002_Heart_B"] and {c["status"] for c in cases.values()} == {"done"}
+    first, second = (case["timeline"] for case in cases.values())
+    assert second["prepare_start"] < first["translate_end"], "the next CT is read while the current one translates"
+    for result, node in zip(batch.results, inputs, strict=True):
+        assert result.syntheticMR.GetName() == f"{node.GetName()} synthetic MR"
+        assert slicer.util.arrayFromVolume(result.syntheticMR).shape == slicer.util.arrayFromVolume(node).shape
+        assert result.device == "cpu" and result.ctWindow == (-600.0, 1000.0)
+        rows = [result.analysis.metricsTable.GetCellText(r, 0)
+                for r in range(result.analysis.metricsTable.GetNumberOfRows())]
+        assert {"SSIM_cyc", "MAE_cyc (HU)", "W1"} <= set(rows)
+    assert os.listdir(logic.temporaryDirectory) == []
 
 
 def addSequence(scene, name, count):
@@ -338,17 +459,18 @@ def test_sequence_items_are_translated_into_output_sequences(mrml, logic, fakeEn
 
 def test_cancelled_sequence_leaves_no_partial_output(mrml, logic, fakeEngineFactory):
     sequence = addSequence(mrml.scene, "Cine CT", 3)
-    modes = iter(["ok", "sleep"])
-    batch = logic.startBatch([sequence], processFactory=lambda a: fakeEngineFactory(next(modes))(a))
+    volumesBefore = volumeCount(mrml.scene)
+    factory, started = countingFactory(fakeEngineFactory, "ok,sleep")
+    batch = logic.startBatch([sequence], processFactory=factory)
     deadline = time.monotonic() + 30
     while batch.index < 1 or batch.job is None or batch.job.fraction < 0.1:
         assert not batch.update() and time.monotonic() < deadline
         time.sleep(0.05)
-    assert batch.outputSequences  # the first item is in the output sequences
-    before = volumeCount(mrml.scene)
+    assert batch.outputSequences and len(started) == 1  # the first item is in the output sequences
+    assert volumeCount(mrml.scene) == volumesBefore  # no temporary input node lives while the engine runs
     batch.cancel()
     assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLSequenceNode") == 1
-    assert volumeCount(mrml.scene) == before - 1  # the temporary input of the running item is gone
+    assert volumeCount(mrml.scene) == volumesBefore
     assert os.listdir(logic.temporaryDirectory) == []
 
 
