@@ -115,12 +115,15 @@ class TranslationResult:
         roundtrip_ct: F(G(x)), float32, HU (within the CT window).
         error_map: |F(G(x)) - clip(x)|, float32, HU.
         info: timings (s), device, precision, window settings, the preprocessing record.
+        network_outputs: network-grid arrays kept for later steps (``translate_image(keep_network=True)``:
+            ``{"synthetic_mr": (z, y, x) float32 G(x) in [-1, 1] on the padded 1 mm RAS grid}``); empty otherwise.
     """
 
     synthetic_mr: sitk.Image
     roundtrip_ct: sitk.Image
     error_map: sitk.Image
     info: dict[str, Any] = field(default_factory=dict)
+    network_outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -459,7 +462,7 @@ def error_map_array(roundtrip_ct: sitk.Image, ct: sitk.Image, window: Sequence[f
 
 def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceSettings | None = None,
                     progress: ProgressCallback | None = None, harmonizer: Any = None,
-                    preprocessed: Any = None) -> TranslationResult:
+                    preprocessed: Any = None, keep_network: bool = False) -> TranslationResult:
     """Translate one CT: synthetic MR, round-trip CT in HU and error map, all on the input's grid.
 
     Args:
@@ -473,6 +476,8 @@ def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceS
         preprocessed: the :class:`ct2mr.preprocessing.PreprocessedVolume` of ``preprocess(ct, "ct",
             checkpoint.preprocessing)`` when the caller already computed it (batch mode prepares the next volume
             while this one runs); ``None`` computes it here.
+        keep_network: keep the network-grid G(x) in ``result.network_outputs["synthetic_mr"]`` (the uncertainty
+            step of issue 16 reuses it instead of running G once more); ``False`` frees it as soon as it is restored.
 
     Returns:
         The :class:`TranslationResult`.
@@ -502,6 +507,7 @@ def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceS
     report("postprocess", 0.0, "Resampling the outputs back onto the input grid")
     # one network-grid or input-grid volume at a time (a 512 x 512 x 600 CT within 6 GB, issue 7)
     synthetic_mr = restore_to_input_grid(fake_mr_np, record, default_value=-1.0)
+    network_outputs = {"synthetic_mr": fake_mr_np} if keep_network else {}
     del fake_mr_np
     roundtrip_ct = restore_to_input_grid(denormalize_ct(roundtrip_np, window, out=roundtrip_np), record,
                                          default_value=window[0])
@@ -528,7 +534,7 @@ def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceS
             "seconds": timings,
             "network_grid_zyx": network_grid, "preprocessing": record.to_dict(),
             "mean_error_hu": mean_error, "harmonization": harmonization}
-    return TranslationResult(synthetic_mr, roundtrip_ct, error_map, info)
+    return TranslationResult(synthetic_mr, roundtrip_ct, error_map, info, network_outputs)
 
 
 OUTPUT_NAMES = {"synthetic_mr": "synthetic_mr.nii.gz", "roundtrip_ct": "roundtrip_ct.nii.gz",
@@ -540,7 +546,7 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
                    harmonize: str = "none", reference_mr: str | Path | Sequence[str | Path] | None = None,
                    checkpoint: Checkpoint | None = None, image: sitk.Image | None = None, preprocessed: Any = None,
                    harmonizer: Any = None, warp_check: bool = False, overwrite: bool = True,
-                   force: bool = False) -> dict[str, Any]:
+                   force: bool = False, extensions: Sequence[Any] = ()) -> dict[str, Any]:
     """Translate a CT file or DICOM folder and write the three outputs, all or nothing.
 
     Checks before the work (:mod:`ct2mr.checks`), in this order, each failing in seconds with one message: the
@@ -576,6 +582,13 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
         overwrite: replace outputs already in ``out_dir`` (``False``: refuse such a folder before any work; the
             single-file ``ct2mr translate`` without ``--overwrite``).
         force: translate a CT that fails the HU plausibility check (an MR, a constant volume), with a warning.
+        extensions: further steps whose files join the same all-or-nothing write (issue 16:
+            :class:`ct2mr.uncertainty.UncertaintyOutput`, :class:`ct2mr.ood.OodCheck`). Each has ``key`` (its
+            entry in ``info``), ``names`` (the files it writes, refused like the others without ``overwrite``),
+            ``before(image, checkpoint, preprocessed, progress)`` (after the checks and the preprocessing, before
+            the networks run) and ``after(image, checkpoint, preprocessed, result, progress) -> (info, {file name:
+            sitk.Image or JSON value})``. With extensions the CT is preprocessed here once and the network-grid G(x)
+            is kept for them (``translate_image(keep_network=True)``).
 
     Returns:
         ``{"outputs": {key: path}, "info": {...}}``; ``info["checks"]`` holds the input report and the resource
@@ -597,6 +610,8 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
 
     input_path, out_dir = Path(input_path), Path(out_dir)
     names = list(OUTPUT_NAMES.values()) + ([DISPLACEMENT_NAME, ANATOMY_NAME] if warp_check else [])
+    extensions = list(extensions or ())
+    names += [name for ext in extensions for name in ext.names]  # issue 16: uncertainty map, OOD score
     resolved_input = input_path.resolve()
     if any((out_dir / name).resolve() == resolved_input for name in names):
         raise ValueError(f"The output folder {out_dir} would overwrite the input {input_path}; choose another -o.")
@@ -620,17 +635,32 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
         prep = checkpoint.preprocessing
         roi = settings.roi_size or tuple(checkpoint.inference.get("roi_size") or DEFAULT_ROI)
         width = int((checkpoint.architecture.get("generator") or {}).get("base_channels", 64))
-        resources = check_translation_resources(image, prep.target_spacing, prep.k, out_dir,
-                                                len(names) - (1 if warp_check else 0), width, roi,
+        volumes = len(OUTPUT_NAMES) + (1 if warp_check else 0) + sum(
+            1 for ext in extensions for name in ext.names if name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")))
+        resources = check_translation_resources(image, prep.target_spacing, prep.k, out_dir, volumes, width, roi,
                                                 settings.sw_batch_size, str(input_path), prep.orientation)
         if harmonizer is None:
             harmonizer = fit_harmonizer_for(harmonize, reference_mr, checkpoint)
-        result = translate_image(image, checkpoint, settings, progress, harmonizer, preprocessed=preprocessed)
+        prep_seconds = 0.0
+        if extensions and preprocessed is None:  # issue 16: one preprocessing shared with the extensions
+            t0 = time.perf_counter()
+            (progress or (lambda *a: None))("preprocess", 0.0, "Reorienting, resampling to 1 mm and normalising the CT")
+            preprocessed = preprocess(image, "ct", prep)
+            prep_seconds = time.perf_counter() - t0
+        for ext in extensions:
+            ext.before(image, checkpoint, preprocessed, progress)
+        result = translate_image(image, checkpoint, settings, progress, harmonizer, preprocessed=preprocessed,
+                                 keep_network=bool(extensions))
+        result.info["seconds"]["preprocess"] = result.info["seconds"].get("preprocess", 0.0) + prep_seconds
         extra = None
         if warp_check:  # anatomy checks (thesis 5, P1/E2): two more files in the same all-or-nothing write
             from .anatomy import translation_anatomy
 
             result.info["anatomy"], extra = translation_anatomy(image, result.synthetic_mr, progress)
+        for ext in extensions:
+            result.info[ext.key], files = ext.after(image, checkpoint, preprocessed, result, progress)
+            extra = {**(extra or {}), **files}
+        result.network_outputs.clear()
         finals = write_outputs(result, out_dir, progress, extra)
     except BaseException:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
