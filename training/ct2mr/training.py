@@ -71,6 +71,7 @@ from .data import (DomainVolume, PairedPatchSampler, PatchPrefetcher, TrainingBa
 from .inference import InferenceSettings, resolve_device, resolve_precision, sliding_window
 from .io import verify_file, write_json, write_text
 from .networks import build_discriminator, build_generator
+from .ood import training_ct_statistics
 from .preprocessing import PreprocessingConfig
 
 __all__ = [
@@ -1158,6 +1159,8 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
     prep = PreprocessingConfig.from_dict(d.preprocessing)
     split = _resolve_split(config, out_dir, resume)
     ct_volumes = load_domain(split["ct"]["train"], "ct", prep)
+    # what the out-of-distribution check of `ct2mr translate --ood` compares an input CT with (issue 16)
+    ct_statistics = training_ct_statistics(ct_volumes) if dist.is_main and ct_volumes else None
     mr_volumes = load_domain(split["mr"]["train"], "mr", prep)
     pairs = None
     if config.model.paired.enabled:
@@ -1218,7 +1221,8 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
     def summary(step: int, last: dict[str, float]) -> dict[str, Any]:
         return {"name": config.name, "preset": config.preset, "steps": step, "config": portable_config(config.to_dict()),
                 "command": command, "ct_volumes": [v.name for v in ct_volumes],
-                "mr_volumes": [v.name for v in mr_volumes], "last_losses": last, "software": _versions(),
+                "mr_volumes": [v.name for v in mr_volumes], "ct_statistics": ct_statistics,
+                "last_losses": last, "software": _versions(),
                 "device": str(device), "world_size": dist.world_size, "global_batch": trainer.global_batch}
 
     def save_state(step: int, last: dict[str, float]) -> None:
