@@ -13,6 +13,8 @@ Sub-commands:
   harmonisation, tables and figures (:func:`ct2mr.evaluation.evaluate`).
 * ``ct2mr compare RUN_A RUN_B ... --out DIR``: side-by-side table, paired t-tests and figures
   (:func:`ct2mr.evaluation.compare`).
+* ``ct2mr qa SYNTHETIC_MR REFERENCE_MR -o DIR``: MAE/PSNR/SSIM/MS-SSIM against a registered reference MR in the body
+  mask, difference map and metrics table (:func:`ct2mr.reference_qa.reference_qa`; issue 16).
 * ``ct2mr demo``: fetch a public chest CT and translate it with the default model.
 * ``ct2mr info CHECKPOINT``: what a checkpoint holds.
 * ``ct2mr models list|download NAME|import FILE|clear``: the model list, the user cache, offline import
@@ -43,6 +45,8 @@ EXAMPLES_TRANSLATE = """examples:
   ct2mr translate a.nii.gz b.nrrd dicom_series_folder/ -o out/
   ct2mr translate cases.txt -o out/                         # list file: one path per line, # comments
   ct2mr translate cases.txt -o out/ --overwrite             # recompute cases that are already done
+  ct2mr translate chest.nii.gz -o out/ --uncertainty tta --ood   # + uncertainty.nii.gz (4 extra G passes), ood.json
+  ct2mr translate chest.nii.gz -o out/ --model a.safetensors --model b.safetensors --uncertainty ensemble
   torchrun --nproc-per-node 4 -m ct2mr translate cases.txt -o out/ --device cuda
 
 single vs batch: one CT file or one DICOM series folder writes OUT_DIR/synthetic_mr.nii.gz, roundtrip_ct.nii.gz
@@ -194,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="translate a volume that fails the CT plausibility check "
                    "(HU statistics: air/lung, soft tissue and CT-range shares; a constant volume), e.g. a CT in "
                    "unusual units; spacings outside 0.1-20 mm stay refused")
-    t.add_argument("--model", metavar="PATH", help="ct2mr checkpoint (.safetensors); default: the bundled model")
+    t.add_argument("--model", metavar="PATH", action="append", help="ct2mr checkpoint (.safetensors); default: the "
+                   "bundled model. Give it more than once for --uncertainty ensemble: the first model writes the "
+                   "outputs, the others only add their G(x) to the uncertainty map")
     t.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N "
                    "(default: %(default)s; falls back to CPU with a warning when CUDA is missing)")
     t.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (default: "
@@ -224,10 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "registration (Mattes MI, ~50 mm control points, 3 mm working grid) of G(x) onto x; also writes "
                    "OUT_DIR/displacement_mm.nii.gz (|displacement| in mm on the input's grid; near 0 when G moved no "
                    "anatomy) and OUT_DIR/anatomy.json (metrics, mean/p95 displacement, settings). Adds ~10-60 s")
-    t.add_argument("--analysis", action="store_true", help="also write OUT_DIR/analysis.json (and put it in the done "
-                   "event): cycle SSIM/PSNR/MAE of x vs F(G(x)), W1 vs the --reference-mr histogram, edge correlation, "
-                   "GMS and NMI of x vs G(x), and the intensity histograms, all in the CT's body mask "
-                   "(ct2mr.translation_analysis); for front ends that show them")
+    t.add_argument("--analysis", action="store_true", help="also write OUT_DIR/analysis.json (a batch: "
+                   "OUT_DIR/<case>/analysis.json; and put it in the done / case_done event): cycle SSIM/PSNR/MAE of "
+                   "x vs F(G(x)), W1 vs the --reference-mr histogram, edge correlation, GMS and NMI of x vs G(x), "
+                   "and the intensity histograms, all in the CT's body mask (ct2mr.translation_analysis); for front "
+                   "ends that show them")
+    _add_trust_arguments(t)  # issue 16: uncertainty map and out-of-distribution score
 
     r = sub.add_parser("train", help="train a 3D CycleGAN-family model (presets M1-M4, HIST, HLSNC, PAIRED)",
                        description="Train generators G (CT -> MR) and F (MR -> CT) against 3D PatchGAN discriminators "
@@ -350,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     _add_evaluation_arguments(c, required=False)
 
+    _add_qa_parser(sub)  # issue 16: QA against a registered reference MR
+
     i = sub.add_parser("info", help="show what a checkpoint holds", description="Print a checkpoint's metadata "
                        "(architecture, preprocessing, training summary) as JSON. Without a path: the default model.")
     i.add_argument("checkpoint", nargs="?", help="a ct2mr .safetensors checkpoint (default: the bundled model)")
@@ -383,6 +393,151 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--version", help="only this version")
     mc.add_argument("--keep-latest", action="store_true", help="keep the newest version of each model")
     return parser
+
+
+# --- issue 16: trust signals (uncertainty map, out-of-distribution score, QA against a reference) ---------------
+
+def _add_trust_arguments(t: argparse.ArgumentParser) -> None:
+    """``translate --uncertainty tta|ensemble``, ``--uncertainty-passes``, ``--ood``, ``--ood-threshold``."""
+    from .ood import OOD_THRESHOLD
+    from .uncertainty import DEFAULT_MAX_SHIFT, DEFAULT_TTA_PASSES, UNCERTAINTY_MODES
+
+    t.add_argument("--uncertainty", default="none", choices=UNCERTAINTY_MODES, help="also write "
+                   "OUT_DIR/uncertainty.nii.gz: the voxel-wise standard deviation of G(x) (normalised MR units, on "
+                   "the input's grid). tta: G(x) and G on N flipped and shifted copies of the CT (flips along x, y, "
+                   f"z; shifts of 1-{DEFAULT_MAX_SHIFT} voxels), undone before aggregation; COSTS N EXTRA PASSES OF "
+                   "G (--uncertainty-passes). ensemble: G(x) of every --model given (one extra pass per further "
+                   "model). High spread marks where G is unstable, not where it is wrong (default: %(default)s)")
+    t.add_argument("--uncertainty-passes", type=int, default=DEFAULT_TTA_PASSES, metavar="N", help="augmented "
+                   "passes of --uncertainty tta, each one more pass of G (default: %(default)s)")
+    t.add_argument("--ood", action="store_true", help="out-of-distribution check, before the networks run: summary "
+                   "statistics of the CT (HU percentiles and lung/dense shares in the body, body extent and "
+                   "cross-section, slice thickness) against those of the model's training CTs; the score (largest "
+                   "standardised deviation, ct2mr.ood) is printed, sent as an 'ood' event and in the done event, and "
+                   "written to OUT_DIR/ood.json; above --ood-threshold a warning says the input differs from the "
+                   "training CTs. About a second")
+    t.add_argument("--ood-threshold", type=float, default=OOD_THRESHOLD, metavar="Z", help="score above which "
+                   "--ood warns (default: %(default)s)")
+
+
+def _add_qa_parser(sub) -> None:  # noqa: ANN001
+    """``ct2mr qa SYNTHETIC_MR REFERENCE_MR -o DIR``."""
+    q = sub.add_parser("qa", help="score a synthetic MR against a registered reference MR (MAE, PSNR, SSIM, MS-SSIM)",
+                       description="QA against a reference (issue 16): the synthetic MR of `ct2mr translate` against "
+                       "a real MR of the same patient registered and resampled onto the CT's grid. Inside the body "
+                       "mask (of --ct, else of the reference MR, or --mask): MAE, PSNR (data range 2), 3D SSIM and "
+                       "MS-SSIM (Wang et al. 2003, 5 scales) on the normalised MR scale, both images clipped to "
+                       "[-1, 1] and set to -1 outside the mask (as SynthRAD2025); the reference is normalised like "
+                       "the model's MR preprocessing (its own 1st-99th percentiles -> [-1, 1]). Writes OUT_DIR/"
+                       "difference.nii.gz (synthetic - reference on the synthetic MR's grid), qa_metrics.json and "
+                       "qa_metrics.md (the table and every definition: mask, range, clipping). A registration error "
+                       "reads as a synthesis error.",
+                       epilog="examples:\n  ct2mr qa out/synthetic_mr.nii.gz mr_registered.nii.gz --ct chest.nii.gz "
+                       "-o qa/\n  ct2mr qa out/synthetic_mr.nii.gz mr_registered.nrrd --mask body_label.nrrd -o qa/ "
+                       "--progress json\n", formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("synthetic_mr", metavar="SYNTHETIC_MR", help="the synthetic MR (normalised units), e.g. "
+                   "OUT_DIR/synthetic_mr.nii.gz of ct2mr translate")
+    q.add_argument("reference_mr", metavar="REFERENCE_MR", help="the registered reference MR on the same grid")
+    q.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder (created if missing)")
+    q.add_argument("--ct", metavar="CT", help="the translated CT (HU, same grid): its body mask is used")
+    q.add_argument("--mask", metavar="LABELMAP", help="a label map on the same grid (non-zero = inside) instead of a "
+                   "body mask")
+    q.add_argument("--reference-units", default="raw", choices=("raw", "normalised"), help="raw: normalise the "
+                   "reference by its percentiles; normalised: it is already in [-1, 1] (default: %(default)s)")
+    q.add_argument("--mr-percentiles", type=float, nargs=2, default=(1.0, 99.0), metavar=("LOW", "HIGH"),
+                   help="percentiles of the raw reference's normalisation (default: 1 99, the thesis's)")
+    q.add_argument("--progress", default="none", choices=("bar", "json", "none"), help="progress display "
+                   "(default: %(default)s)")
+
+
+def _translate_models(args: argparse.Namespace) -> list[str]:
+    """The --model paths of translate (repeatable); sets ``args.model`` to the first (or None)."""
+    models = args.model if isinstance(args.model, list) else ([args.model] if args.model else [])
+    args.model = models[0] if models else None
+    return models
+
+
+def _trust_stage_weights(args: argparse.Namespace, models: list[str]) -> dict | None:
+    """Progress weights with the uncertainty passes (``None``: the default weights)."""
+    mode = getattr(args, "uncertainty", "none")
+    passes = args.uncertainty_passes if mode == "tta" else max(0, len(models) - 1) if mode == "ensemble" else 0
+    if passes <= 0:
+        return None
+    from .uncertainty import stage_weights
+
+    return stage_weights(passes)
+
+
+def _trust_extensions(args: argparse.Namespace, models: list[str], settings, reporter) -> list:  # noqa: ANN001
+    """The translate_file extensions of --uncertainty and --ood (issue 16), checked before any work."""
+    mode = getattr(args, "uncertainty", "none")
+    if len(models) > 1 and mode != "ensemble":
+        raise ValueError(f"{len(models)} --model paths were given; several models are only used by --uncertainty "
+                         "ensemble.")
+    extensions = []
+    if getattr(args, "ood", False):
+        from .ood import OodCheck, describe
+
+        def on_result(result: dict) -> None:
+            reporter.event("ood", **{k: result[k] for k in ("score", "threshold", "ood_warning", "top_features",
+                                                             "reference")})
+            if result.get("ood_warning"):
+                reporter.event("warning", message=describe(result))
+            elif args.progress != "json":
+                print(f"ct2mr translate: {describe(result)}", file=sys.stderr)
+
+        extensions.append(OodCheck(args.ood_threshold, on_result))
+    if mode != "none":
+        from .checkpoint import load_checkpoint
+        from .uncertainty import UncertaintyOutput
+
+        if mode == "ensemble" and len(models) < 2:
+            raise ValueError("--uncertainty ensemble needs at least two models: give --model more than once.")
+        members = [load_checkpoint(path) for path in models[1:]] if mode == "ensemble" else []
+        extensions.append(UncertaintyOutput(mode, args.uncertainty_passes, members, settings))
+    return extensions
+
+
+def _print_trust(info: dict, outputs: dict) -> None:
+    """The uncertainty and OOD lines of translate's human summary."""
+    if info.get("uncertainty"):
+        from .uncertainty import describe
+
+        print(f"Uncertainty:   {outputs['uncertainty']}\n{describe(info['uncertainty'])}")
+    if info.get("ood"):
+        from .ood import describe
+
+        print(f"OOD check:     {outputs['ood']}\n{describe(info['ood'])}")
+
+
+def _refuse_trust_in_batch(args: argparse.Namespace, models: list[str]) -> None:
+    """--uncertainty, --ood and several --model are single-CT options (for now)."""
+    if getattr(args, "uncertainty", "none") != "none" or getattr(args, "ood", False) or len(models) > 1:
+        raise ValueError("--uncertainty, --ood and several --model paths work on one CT at a time; run ct2mr "
+                         "translate once per CT for them.")
+
+
+def _qa(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .progress import make_reporter
+    from .reference_qa import _finite, metrics_markdown, reference_qa
+
+    reporter = make_reporter(args.progress, {"qa": 1.0})
+    try:
+        with reporter.capture_warnings():
+            reporter.event("start", command="qa", synthetic_mr=args.synthetic_mr, reference_mr=args.reference_mr,
+                           output=args.output)
+            result = reference_qa(args.synthetic_mr, args.reference_mr, args.output, args.ct, args.mask,
+                                  args.reference_units, tuple(args.mr_percentiles), reporter)
+    finally:
+        reporter.close()
+    reporter.event("done", outputs=result["outputs"], metrics=_finite(result["metrics"]), mask=result["mask"],
+                   seconds=result["seconds"])
+    if args.progress != "json":
+        print(metrics_markdown(result))
+        print(f"Written to {args.output}: {', '.join(Path(p).name for p in result['outputs'].values())}")
+    return 0
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -433,33 +588,33 @@ def _translate(args: argparse.Namespace) -> int:
     from .translate_batch import is_single_input
 
     inputs = list(getattr(args, "inputs", None) or [args.input])  # `ct2mr demo` sets args.input
+    models = _translate_models(args)  # issue 16: --model may be repeated (ensemble)
     if not is_single_input(inputs):
+        _refuse_trust_in_batch(args, models)  # issue 16
         return _translate_batch(args, inputs)
     args.input = inputs[0]
-    reporter = make_reporter(args.progress)
+    reporter = make_reporter(args.progress, _trust_stage_weights(args, models))
     start = time.perf_counter()
     try:
         with reporter.capture_warnings():
             reporter.event("start", command="translate", input=args.input, output=args.output,
                            model=args.model or "default", device=args.device)
             settings = _inference_settings(args)
+            extensions = _trust_extensions(args, models, settings, reporter)
             overwrite = getattr(args, "overwrite", None)
             if overwrite is None:  # `ct2mr demo` rewrites its own output folder
                 overwrite = args.command == "demo"
             result = translate_file(args.input, args.output, args.model, settings, reporter,
                                     getattr(args, "harmonize", "none"), getattr(args, "reference_mr", None),
                                     warp_check=getattr(args, "warp_check", False), overwrite=overwrite,
-                                    force=getattr(args, "force", False))
+                                    force=getattr(args, "force", False), extensions=extensions)
             analysis = _translate_analysis(args, result, reporter) if getattr(args, "analysis", False) else None
     finally:
         reporter.close()
     info = result["info"]
     reporter.event("done", outputs=result["outputs"], seconds=round(time.perf_counter() - start, 3),
-                   device=info["device"], precision=info["precision"], model=info["model_name"],
-                   mean_error_hu=round(info["mean_error_hu"], 3), stage_seconds=info.get("seconds"),
-                   sw_batch_size=info.get("sw_batch_size"), stitch_device=info.get("stitch_device"),
-                   fast=info.get("fast"), gpu_peak_mib=info.get("gpu_peak_mib"), anatomy=info.get("anatomy"),
-                   ct_window=_translate_ct_window(info), analysis=analysis)
+                   **_translate_done_fields(info), analysis=analysis,
+                   **{k: info[k] for k in ("uncertainty", "ood") if k in info})  # issue 16
     if args.progress != "json":
         print(f"Synthetic MR:  {result['outputs']['synthetic_mr']}\nRound-trip CT: {result['outputs']['roundtrip_ct']}"
               f"\nError map:     {result['outputs']['error_map']}\n({time.perf_counter() - start:.1f} s on "
@@ -468,6 +623,7 @@ def _translate(args: argparse.Namespace) -> int:
             from .anatomy import describe
 
             print(describe(info["anatomy"]) + f"\nDisplacement:  {result['outputs']['displacement_mm']}")
+        _print_trust(info, result["outputs"])  # issue 16
     return 0
 
 
@@ -488,26 +644,33 @@ def _translate_ct_window(info: dict) -> list[float]:
     """The CT window (HU) of the model that ran, for the done event (front ends display with it)."""
     from .translation_analysis import ct_window_of
 
-    return ct_window_of(info)
+    return list(info["ct_window"]) if info.get("ct_window") else ct_window_of(info)
+
+
+def _translate_done_fields(info: dict) -> dict:
+    """What the ``done`` event (one CT) and each ``case_done`` event (batch) report of a translation's ``info``:
+    device, precision, model, mean error (HU), stage seconds, window batch, stitching device, fast path, GPU peak
+    (MiB), anatomy (warp check) and CT window (HU). Keys a skipped batch case does not know are ``None``."""
+    mean_error = info.get("mean_error_hu")
+    return {"device": info.get("device"), "precision": info.get("precision"), "model": info.get("model_name"),
+            "mean_error_hu": None if mean_error is None else round(mean_error, 3),
+            "stage_seconds": info.get("seconds"), "sw_batch_size": info.get("sw_batch_size"),
+            "stitch_device": info.get("stitch_device"), "fast": info.get("fast"),
+            "gpu_peak_mib": info.get("gpu_peak_mib"), "anatomy": info.get("anatomy"),
+            "ct_window": _translate_ct_window(info)}
 
 
 def _translate_analysis(args: argparse.Namespace, result: dict, reporter) -> dict:  # noqa: ANN001
     """``translate --analysis``: metrics table and histograms (ct2mr.translation_analysis) into OUT_DIR/analysis.json."""
-    import SimpleITK as sitk
-
     from .io import read_image
-    from .translation_analysis import analyze_translation, ct_window_of, write_analysis
+    from .translation_analysis import analyze_outputs
 
-    outputs, info = result["outputs"], result["info"]
-    percentiles = ((info.get("preprocessing") or {}).get("config") or {}).get("mr_percentiles") or (1.0, 99.0)
-    analysis = analyze_translation(
-        read_image(args.input), sitk.ReadImage(outputs["synthetic_mr"]), sitk.ReadImage(outputs["roundtrip_ct"]),
-        ct_window_of(info), getattr(args, "reference_mr", None), percentiles, info.get("anatomy"),
+    analysis = analyze_outputs(
+        read_image(args.input), result["outputs"], result["info"], args.output, getattr(args, "reference_mr", None),
         lambda fraction, message: reporter.event("progress", stage="analysis", fraction=1.0,
                                                  stage_fraction=round(fraction, 4), message=message))
     if analysis["error"]:
         reporter.event("warning", message=f"analysis incomplete: {analysis['error']}")
-    outputs["analysis"] = str(write_analysis(analysis, args.output))
     return analysis
 
 
@@ -535,6 +698,11 @@ def _translate_batch(args: argparse.Namespace, inputs: list[str]) -> int:
                 reporter.bar.reset(total=100)
     elif args.progress == "json":
         def on_case(index: int, total: int, result) -> None:  # noqa: ANN001
+            if result.status in ("done", "skipped"):  # what a front end loads, before the case's final status
+                reporter.event("case_done", index=index, total=total, case=result.case_id, input=result.input,
+                               status=result.status, seconds=round(result.seconds, 3), outputs=result.outputs,
+                               output_dir=os.path.join(args.output, result.case_id),
+                               **_translate_done_fields(result.info), analysis=result.info.get("analysis"))
             reporter.event("case", index=index, total=total, **result.to_dict())
     else:
         on_case = None
@@ -545,7 +713,8 @@ def _translate_batch(args: argparse.Namespace, inputs: list[str]) -> int:
             summary = translate_batch(inputs, args.output, args.model, settings, reporter, on_case,
                                       getattr(args, "overwrite", False), getattr(args, "harmonize", "none"),
                                       getattr(args, "reference_mr", None), command="ct2mr " + shlex.join(sys.argv[1:]),
-                                      force=getattr(args, "force", False), **extra)
+                                      force=getattr(args, "force", False),
+                                      analysis=getattr(args, "analysis", False), **extra)
     finally:
         if bar is not None:
             bar.close()
@@ -910,6 +1079,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "qa":
+            return _qa(args)
         if args.command == "synthesize-dataset":
             return _synthesize_dataset(args)
         if args.command == "demo":
