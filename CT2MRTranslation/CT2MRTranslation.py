@@ -119,6 +119,7 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.installRun: install.InstallRun | None = None
         self.installPlan: install.InstallPlan | None = None
         self.installProcess = None
+        self.qualityJob = None
         self.versionProblem = ""
         self.devices: list[tuple[str, str]] = []
         self.timer: qt.QTimer | None = None
@@ -142,7 +143,8 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.versionProblem:
             logging.warning(self.versionProblem)
             for name in ("inputsCollapsibleButton", "advancedCollapsibleButton", "batchCollapsibleButton",
-                         "labelTransferCollapsibleButton", "dependenciesCollapsibleButton", "applyButton"):
+                         "qualityCollapsibleButton", "labelTransferCollapsibleButton", "dependenciesCollapsibleButton",
+                         "applyButton"):
                 getattr(self.ui, name).enabled = False
             self.ui.progressBar.visible = False
             self.ui.statusLabel.text = self.versionProblem
@@ -158,16 +160,18 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.connect("timeout()", self.onPollTimer)
 
         # GUI -> parameter node
-        for selector in (self.ui.inputSelector, self.ui.referenceMRSelector, self.ui.segmentationSelector):
+        for selector in (self.ui.inputSelector, self.ui.referenceMRSelector, self.ui.segmentationSelector,
+                         self.ui.qualitySyntheticSelector, self.ui.qualityReferenceSelector):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.batchInputsSelector.connect("checkedNodesChanged()", self.updateParameterNodeFromGUI)
         for comboBox in (self.ui.modelComboBox, self.ui.deviceComboBox, self.ui.precisionComboBox,
-                         self.ui.harmonizeComboBox):
+                         self.ui.harmonizeComboBox, self.ui.uncertaintyComboBox):
             comboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.overlapSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
-        for spinBox in (self.ui.roiSizeSpinBox, self.ui.swBatchSizeSpinBox):
+        for spinBox in (self.ui.roiSizeSpinBox, self.ui.swBatchSizeSpinBox, self.ui.uncertaintyPassesSpinBox):
             spinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
-        for checkBox in (self.ui.computeMetricsCheckBox, self.ui.warpCheckCheckBox, self.ui.showLayoutCheckBox,
+        for checkBox in (self.ui.computeMetricsCheckBox, self.ui.warpCheckCheckBox, self.ui.oodCheckBox,
+                         self.ui.showLayoutCheckBox,
                          self.ui.batchModeCheckBox, self.ui.exportPairCheckBox):
             checkBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         for pathLineEdit in (self.ui.modelPathLineEdit, self.ui.exportFolderPathLineEdit):
@@ -179,6 +183,7 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # actions
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.restoreViewsButton.connect("clicked(bool)", self.onRestoreViewsButton)
+        self.ui.qualityButton.connect("clicked(bool)", self.onQualityButton)
         self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModelButton)
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModelButton)
         self.ui.clearModelsButton.connect("clicked(bool)", self.onClearModelsButton)
@@ -206,10 +211,16 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.swBatchSizeSpinBox.setRange(0, int(batch.maximum))  # 0: the engine sizes it ("auto")
         for spinBox in (self.ui.overlapSpinBox, self.ui.roiSizeSpinBox, self.ui.swBatchSizeSpinBox):
             spinBox.keyboardTracking = False  # valueChanged when editing is finished, not at every key
-        for comboBox, name in ((self.ui.precisionComboBox, "precision"), (self.ui.harmonizeComboBox, "harmonize")):
+        passes = optionSpec("uncertainty_passes")
+        self.ui.uncertaintyPassesSpinBox.setRange(int(passes.minimum), int(passes.maximum))
+        self.ui.uncertaintyPassesSpinBox.keyboardTracking = False
+        for comboBox, name in ((self.ui.precisionComboBox, "precision"), (self.ui.harmonizeComboBox, "harmonize"),
+                               (self.ui.uncertaintyComboBox, "uncertainty")):
             wasBlocked = comboBox.blockSignals(True)
             comboBox.clear()
             for choice in optionSpec(name).choices:
+                if name == "uncertainty" and choice == "ensemble":  # needs several models: the command line's
+                    continue
                 comboBox.addItem(choice)
             comboBox.blockSignals(wasBlocked)
 
@@ -290,6 +301,8 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.inputSelector.setCurrentNode(p.inputVolume)
             self.ui.referenceMRSelector.setCurrentNode(p.referenceMR)
             self.ui.segmentationSelector.setCurrentNode(p.segmentation)
+            self.ui.qualitySyntheticSelector.setCurrentNode(p.qualitySyntheticMR)
+            self.ui.qualityReferenceSelector.setCurrentNode(p.qualityReferenceMR)
             checked = {node.GetID() for node in p.batchInputs}
             for index in range(self.ui.batchInputsSelector.nodeCount()):
                 node = self.ui.batchInputsSelector.nodeFromIndex(index)
@@ -310,6 +323,10 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.harmonizeComboBox.setCurrentIndex(max(self.ui.harmonizeComboBox.findText(p.harmonize), 0))
             self.ui.computeMetricsCheckBox.checked = p.computeMetrics
             self.ui.warpCheckCheckBox.checked = p.warpCheck
+            self.ui.uncertaintyComboBox.setCurrentIndex(max(self.ui.uncertaintyComboBox.findText(p.uncertainty), 0))
+            self.ui.uncertaintyPassesSpinBox.value = p.uncertaintyPasses
+            self.ui.uncertaintyPassesSpinBox.enabled = p.uncertainty != "none"
+            self.ui.oodCheckBox.checked = p.oodCheck
             self.ui.showLayoutCheckBox.checked = p.showCompareLayout
             self.ui.exportPairCheckBox.checked = p.exportPair
             self._showPath(self.ui.exportFolderPathLineEdit, p.exportFolder)
@@ -328,6 +345,8 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.inputVolume = self.ui.inputSelector.currentNode()
             p.referenceMR = self.ui.referenceMRSelector.currentNode()
             p.segmentation = self.ui.segmentationSelector.currentNode()
+            p.qualitySyntheticMR = self.ui.qualitySyntheticSelector.currentNode()
+            p.qualityReferenceMR = self.ui.qualityReferenceSelector.currentNode()
             p.batchInputs = list(self.ui.batchInputsSelector.checkedNodes())
             p.batchMode = self.ui.batchModeCheckBox.checked
             name, _, version = str(self.ui.modelComboBox.currentData or "|").partition("|")
@@ -342,6 +361,9 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.harmonize = self.ui.harmonizeComboBox.currentText
             p.computeMetrics = self.ui.computeMetricsCheckBox.checked
             p.warpCheck = self.ui.warpCheckCheckBox.checked
+            p.uncertainty = self.ui.uncertaintyComboBox.currentText or "none"
+            p.uncertaintyPasses = self.ui.uncertaintyPassesSpinBox.value
+            p.oodCheck = self.ui.oodCheckBox.checked
             p.showCompareLayout = self.ui.showLayoutCheckBox.checked
             p.exportPair = self.ui.exportPairCheckBox.checked
             p.exportFolder = self.ui.exportFolderPathLineEdit.currentPath.strip()
@@ -491,6 +513,10 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.toolTip = _("Translate {count} input(s) into a synthetic MR, a round-trip CT and an "
                                             "error map.").format(count=count)
         self.ui.restoreViewsButton.enabled = views.hasPreviousViews(slicer.mrmlScene)
+        self.ui.qualityButton.enabled = self.qualityJob is not None or (
+            self.ui.qualitySyntheticSelector.currentNode() is not None
+            and self.ui.qualityReferenceSelector.currentNode() is not None)
+        self.ui.qualityButton.text = _("Cancel QA") if self.qualityJob is not None else _("Compute QA")
 
     def onProgress(self, fraction: float, message: str) -> None:
         """Progress callback of the Logic (called from the timer, in the GUI thread)."""
@@ -680,7 +706,9 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.pollDownload()
         if self.batch is not None:
             self.pollBatch()
-        if self.batch is None and self.downloadJob is None and self.deviceQuery is None:
+        if self.qualityJob is not None:
+            self.pollQuality()
+        if self.batch is None and self.downloadJob is None and self.deviceQuery is None and self.qualityJob is None:
             self.timer.stop()
 
     def pollBatch(self) -> None:
@@ -706,8 +734,10 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def reportBatch(self, batch) -> None:
         """Status line, device and retry messages, label transfer; raise for failed items (shown as a dialog)."""
-        lines = [batch.message]
+        lines = [batch.message, *batch.notes]
         for result in batch.results:
+            if result.oodWarning:  # issue 16: the input differs from the model's training CTs
+                lines.insert(0, result.oodWarning)
             if result.deviceMessage:
                 lines.append(result.deviceMessage)
             lines += result.retryMessages
@@ -719,9 +749,49 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 lines.append(_("Metrics incomplete: {error}").format(error=result.analysis.metricsError))
         self.ui.statusLabel.text = "\n".join(dict.fromkeys(lines))
         if len(batch.results) == 1 and not batch.outputSequences:
+            self.ui.qualitySyntheticSelector.setCurrentNode(batch.results[0].syntheticMR)
             self.transferLabels(batch.results[0])
         if batch.failures:
             raise RuntimeError("\n\n".join(f"{label}: {message}" for label, message in batch.failures))
+
+    def onQualityButton(self) -> None:
+        """Start QA of the synthetic MR against the registered reference MR in a background engine process (or
+        cancel the running one)."""
+        if self.qualityJob is not None:
+            job, self.qualityJob = self.qualityJob, None
+            job.cancel()
+            self.ui.statusLabel.text = _("QA cancelled.")
+            self.updateButtons()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not start QA against the reference."), waitCursor=True):
+            self.qualityJob = self.logic.startQuality(
+                self.ui.qualitySyntheticSelector.currentNode(), self.ui.qualityReferenceSelector.currentNode(),
+                self._parameters.inputVolume if self._parameters is not None else None,
+                progressCallback=self.onProgress)
+            self.timer.start()
+        self.updateButtons()
+
+    def pollQuality(self) -> None:
+        """One step of the running QA; when it ends, show the difference map and the metrics."""
+        job = self.qualityJob
+        try:
+            with slicer.util.tryWithErrorDisplay(_("QA against the reference failed."), waitCursor=False):
+                if not job.update():
+                    return
+                self.qualityJob = None
+                result = job.finish()
+                slicer.util.setSliceViewerLayers(background=result.differenceMap, fit=True)
+                metrics = result.metrics
+                self.ui.statusLabel.text = _("QA against the reference: MAE {mae:.4f}, PSNR {psnr:.2f} dB, "
+                                             "SSIM {ssim:.4f}, MS-SSIM {msssim:.4f} (table '{table}').").format(
+                    mae=float(metrics.get("mae") or float("nan")), psnr=float(metrics.get("psnr_db") or float("nan")),
+                    ssim=float(metrics.get("ssim") or float("nan")),
+                    msssim=float(metrics.get("ms_ssim") or float("nan")), table=result.metricsTable.GetName())
+        except Exception:
+            logging.exception("CT2MR QA failed")
+            self.qualityJob = None
+        finally:
+            self.updateButtons()
 
     def transferLabels(self, result: CT2MRTranslationResult) -> None:
         """Show the CT's segmentation over the synthetic MR and, if asked, export the pair as training data."""
@@ -802,8 +872,11 @@ class CT2MRTranslationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Cancel the running batch or download, if any, and reset the panel."""
         batch, self.batch = self.batch, None
         download, self.downloadJob = self.downloadJob, None
+        quality, self.qualityJob = self.qualityJob, None
         if batch is not None:
             batch.cancel()
+        if quality is not None:
+            quality.cancel()
         if download is not None and self.logic is not None:
             self.logic.cancelModelDownload(download)
         if hasattr(self, "ui") and not self.versionProblem:

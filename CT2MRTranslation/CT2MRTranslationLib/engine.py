@@ -22,6 +22,9 @@ __all__ = [
     "ANALYSIS_FILE",
     "ANATOMY_FILE",
     "DEFAULT_CT_WINDOW",
+    "OOD_FILE",
+    "oodWarningLine",
+    "qaArguments",
     "ctWindowOf",
     "failureMessage",
     "isOutOfMemoryMessage",
@@ -35,6 +38,9 @@ ANALYSIS_FILE = "analysis.json"
 
 ANATOMY_FILE = "anatomy.json"
 """The warp check's anatomy metrics in OUT_DIR (``ct2mr translate --warp-check``)."""
+
+OOD_FILE = "ood.json"
+"""The out-of-distribution assessment in OUT_DIR (``ct2mr translate --ood``)."""
 
 DEFAULT_CT_WINDOW = (-600.0, 1000.0)
 """CT window (HU) of the thesis (section 4), used only when an older engine's ``done`` event has none."""
@@ -155,3 +161,54 @@ def ctWindowOf(doneEvent: Mapping[str, Any] | None) -> tuple[float, float]:
     except (TypeError, ValueError, IndexError):
         return DEFAULT_CT_WINDOW
     return (low, high) if high > low else DEFAULT_CT_WINDOW
+
+
+def oodWarningLine(ood: Mapping[str, Any] | None) -> str:
+    """The one-line warning of an out-of-distribution assessment that exceeded its threshold, else ``""``.
+
+    Args:
+        ood: the ``done`` event's ``ood`` block (or ``ood.json``; a flat event with ``ood_warning`` and ``score``
+            works too): ``score``, ``threshold``, ``ood_warning``, ``top_features`` (most deviant first) and
+            ``features`` (``{feature: {"value", "mean", "z"}}``).
+
+    Returns:
+        e.g. ``"Out-of-distribution warning: score 5.97 > 3 (cross_section_cm2 190 vs 671 in training, z 6.0):
+        this CT differs from the model's training CTs; read the synthetic MR with care."``; ``""`` when
+        ``ood_warning`` is not true.
+    """
+    if not ood or ood.get("ood_warning") is not True:
+        return ""
+    try:
+        score = f"{float(ood.get('score')):.2f}"
+    except (TypeError, ValueError):
+        score = "?"
+    threshold = ood.get("threshold")
+    text = f"Out-of-distribution warning: score {score}" + (
+        f" > {float(threshold):g}" if isinstance(threshold, (int, float)) else "")
+    top = list(ood.get("top_features") or [])
+    if top:
+        name = str(top[0])
+        row = (ood.get("features") or {}).get(name) or {}
+        try:
+            detail = (f"{name} {float(row['value']):.3g} vs {float(row['mean']):.3g} in training, "
+                      f"z {float(row['z']):.1f}")
+        except (KeyError, TypeError, ValueError):
+            detail = name
+        text += f" ({detail})"
+    return text + ": this CT differs from the model's training CTs; read the synthetic MR with care."
+
+
+def qaArguments(syntheticPath: str, referencePath: str, outputDir: str, ctPath: str | None = None) -> list[str]:
+    """The engine arguments of QA against a reference (``ct2mr qa``, issue 16).
+
+    Args:
+        syntheticPath: the synthetic MR (normalised units) on the CT's grid.
+        referencePath: the registered reference MR on the same grid.
+        outputDir: OUT_DIR (``difference.nii.gz``, ``qa_metrics.json``, ``qa_metrics.md``).
+        ctPath: the translated CT on the same grid (its body mask is the QA mask); ``None``: the reference's mask.
+
+    Returns:
+        ``["qa", SYNTHETIC, REFERENCE, "-o", OUT_DIR, "--progress", "json"[, "--ct", CT]]``.
+    """
+    return ["qa", str(syntheticPath), str(referencePath), "-o", str(outputDir), "--progress", "json",
+            *(["--ct", str(ctPath)] if ctPath else [])]

@@ -69,6 +69,14 @@ class CT2MRTranslationResult:
             G(x), on the input's voxel grid; else ``None``.
         anatomy: the engine's anatomy metrics (``anatomy.json`` / the ``done`` event) when the warp check ran,
             else ``{}``.
+        uncertaintyMap: with ``uncertainty="tta"``, the voxel-wise standard deviation of G(x) under test-time
+            augmentation (normalised MR units, >= 0) on the input's voxel grid; else ``None``.
+        uncertainty: the engine's ``uncertainty`` block of the ``done`` event (mode, extra passes, cost, body
+            mean/p50/p95/max), else ``{}``.
+        ood: the out-of-distribution assessment (``done`` event / ``ood.json``) when the check ran, else ``{}``.
+        oodWarning: one line (score and the feature that exceeded) when the check warned, else ``""``.
+        trustTable: without the analysis, a metrics table of the OOD score and the uncertainty summary when
+            reported (with it, those rows join ``analysis.metricsTable``), else ``None``.
     """
 
     syntheticMR: slicer.vtkMRMLScalarVolumeNode
@@ -85,6 +93,11 @@ class CT2MRTranslationResult:
     analysis: AnalysisNodes | None = None
     displacementMap: slicer.vtkMRMLScalarVolumeNode | None = None
     anatomy: dict[str, Any] = field(default_factory=dict)
+    uncertaintyMap: slicer.vtkMRMLScalarVolumeNode | None = None
+    uncertainty: dict[str, Any] = field(default_factory=dict)
+    ood: dict[str, Any] = field(default_factory=dict)
+    oodWarning: str = ""
+    trustTable: slicer.vtkMRMLTableNode | None = None
 
     @property
     def volumeNodes(self) -> tuple[slicer.vtkMRMLScalarVolumeNode, ...]:
@@ -93,13 +106,14 @@ class CT2MRTranslationResult:
 
     @property
     def outputVolumeNodes(self) -> tuple[slicer.vtkMRMLScalarVolumeNode, ...]:
-        """:attr:`volumeNodes` and, with the warp check, the displacement map."""
-        return (*self.volumeNodes, *((self.displacementMap,) if self.displacementMap is not None else ()))
+        """:attr:`volumeNodes` and, when computed, the displacement map and the uncertainty map."""
+        return (*self.volumeNodes, *(node for node in (self.displacementMap, self.uncertaintyMap) if node is not None))
 
     @property
     def nodes(self) -> list[slicer.vtkMRMLNode]:
         """Every node the translation added (volumes, and the analysis' tables, chart and series)."""
-        return [*self.outputVolumeNodes, *(self.analysis.nodes if self.analysis else [])]
+        return [*self.outputVolumeNodes, *(self.analysis.nodes if self.analysis else []),
+                *((self.trustTable,) if self.trustTable is not None else ())]
 
 
 @dataclass
@@ -325,6 +339,12 @@ class CT2MRTranslationBatch:
         engineArguments: the engine's argument list.
         engineLog: every event of the engine process, unchanged, in order.
         summaryPath: the engine's ``translate_summary.json`` (from its final ``done`` event), else ``None``.
+        notes: what the batch left out, one line each (the OOD check of a batch of several volumes).
+
+    The uncertainty map and the out-of-distribution check (issue 16) run on one CT at a time (the engine's batch
+    mode refuses them): with them on, a batch of one volume runs the engine on that CT alone (``ct2mr translate
+    CT -o OUT_DIR/<case>``, its ``start`` / ``done`` / ``error`` events read as the case's); in a batch of several
+    volumes or sequence items the OOD check is left out (:attr:`notes`) and the uncertainty map is refused.
 
     Raises:
         ValueError: no input, or an input that is neither a scalar volume nor a sequence.
@@ -376,6 +396,8 @@ class CT2MRTranslationBatch:
         self._engineStart: EngineEvent = {}
         self._engineError: str | None = None
         self._deviceMessage = ""
+        self._singleCase: str | None = None
+        self.notes: list[str] = []
 
     @property
     def count(self) -> int:
@@ -439,6 +461,13 @@ class CT2MRTranslationBatch:
                              "or 'zscore'.")
         if options.analysis and all(item.sequenceNode is not None for item in self.items):
             options = TranslationOptions.fromKeywords(options, analysis=False)  # no item would show it
+        if options.singleCT and (self.count > 1 or self.items[0].sequenceNode is not None):
+            if options.uncertainty != "none":
+                raise ValueError("The uncertainty map is computed for one CT volume at a time: translate the volumes "
+                                 "one by one, or set Uncertainty map to 'none' for a batch.")
+            options = TranslationOptions.fromKeywords(options, ood=False)
+            self.notes.append("The out-of-distribution check runs on one CT volume at a time: it was left out of "
+                              "this batch.")
         options.engineArguments()  # validates before anything is written
         self._engineOptions = options
 
@@ -490,16 +519,22 @@ class CT2MRTranslationBatch:
             referencePath = None
             if reference is not None and (options.harmonize != "none" or options.analysis):
                 referencePath = nodes.writeVolumeNode(reference, os.path.join(str(self.workDir), "reference_mr.nrrd"))
-            listFile = os.path.join(str(self.workDir), "inputs.txt")
-            with open(listFile, "w", encoding="utf-8") as file:
-                file.write("".join(f"{self._inputPath(item.caseId)}\n" for item in todo))
             outputDirectory = self.keywords.get("outputDirectory")
             self.outputDir = os.path.abspath(outputDirectory) if outputDirectory else os.path.join(str(self.workDir),
                                                                                                  "output")
             os.makedirs(self.outputDir, exist_ok=True)
-            self.engineArguments = engine.translateArguments(listFile, self.outputDir,
-                                                             options.engineArguments(referencePath),
-                                                             overwrite=bool(outputDirectory))
+            if options.singleCT and len(todo) == 1:  # the engine runs --uncertainty / --ood on one CT, not in a batch
+                self._singleCase = todo[0].caseId
+                self.engineArguments = engine.translateArguments(
+                    self._inputPath(todo[0].caseId), os.path.join(self.outputDir, todo[0].caseId),
+                    options.engineArguments(referencePath), overwrite=bool(outputDirectory))
+            else:
+                listFile = os.path.join(str(self.workDir), "inputs.txt")
+                with open(listFile, "w", encoding="utf-8") as file:
+                    file.write("".join(f"{self._inputPath(item.caseId)}\n" for item in todo))
+                self.engineArguments = engine.translateArguments(listFile, self.outputDir,
+                                                                 options.engineArguments(referencePath),
+                                                                 overwrite=bool(outputDirectory))
             self.process = self.logic.startEngine(self.engineArguments, self.keywords.get("processFactory"))
         except Exception as error:  # noqa: BLE001 - every item fails with it, reported by the caller
             self._failRemaining(error)
@@ -510,7 +545,9 @@ class CT2MRTranslationBatch:
         """Route one engine event: a case starts, reports, is done (load it) or failed; or the batch's own."""
         self.engineLog.append(event)
         kind = event.get("event")
-        if kind in ("case", "case_done"):
+        if self._singleCase is not None and kind in ("start", "done", "error"):
+            self._handleSingle(event)
+        elif kind in ("case", "case_done"):
             item = self._cases.get(str(event.get("case")))
             if item is None or item.finished:
                 _log.warning("CT2MR batch: an event of an unknown case: %s", event)
@@ -540,6 +577,23 @@ class CT2MRTranslationBatch:
             elif kind == "log":
                 _log.info("ct2mr: %s", message)
             self.events.append(("", event))
+
+    def _handleSingle(self, event: EngineEvent) -> None:
+        """An event of the engine run on one CT (:attr:`_singleCase`): its ``start``, ``done`` and ``error`` are the
+        case's ``case`` (running), ``case_done`` and ``case`` (failed)."""
+        item = self._cases.get(str(self._singleCase))
+        kind = event.get("event")
+        if item is None or item.finished:
+            _log.warning("CT2MR: an event after the translation ended: %s", event)
+        elif kind == "start":
+            self._engineStart = event
+            self._beginCase(item, event)
+        elif kind == "done":
+            if self._current is not item:
+                self._beginCase(item, event)
+            self._finishCase(item, event)
+        else:
+            self._failCase(item, str(event.get("message") or "unknown error"))
 
     def _caseEvent(self, item: _BatchItem, event: EngineEvent) -> None:
         assert self.job is not None

@@ -10,7 +10,14 @@ input's voxel grid, beside the input in subject hierarchy (:mod:`.nodes`), shown
 - round-trip CT ``F(G(x))``: HU;
 - error map ``|F(G(x)) - x|``: HU, >= 0 (thesis, section 7, cycle-consistency analysis);
 - with the warp check (``warpCheck``), a displacement map: the magnitude (mm) of a deformable registration of x to
-  G(x), ~0 where G moved no anatomy (thesis section 5, property P1, evaluation E2).
+  G(x), ~0 where G moved no anatomy (thesis section 5, property P1, evaluation E2);
+- with ``uncertainty="tta"``, an uncertainty map: the spread of G(x) under test-time flips and shifts (normalised MR
+  units, a colour map and a fifth compare column; issue 16).
+
+With ``ood`` the engine scores the CT against the model's training CTs before the networks run; the score joins the
+metrics table and, above the threshold, ``result.oodWarning`` holds one line for the panel. :meth:`runQuality`
+scores a synthetic MR against a registered reference MR with ``ct2mr qa`` in an engine process (:mod:`.quality`):
+the difference map as a volume and the metrics as a table.
 
 With ``analysis`` the engine also computes the metrics table and histograms (``ct2mr translate --analysis``), which
 become table and plot nodes (:mod:`.plots`); nothing of it is computed in Slicer's process, which never imports torch.
@@ -42,7 +49,7 @@ from typing import Any
 
 import slicer
 
-from . import engine, export, install, models, nodes, plots, views
+from . import engine, export, install, models, nodes, plots, quality, views
 from .jobs import (
     CT2MRTranslationBatch,
     CT2MRTranslationJob,
@@ -291,7 +298,9 @@ class CT2MRTranslationLogic(_LogicBase):
         (:func:`nodes.setOutputDisplays`), are placed beside the input in subject hierarchy and, if the job asks for
         them, get the engine's histogram chart and metrics table and are shown in the compare layout. With the warp
         check a fourth node ``"<input> displacement (mm)"`` joins them, and the engine's anatomy metrics become
-        ``result.anatomy``.
+        ``result.anatomy``. With the uncertainty map ``"<input> uncertainty"`` joins them (a colour map, a fifth
+        compare column); with the OOD check, ``result.ood`` and ``result.oodWarning``; their summary rows join the
+        metrics table.
 
         Args:
             job: a job from :meth:`startTranslation`.
@@ -344,7 +353,7 @@ class CT2MRTranslationLogic(_LogicBase):
             raise RuntimeError("CT to MR translation failed: the engine reported no outputs for "
                                f"'{job.inputVolumeNode.GetName()}' (no 'done' event).")
         outputNodes = nodes.loadOutputNodes(job.outputDir, job.doneEvent.get("outputs"), job.inputVolumeNode,
-                                            job.options.warpCheck)
+                                            job.options.warpCheck, job.options.uncertainty != "none")
         result = self._addToScene(job, outputNodes)
         job.state = "finished"
         return result
@@ -373,6 +382,10 @@ class CT2MRTranslationLogic(_LogicBase):
             if job.options.warpCheck else {}
         analysisJson = engine.readReportedJson(job.doneEvent, "analysis", job.outputDir, engine.ANALYSIS_FILE) \
             if job.options.analysis else {}
+        ood = engine.readReportedJson(job.doneEvent, "ood", job.outputDir, engine.OOD_FILE) if job.options.ood else {}
+        uncertainty = dict(job.doneEvent.get("uncertainty") or {}) if job.options.uncertainty != "none" else {}
+        trustRows = plots.trustMetricRows(ood, uncertainty)
+        trustTable = None
         added = []
         try:
             for node in outputNodes.values():
@@ -384,6 +397,9 @@ class CT2MRTranslationLogic(_LogicBase):
             displacementMap = outputNodes.get(nodes.DISPLACEMENT_OUTPUT[0])
             if displacementMap is not None:
                 nodes.setDisplacementDisplay(displacementMap, anatomy)
+            uncertaintyMap = outputNodes.get(nodes.UNCERTAINTY_OUTPUT[0])
+            if uncertaintyMap is not None:
+                nodes.setUncertaintyDisplay(uncertaintyMap, uncertainty)
             analysis = None
             if job.options.analysis:
                 if not analysisJson:
@@ -396,12 +412,19 @@ class CT2MRTranslationLogic(_LogicBase):
                         nodes.placeNextTo(node, inputNode)
                 if analysis.metricsError:
                     _log.warning("CT2MR metrics incomplete: %s", analysis.metricsError)
+            if trustRows and analysis is not None and analysis.metricsTable is not None:
+                plots.appendMetricRows(analysis.metricsTable, trustRows)
+                analysis.metrics.update({row["name"]: row["value"] for row in trustRows})
+            elif trustRows:  # no analysis: the trust signals get a metrics table of their own
+                trustTable = plots.metricsTableNode(scene, trustRows, f"{inputNode.GetName()} metrics")
+                added.append(trustTable)
+                nodes.placeNextTo(trustTable, inputNode)
             layoutId = None
             if job.setupLayout:
                 layoutId = views.setupCompareLayout(
-                    scene, [inputNode, syntheticMR, roundTripCT, errorMap],
+                    scene, [inputNode, syntheticMR, roundTripCT, errorMap, uncertaintyMap],
                     plotChartNode=analysis.chart if analysis else None,
-                    tableNode=analysis.metricsTable if analysis else None)
+                    tableNode=analysis.metricsTable if analysis else trustTable)
         except BaseException:
             for node in added:
                 if node.GetScene() is not None:
@@ -417,7 +440,8 @@ class CT2MRTranslationLogic(_LogicBase):
             outputDir=job.outputDir if job.keepOutputDir else None, log=list(job.log),
             seconds=time.monotonic() - job.startTime, layoutId=layoutId, device=device, deviceMessage=deviceMessage,
             retryMessages=list(job.retryMessages), ctWindow=engine.ctWindowOf(job.doneEvent), analysis=analysis,
-            displacementMap=displacementMap, anatomy=dict(anatomy),
+            displacementMap=displacementMap, anatomy=dict(anatomy), uncertaintyMap=uncertaintyMap,
+            uncertainty=uncertainty, ood=dict(ood), oodWarning=engine.oodWarningLine(ood), trustTable=trustTable,
         )
 
     def _defaultProcessFactory(self, engineArgs: Sequence[str]) -> TranslationProcess:
@@ -459,6 +483,55 @@ class CT2MRTranslationLogic(_LogicBase):
             ) from error
         _log.info("CT2MR engine started: %s", " ".join(str(a) for a in arguments))
         return process
+
+    # ------------------------------------------------------------------ QA against a reference (issue 16)
+
+    def startQuality(self, syntheticMRNode: slicer.vtkMRMLScalarVolumeNode,
+                     referenceMRNode: slicer.vtkMRMLScalarVolumeNode,
+                     ctNode: slicer.vtkMRMLScalarVolumeNode | None = None, *,
+                     processFactory: ProcessFactory | None = None,
+                     progressCallback: ProgressCallback | None = None) -> quality.CT2MRQualityJob:
+        """Start ``ct2mr qa`` in a background engine process (:mod:`.quality`); never in Slicer's process.
+
+        Args:
+            syntheticMRNode: the synthetic MR (normalised units) on the CT's grid.
+            referenceMRNode: a real MR of the same patient, registered and resampled onto that grid.
+            ctNode: the translated CT for the body mask; ``None``: the reference's own body mask.
+            processFactory: builds the process from the engine arguments; ``None`` runs ``python -m ct2mr``.
+            progressCallback: ``progressCallback(fraction, message)``.
+
+        Returns:
+            The running job; poll :meth:`CT2MRQualityJob.update`, then :meth:`CT2MRQualityJob.finish`.
+
+        Raises:
+            ValueError: a node is missing or has no image data.
+            RuntimeError: the inputs could not be written or the engine could not be started.
+        """
+        return quality.CT2MRQualityJob.start(
+            syntheticMRNode, referenceMRNode, ctNode, self.makeWorkDirectory(),
+            lambda arguments: self.startEngine(arguments, processFactory), progressCallback)
+
+    def runQuality(self, syntheticMRNode: slicer.vtkMRMLScalarVolumeNode,
+                   referenceMRNode: slicer.vtkMRMLScalarVolumeNode,
+                   ctNode: slicer.vtkMRMLScalarVolumeNode | None = None, *, timeout: float | None = None,
+                   pollInterval: float = 0.1, **keywords: Any) -> quality.CT2MRQualityResult:
+        """QA against a reference and wait: the difference map (a volume on the synthetic MR's grid) and the
+        metrics table (MAE, PSNR, SSIM, MS-SSIM inside the body mask), next to the synthetic MR.
+
+        Args: as :meth:`startQuality`; ``timeout``: seconds after which the run is cancelled.
+
+        Raises:
+            RuntimeError: the engine failed (e.g. the reference is not on the CT's grid: the message says what
+                differs) or timed out; no node is added.
+        """
+        job = self.startQuality(syntheticMRNode, referenceMRNode, ctNode, **keywords)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not job.update():
+            if deadline is not None and time.monotonic() > deadline:
+                job.cancel()
+                raise RuntimeError(f"QA against the reference did not finish within {timeout:g} s and was cancelled.")
+            time.sleep(pollInterval)
+        return job.finish()
 
     # ------------------------------------------------------------------ views
 

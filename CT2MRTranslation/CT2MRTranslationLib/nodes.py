@@ -24,6 +24,8 @@ __all__ = [
     "HEAT_COLOR_NODE_NAMES",
     "MIN_DISPLACEMENT_WINDOW_MM",
     "OUTPUT_KEYS",
+    "UNCERTAINTY_COLOR_NODE_NAMES",
+    "UNCERTAINTY_OUTPUT",
     "assertSameGeometry",
     "findColorNodeID",
     "geometryDifference",
@@ -34,6 +36,7 @@ __all__ = [
     "robustWindowLevel",
     "setDisplacementDisplay",
     "setOutputDisplays",
+    "setUncertaintyDisplay",
     "setVolumeDisplay",
     "volumeDimensions",
     "volumePercentiles",
@@ -324,6 +327,17 @@ DISPLACEMENT_OUTPUT = ("displacement_mm", "displacement_mm.nii.gz", "displacemen
 DISPLACEMENT_COLOR_NODE_NAMES = ("ColdToHotRainbow", "Inferno", "PET-Heat", "Red")
 """Colour tables tried, in order, for the displacement map (blue: no displacement, red: large)."""
 
+UNCERTAINTY_OUTPUT = ("uncertainty", "uncertainty.nii.gz", "uncertainty")
+"""The uncertainty map (``ct2mr translate --uncertainty tta``, issue 16): (engine output key, file name in OUT_DIR,
+suffix of the node name). The voxel-wise standard deviation of G(x), normalised MR units (>= 0), on the CT's grid."""
+
+UNCERTAINTY_COLOR_NODE_NAMES = ("Viridis", "Inferno", "PET-Rainbow2", "PET-Heat", "Red")
+"""Colour tables tried, in order, for the uncertainty map (dark: stable G(x), bright: unstable)."""
+
+MIN_UNCERTAINTY_WINDOW = 0.01
+"""The uncertainty map is shown from 0 to max(its p99 inside the body, this) normalised MR units, so that the
+numerical noise of a very stable G(x) stays dark."""
+
 MIN_DISPLACEMENT_WINDOW_MM = 1.0
 """The displacement map is shown from 0 to max(its p95, this) mm, so that sub-millimetre registration noise of a
 faithful translation stays dark."""
@@ -334,6 +348,7 @@ def loadOutputNodes(
     reportedOutputs: dict[str, str] | None,
     inputNode: slicer.vtkMRMLScalarVolumeNode,
     withDisplacement: bool = False,
+    withUncertainty: bool = False,
 ) -> dict[str, slicer.vtkMRMLScalarVolumeNode]:
     """Read the engine's output files into new volume nodes (not in a scene yet) on the input's exact grid.
 
@@ -343,6 +358,7 @@ def loadOutputNodes(
             :data:`OUTPUT_KEYS` in ``outputDir``.
         inputNode: the translated CT; names are ``"<input> synthetic MR"``, ...
         withDisplacement: also read the warp check's displacement map.
+        withUncertainty: also read the uncertainty map (:data:`UNCERTAINTY_OUTPUT`).
 
     Returns:
         ``{engine output key: node}``, each with the input's IJK-to-RAS matrix copied bit for bit.
@@ -354,6 +370,8 @@ def loadOutputNodes(
     expected = dict(OUTPUT_KEYS)
     if withDisplacement:
         expected[DISPLACEMENT_OUTPUT[0]] = DISPLACEMENT_OUTPUT[1:]
+    if withUncertainty:
+        expected[UNCERTAINTY_OUTPUT[0]] = UNCERTAINTY_OUTPUT[1:]
     loaded = {}
     for key, (fileName, suffix) in expected.items():
         path = reported.get(key) or os.path.join(outputDir, fileName)
@@ -398,3 +416,22 @@ def setDisplacementDisplay(displacementMap, anatomy: dict | None) -> None:
     high = max(high, MIN_DISPLACEMENT_WINDOW_MM)
     setVolumeDisplay(displacementMap, high, high / 2.0,
                      findColorNodeID(displacementMap.GetScene(), DISPLACEMENT_COLOR_NODE_NAMES))
+
+
+def setUncertaintyDisplay(uncertaintyMap, summary: dict | None = None) -> None:
+    """Colour map of the uncertainty map from 0 (dark) to max(p99, :data:`MIN_UNCERTAINTY_WINDOW`) (bright).
+
+    Args:
+        uncertaintyMap: the uncertainty volume node (in a scene), normalised MR units.
+        summary: the engine's ``done`` event ``uncertainty`` block; its ``body`` p95 inside the body mask is used when
+            reported (x 1.5, as the p99 of a long-tailed map), else the map's own 99th percentile.
+    """
+    try:
+        high = 1.5 * float(((summary or {}).get("body") or {}).get("p95"))
+    except (TypeError, ValueError):
+        high = float("nan")
+    if not high > 0.0:  # also NaN
+        high = volumePercentiles(uncertaintyMap, [99.0])[0]
+    high = max(high, MIN_UNCERTAINTY_WINDOW)
+    setVolumeDisplay(uncertaintyMap, high, high / 2.0,
+                     findColorNodeID(uncertaintyMap.GetScene(), UNCERTAINTY_COLOR_NODE_NAMES))

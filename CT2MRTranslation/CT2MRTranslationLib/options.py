@@ -26,6 +26,8 @@ from typing import Any
 __all__ = [
     "KEYWORD_ALIASES",
     "SCHEMA_FILE_NAME",
+    "SINGLE_CT_OPTIONS",
+    "UNCERTAINTY_OPTIONS",
     "OptionSpec",
     "TranslationOptions",
     "camelCase",
@@ -40,6 +42,12 @@ SCHEMA_FILE_NAME = "translate_options.json"
 
 KEYWORD_ALIASES = {"computeMetrics": "analysis"}
 """Older keyword names still accepted by :meth:`TranslationOptions.fromKeywords`."""
+
+UNCERTAINTY_OPTIONS = ("uncertainty", "uncertainty_passes")
+"""Engine options passed only when the uncertainty map is on."""
+
+SINGLE_CT_OPTIONS = ("uncertainty", "ood")
+"""Options the engine runs on one CT at a time (its batch mode refuses them): :attr:`TranslationOptions.singleCT`."""
 
 _TYPES = {"string": str, "number": float, "integer": int, "boolean": bool}
 _cache: dict[str, Any] = {}
@@ -254,6 +262,10 @@ class TranslationOptions:
         harmonize: post-hoc harmonisation (thesis 7.6).
         warpCheck: the anatomy warp check (displacement map, thesis 5 P1/E2).
         analysis: the engine computes the metrics table and histograms (shown as table and plot nodes).
+        uncertainty: ``"none"`` or ``"tta"``: the uncertainty map (``uncertainty.nii.gz``, the spread of G(x) under
+            test-time augmentation, issue 16); ``"ensemble"`` needs several models and is refused here.
+        uncertaintyPasses: augmented passes of ``tta``: the map costs this many extra passes of G.
+        ood: the engine's out-of-distribution check (a score against the model's training CTs, about a second).
         extraArguments: further ``ct2mr translate`` flags, passed as they are.
     """
 
@@ -266,6 +278,9 @@ class TranslationOptions:
     harmonize: str = field(default_factory=lambda: schemaDefault("harmonize"))
     warpCheck: bool = field(default_factory=lambda: schemaDefault("warp_check"))
     analysis: bool = field(default_factory=lambda: schemaDefault("analysis"))
+    uncertainty: str = field(default_factory=lambda: schemaDefault("uncertainty"))
+    uncertaintyPasses: int = field(default_factory=lambda: schemaDefault("uncertainty_passes"))
+    ood: bool = field(default_factory=lambda: schemaDefault("ood"))
     extraArguments: tuple[str, ...] = ()
 
     @classmethod
@@ -293,7 +308,8 @@ class TranslationOptions:
             ``roiSize``/``swBatchSize`` of 0 read as ``None`` (the parameter node's "engine decides").
 
         Raises:
-            ValueError: a value outside the schema (the message names what is allowed).
+            ValueError: a value outside the schema (the message names what is allowed); ``uncertainty="ensemble"``
+                (it needs several models, which the module does not pass).
             FileNotFoundError: ``modelPath`` does not exist.
         """
         checked = {}
@@ -302,6 +318,9 @@ class TranslationOptions:
             if spec.attribute in ("roiSize", "swBatchSize") and value in (0, "0", ""):
                 value = None
             checked[spec.attribute] = spec.check(value)
+        if checked.get("uncertainty") == "ensemble":
+            raise ValueError("uncertainty 'ensemble' needs several models (ct2mr translate --model A --model B "
+                             "--uncertainty ensemble on the command line); choose 'tta' or 'none'.")
         modelPath = self.modelPath or None
         if modelPath:
             modelPath = os.path.abspath(os.path.expanduser(str(modelPath)))
@@ -311,6 +330,12 @@ class TranslationOptions:
                     "the default model.")
         return replace(self, modelPath=modelPath, extraArguments=tuple(str(a) for a in self.extraArguments),
                        **checked)
+
+    @property
+    def singleCT(self) -> bool:
+        """The uncertainty map or the OOD check is on: the engine runs them on one CT at a time (not in its batch
+        mode), so a batch of these options translates one volume."""
+        return self.uncertainty != "none" or bool(self.ood)
 
     @property
     def needsReference(self) -> bool:
@@ -326,7 +351,8 @@ class TranslationOptions:
         Returns:
             e.g. ``["--device", "cuda", "--overlap", "0.5", "--precision", "auto", "--harmonize", "none",
             "--analysis"]``: every option with a value (``None`` is left to the engine), booleans as flags when
-            on, then ``--model``, ``--reference-mr`` and the extra arguments.
+            on, then ``--model``, ``--reference-mr`` and the extra arguments. ``--uncertainty`` and
+            ``--uncertainty-passes`` only when the uncertainty map is on (an older engine without them still runs).
 
         Raises:
             ValueError, FileNotFoundError: see :meth:`validated`.
@@ -336,6 +362,8 @@ class TranslationOptions:
         for spec in loadSchema().values():
             value = getattr(options, spec.attribute)
             if value is None or value is False:
+                continue
+            if spec.name in UNCERTAINTY_OPTIONS and options.uncertainty == "none":
                 continue
             if value is True:
                 arguments.append(spec.flag)

@@ -240,6 +240,8 @@ class CT2MRTranslationParameters:
     batchInputs = NodeReferenceList("BatchInput", "CT volumes and sequences translated in batch, by one engine process.")
     referenceMR = NodeReference("ReferenceMR", "Reference MR: histogram plot, W1 distance and harmonisation.")
     segmentation = NodeReference("Segmentation", "Segmentation of the CT, shown over the synthetic MR.")
+    qualitySyntheticMR = NodeReference("QualitySyntheticMR", "Synthetic MR scored by QA against a reference.")
+    qualityReferenceMR = NodeReference("QualityReferenceMR", "Registered reference MR (the CT's grid) of the QA.")
 
     batchMode = Parameter("BatchMode", False, bool, doc="Translate the batch inputs instead of the input volume.")
     modelName = Parameter("ModelName", "", str, doc="Model of the model list; empty: the default model.")
@@ -259,6 +261,14 @@ class CT2MRTranslationParameters:
     warpCheck = Parameter("WarpCheck", option="warp_check",
                           doc="Anatomy check: register x to G(x) (B-spline, Mattes MI) and add the displacement map "
                               "(mm) and its mean/p95 to the metrics (thesis section 5, P1/E2); adds time.")
+    uncertainty = Parameter("Uncertainty", option="uncertainty",
+                            doc="Uncertainty map: none or tta (the spread of G(x) under test-time flips and shifts); "
+                                "costs uncertaintyPasses extra passes of G; one volume at a time.")
+    uncertaintyPasses = Parameter("UncertaintyPasses", option="uncertainty_passes",
+                                  doc="Augmented passes of the tta uncertainty map (each one more pass of G).")
+    oodCheck = Parameter("OodCheck", True, option="ood",
+                         doc="Out-of-distribution check of the CT against the model's training CTs (about a second; "
+                             "on by default here; one volume at a time: a batch of several volumes skips it).")
     showCompareLayout = Parameter("ShowCompareLayout", True, bool, doc="Show the results in the compare layout.")
     exportPair = Parameter("ExportPair", False, bool, doc="Export (synthetic MR, segmentation) as a training pair.")
     exportFolder = Parameter("ExportFolder", "", str, doc="Dataset folder of the exported pairs.")
@@ -307,7 +317,8 @@ class CT2MRTranslationParameters:
         return TranslationOptions(
             modelPath=modelPath or self.modelPath or None, device=self.device, overlap=self.overlap,
             roiSize=self.roiSize or None, swBatchSize=self.swBatchSize or None, precision=self.precision,
-            harmonize=self.harmonize, warpCheck=self.warpCheck, analysis=self.computeMetrics)
+            harmonize=self.harmonize, warpCheck=self.warpCheck, analysis=self.computeMetrics,
+            uncertainty=self.uncertainty, uncertaintyPasses=self.uncertaintyPasses, ood=self.oodCheck)
 
     def translateKeywords(self, modelPath: str | None = None) -> dict[str, Any]:
         """Keyword arguments of :meth:`CT2MRTranslationLogic.translate` / ``startTranslation`` / ``startBatch``:

@@ -32,6 +32,9 @@ __all__ = [
     "METRICS_COLUMNS",
     "AnalysisNodes",
     "addAnalysis",
+    "appendMetricRows",
+    "qaMetricRows",
+    "trustMetricRows",
     "histogramChartNode",
     "histogramTableNode",
     "metricsTableNode",
@@ -213,3 +216,64 @@ def addAnalysis(inputCT: slicer.vtkMRMLScalarVolumeNode, analysis: Mapping[str, 
         for node in added:
             scene.RemoveNode(node)
         raise
+
+
+def appendMetricRows(table: slicer.vtkMRMLTableNode, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Add rows (``name``, ``value``, ``unit``, ``definition``) at the end of a metrics table
+    (:func:`metricsTableNode`)."""
+    for row in rows:
+        index = table.AddEmptyRow()
+        table.SetCellText(index, 0, str(row["name"]))
+        table.GetTable().SetValue(index, 1, vtk.vtkVariant(float(row["value"])))
+        table.SetCellText(index, 2, str(row.get("unit", "")))
+        table.SetCellText(index, 3, str(row.get("definition", "")))
+    table.Modified()
+
+
+def trustMetricRows(ood: Mapping[str, Any] | None, uncertainty: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The metrics table's rows of the trust signals the engine reported (issue 16), no number computed here.
+
+    Args:
+        ood: the ``done`` event's ``ood`` block (``score``, ``threshold``); ``None``/``{}`` or a ``None`` score (a
+            checkpoint without training statistics): no row.
+        uncertainty: the ``done`` event's ``uncertainty`` block (``body``: mean/p95 inside the body mask).
+
+    Returns:
+        ``[{"name": "OOD score", ...}, {"name": "Uncertainty mean (body)", ...}, {"name": "Uncertainty p95 (body)",
+        ...}]``, the rows that apply.
+    """
+    rows: list[dict[str, Any]] = []
+    if ood and ood.get("score") is not None:
+        threshold = ood.get("threshold")
+        rows.append({"name": "OOD score", "key": "ood_score", "value": float(ood["score"]), "unit": "z",
+                     "definition": "largest |x - mean| / sqrt(SD^2 + tolerance^2) of the CT's summary statistics "
+                                   "against the model's training CTs (ct2mr.ood); warning above "
+                                   f"{threshold if threshold is not None else 3:g}"})
+    body = (uncertainty or {}).get("body") or {}
+    for key, label in (("mean", "Uncertainty mean (body)"), ("p95", "Uncertainty p95 (body)")):
+        if body.get(key) is not None:
+            rows.append({"name": label, "key": f"uncertainty_{key}", "value": float(body[key]),
+                         "unit": "normalised", "definition": f"{key} of the SD of G(x) ({uncertainty.get('mode')}, "
+                                                              f"{uncertainty.get('extra_passes')} extra passes of G) "
+                                                              "inside the body mask"})
+    return rows
+
+
+QA_ROWS = (("mae", "MAE", "normalised"), ("psnr_db", "PSNR", "dB"), ("ssim", "SSIM", ""), ("ms_ssim", "MS-SSIM", ""),
+           ("voxels", "Voxels in mask", "voxels"))
+"""``qa_metrics.json`` metric key -> (row name, unit) of the QA table, in order."""
+
+
+def qaMetricRows(qa: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The QA table's rows from the engine's ``qa_metrics.json`` (``ct2mr qa``): MAE, PSNR, SSIM, MS-SSIM, voxels,
+    each with the engine's own definition (mask, range, clipping); metrics the engine reported as ``None`` (not
+    finite) are left out."""
+    metrics = qa.get("metrics") or {}
+    definitions = qa.get("definitions") or {}
+    rows = []
+    for key, name, unit in QA_ROWS:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and value == value:
+            rows.append({"name": name, "key": key, "value": float(value), "unit": unit,
+                         "definition": str(definitions.get(key) or definitions.get(name.lower()) or "")})
+    return rows

@@ -6,10 +6,13 @@ of their own with linked control on, so scrolling or zooming one moves the views
 without touching the standard Red/Green/Yellow views. The cursors are linked through the scene's crosshair node:
 Shift + mouse move puts the crosshair at the same RAS point in every view and the other views jump to it.
 
+With the uncertainty map (``ct2mr translate --uncertainty``, issue 16) a fifth column shows it (layouts
+:data:`COMPARE_UNCERTAINTY_LAYOUT_ID` and :data:`COMPARE_UNCERTAINTY_ANALYSIS_LAYOUT_ID`).
+
 With an analysis (:mod:`CT2MRTranslationLib.plots`), a fourth row holds a plot view showing the histogram chart and
 a table view showing the metrics table (layout :data:`COMPARE_ANALYSIS_LAYOUT_ID`).
 
-Both layouts are registered when the module starts (:func:`registerCompareLayouts`, called by the module at Slicer's
+The layouts are registered when the module starts (:func:`registerCompareLayouts`, called by the module at Slicer's
 start-up): a scene saved with the compare layout shows it again when it is reopened after a restart (a scene file
 keeps only the layout's ID, not its description). Each view is fitted to its volume (:func:`fitSliceToVolume`). The
 user's layout and crosshair mode before the first compare layout are kept as attributes of the layout node (saved
@@ -32,6 +35,11 @@ __all__ = [
     "COMPARE_COLUMNS",
     "COMPARE_LAYOUT_ID",
     "COMPARE_ORIENTATIONS",
+    "COMPARE_UNCERTAINTY_ANALYSIS_LAYOUT_ID",
+    "COMPARE_UNCERTAINTY_LAYOUT_ID",
+    "COMPARE_LAYOUT_IDS",
+    "UNCERTAINTY_COLUMN",
+    "compareLayoutId",
     "COMPARE_VIEW_GROUP",
     "PLOT_VIEW_NAME",
     "TABLE_VIEW_NAME",
@@ -54,6 +62,18 @@ COMPARE_LAYOUT_ID = 18402
 COMPARE_ANALYSIS_LAYOUT_ID = 18403
 """Layout ID of the compare layout with the analysis row (histogram plot view | metrics table view)."""
 
+COMPARE_UNCERTAINTY_LAYOUT_ID = 18404
+"""Layout ID of the compare layout with a fifth column, the uncertainty map."""
+
+COMPARE_UNCERTAINTY_ANALYSIS_LAYOUT_ID = 18405
+"""Layout ID of the compare layout with the uncertainty column and the analysis row."""
+
+COMPARE_LAYOUT_IDS = {
+    (False, False): COMPARE_LAYOUT_ID, (True, False): COMPARE_ANALYSIS_LAYOUT_ID,
+    (False, True): COMPARE_UNCERTAINTY_LAYOUT_ID, (True, True): COMPARE_UNCERTAINTY_ANALYSIS_LAYOUT_ID,
+}
+"""``(withAnalysis, withUncertainty)`` -> layout ID of the compare layouts registered at start-up."""
+
 PLOT_VIEW_NAME = "CT2MRHistogramPlot"
 """Layout name (singleton tag) of the plot view of the analysis row."""
 
@@ -66,7 +86,10 @@ COMPARE_VIEW_GROUP = 18
 COMPARE_COLUMNS = ("CT", "SyntheticMR", "RoundTripCT", "ErrorMap")
 """Column keys, left to right: input CT x, synthetic MR G(x), round trip F(G(x)) (HU), error map (HU)."""
 
-_COLUMN_LABELS = {"CT": "CT", "SyntheticMR": "MR", "RoundTripCT": "RT", "ErrorMap": "Err"}
+UNCERTAINTY_COLUMN = "Uncertainty"
+"""Key of the optional fifth column: the uncertainty map (spread of G(x), normalised MR units)."""
+
+_COLUMN_LABELS = {"CT": "CT", "SyntheticMR": "MR", "RoundTripCT": "RT", "ErrorMap": "Err", UNCERTAINTY_COLUMN: "Unc"}
 
 COMPARE_ORIENTATIONS = (("Axial", "#F34A33"), ("Coronal", "#6EB04B"), ("Sagittal", "#EDD54C"))
 """Row orientations, top to bottom, with Slicer's colours for them (red, green, yellow)."""
@@ -87,21 +110,32 @@ def compareViewName(column: str, orientation: str) -> str:
     return f"CT2MR_{column}_{orientation}"
 
 
-def compareLayoutDescription(withAnalysis: bool = False) -> str:
-    """Return the layout XML of the 3 x 4 compare layout.
+def compareLayoutId(withAnalysis: bool = False, withUncertainty: bool = False) -> int:
+    """The ID of the compare layout with or without the analysis row and the uncertainty column."""
+    return COMPARE_LAYOUT_IDS[(bool(withAnalysis), bool(withUncertainty))]
+
+
+def _columns(withUncertainty: bool) -> tuple[str, ...]:
+    return (*COMPARE_COLUMNS, UNCERTAINTY_COLUMN) if withUncertainty else COMPARE_COLUMNS
+
+
+def compareLayoutDescription(withAnalysis: bool = False, withUncertainty: bool = False) -> str:
+    """Return the layout XML of the 3 x 4 (or 3 x 5) compare layout.
 
     Args:
         withAnalysis: add a fourth row with a ``vtkMRMLPlotViewNode`` (:data:`PLOT_VIEW_NAME`) and a
             ``vtkMRMLTableViewNode`` (:data:`TABLE_VIEW_NAME`).
+        withUncertainty: add a fifth column (:data:`UNCERTAINTY_COLUMN`) for the uncertainty map.
 
     Returns:
         A ``<layout type="vertical">`` of three horizontal rows (axial, coronal, sagittal), each holding four
-        ``vtkMRMLSliceNode`` views in the order of :data:`COMPARE_COLUMNS` (and the analysis row).
+        ``vtkMRMLSliceNode`` views in the order of :data:`COMPARE_COLUMNS` (then the uncertainty column), and the
+        analysis row.
     """
     rows = []
     for orientation, color in COMPARE_ORIENTATIONS:
         items = []
-        for column in COMPARE_COLUMNS:
+        for column in _columns(withUncertainty):
             label = f"{_COLUMN_LABELS[column]}-{orientation[0]}"
             items.append(
                 "   <item>\n"
@@ -203,8 +237,9 @@ def _getOrCreateViewNode(scene: slicer.vtkMRMLScene, className: str, viewName: s
 
 
 def registerCompareLayouts(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLLayoutNode:
-    """Register both compare layouts (:data:`COMPARE_LAYOUT_ID`, :data:`COMPARE_ANALYSIS_LAYOUT_ID`) in the scene's
-    layout node, replacing older descriptions. The module calls it when Slicer starts; calling it again is harmless.
+    """Register the compare layouts (:data:`COMPARE_LAYOUT_IDS`: with or without the analysis row and the
+    uncertainty column) in the scene's layout node, replacing older descriptions. The module calls it when Slicer
+    starts; calling it again is harmless.
 
     Layout descriptions live in the (singleton) layout node, which survives closing the scene, and are not written to
     scene files: registering them at start-up is what lets a saved scene reopen in the compare layout.
@@ -216,8 +251,8 @@ def registerCompareLayouts(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLLayoutNo
         The layout node.
     """
     layoutNode = getOrCreateLayoutNode(scene)
-    for layoutId, withAnalysis in ((COMPARE_LAYOUT_ID, False), (COMPARE_ANALYSIS_LAYOUT_ID, True)):
-        description = compareLayoutDescription(withAnalysis)
+    for (withAnalysis, withUncertainty), layoutId in COMPARE_LAYOUT_IDS.items():
+        description = compareLayoutDescription(withAnalysis, withUncertainty)
         if not layoutNode.IsLayoutDescription(layoutId):
             layoutNode.AddLayoutDescription(layoutId, description)
         elif layoutNode.GetLayoutDescription(layoutId) != description:
@@ -246,7 +281,7 @@ def rememberPreviousViews(scene: slicer.vtkMRMLScene) -> bool:
         ``True`` when the current views were remembered.
     """
     layoutNode = getOrCreateLayoutNode(scene)
-    if hasPreviousViews(scene) or layoutNode.GetViewArrangement() in (COMPARE_LAYOUT_ID, COMPARE_ANALYSIS_LAYOUT_ID):
+    if hasPreviousViews(scene) or layoutNode.GetViewArrangement() in COMPARE_LAYOUT_IDS.values():
         return False
     crosshairNode = _crosshairNode(scene)
     values = (layoutNode.GetViewArrangement(), crosshairNode.GetCrosshairMode(), crosshairNode.GetCrosshairBehavior())
@@ -339,9 +374,11 @@ def setupCompareLayout(
     Args:
         scene: the MRML scene.
         volumeNodes: four volume nodes (or ``None`` for an empty column) in the order of :data:`COMPARE_COLUMNS`:
-            input CT, synthetic MR, round-trip CT, error map.
+            input CT, synthetic MR, round-trip CT, error map; and optionally a fifth, the uncertainty map (a fifth
+            column, :data:`UNCERTAINTY_COLUMN`, when it is not ``None``).
         layoutId: ID under which the layout description is registered (replaced if it exists); ``None`` means
-            :data:`COMPARE_LAYOUT_ID`, or :data:`COMPARE_ANALYSIS_LAYOUT_ID` with a plot chart or table.
+            the registered one (:func:`compareLayoutId`: with the analysis row for a plot chart or table, with the
+            uncertainty column for an uncertainty map).
         activate: make it the layout node's view arrangement (the previous arrangement and crosshair are kept for
             :func:`restorePreviousViews`).
         plotChartNode: histogram chart shown in the analysis row's plot view.
@@ -351,17 +388,21 @@ def setupCompareLayout(
         The layout ID.
 
     Raises:
-        ValueError: ``volumeNodes`` does not hold exactly four entries.
+        ValueError: ``volumeNodes`` does not hold four or five entries.
     """
-    if len(volumeNodes) != len(COMPARE_COLUMNS):
-        raise ValueError(f"Expected {len(COMPARE_COLUMNS)} volume nodes ({', '.join(COMPARE_COLUMNS)}), "
-                         f"got {len(volumeNodes)}.")
+    if len(volumeNodes) not in (len(COMPARE_COLUMNS), len(COMPARE_COLUMNS) + 1):
+        raise ValueError(f"Expected {len(COMPARE_COLUMNS)} volume nodes ({', '.join(COMPARE_COLUMNS)}), or a fifth "
+                         f"({UNCERTAINTY_COLUMN}), got {len(volumeNodes)}.")
+    volumeNodes = list(volumeNodes)
+    withUncertainty = len(volumeNodes) > len(COMPARE_COLUMNS) and volumeNodes[-1] is not None
+    if not withUncertainty:
+        volumeNodes = volumeNodes[:len(COMPARE_COLUMNS)]
     withAnalysis = plotChartNode is not None or tableNode is not None
     if layoutId is None:
-        layoutId = COMPARE_ANALYSIS_LAYOUT_ID if withAnalysis else COMPARE_LAYOUT_ID
+        layoutId = compareLayoutId(withAnalysis, withUncertainty)
     layoutNode = registerCompareLayouts(scene)
-    if layoutId not in (COMPARE_LAYOUT_ID, COMPARE_ANALYSIS_LAYOUT_ID):
-        description = compareLayoutDescription(withAnalysis)
+    if layoutId not in COMPARE_LAYOUT_IDS.values():
+        description = compareLayoutDescription(withAnalysis, withUncertainty)
         if layoutNode.IsLayoutDescription(layoutId):
             layoutNode.SetLayoutDescription(layoutId, description)
         else:
@@ -371,7 +412,7 @@ def setupCompareLayout(
         layoutNode.SetViewArrangement(layoutId)
 
     for orientation, color in COMPARE_ORIENTATIONS:
-        for column, volumeNode in zip(COMPARE_COLUMNS, volumeNodes):  # lengths checked above
+        for column, volumeNode in zip(_columns(withUncertainty), volumeNodes):  # lengths checked above
             viewName = compareViewName(column, orientation)
             label = f"{_COLUMN_LABELS[column]}-{orientation[0]}"
             sliceNode = _getOrCreateSliceNode(scene, viewName, orientation, color, label)

@@ -26,7 +26,7 @@ def test_schema_file_is_valid_json_with_known_keys():
                "needs_reference", "description"}
     names = [o["name"] for o in document["options"]]
     assert names == ["device", "overlap", "roi_size", "sw_batch_size", "precision", "harmonize", "warp_check",
-                     "analysis"]
+                     "analysis", "uncertainty", "uncertainty_passes", "ood"]
     for option in document["options"]:
         assert set(option) <= allowed, option["name"]
         assert len(option["description"]) > 20
@@ -50,6 +50,10 @@ def test_every_option_matches_the_cli(option):
 
 
 def test_vocabularies_are_the_engines():
+    from ct2mr.uncertainty import DEFAULT_TTA_PASSES, UNCERTAINTY_MODES
+
+    assert tuple(options.translate_option("uncertainty")["choices"]) == UNCERTAINTY_MODES
+    assert options.translate_option("uncertainty_passes")["default"] == DEFAULT_TTA_PASSES
     assert tuple(options.translate_option("precision")["choices"]) == PRECISIONS
     assert tuple(options.translate_option("harmonize")["choices"]) == HARMONIZATION_METHODS
     assert set(options.translate_option("harmonize")["needs_reference"]) == {"histogram", "nyul"}
@@ -67,6 +71,11 @@ def test_the_engine_accepts_every_value_of_the_ranges():
         InferenceSettings(sw_batch_size=value)
     for precision in options.translate_option("precision")["choices"]:
         InferenceSettings(precision=precision)
+    from ct2mr.uncertainty import tta_augmentations
+
+    passes = options.translate_option("uncertainty_passes")
+    for value in (passes["minimum"], passes["maximum"]):
+        assert len(tta_augmentations(value)) == value
 
 
 @pytest.mark.parametrize(("name", "value", "expected"), [

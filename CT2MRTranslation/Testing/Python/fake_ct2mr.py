@@ -22,6 +22,16 @@ short), ``nodone`` (exit 0 without a done event), ``sleep`` (starts a child proc
 error after its retries, exit 1), ``slow`` (like ``ok``, after 0.5 s), ``anatomyfile`` (like ``ok``, but the
 ``done`` event carries neither ``anatomy`` nor ``analysis``: only the JSON files have them).
 
+Trust signals (issue 16), as ``ct2mr translate`` reports them: ``--uncertainty tta`` writes
+``uncertainty.nii.gz`` (:func:`fakeUncertainty`: 0.01 + 0.05 |G(x)|, on the input's grid; ``shifted``/``resized``
+spoil it like the other outputs) and a ``done`` field ``uncertainty`` (mode, extra_passes, cost, body summary);
+``--ood`` an ``ood`` event, ``ood.json`` and a ``done`` field ``ood`` with the score :data:`OOD_SCORE` (within range),
+or :data:`OOD_WARNING_SCORE` and ``ood_warning: true`` (with a ``warning`` event) in mode ``ood``. Both are refused in
+batch mode, as the engine refuses them. ``fake_ct2mr.py qa SYNTHETIC REFERENCE -o DIR [--ct CT]`` is ``ct2mr qa``:
+``difference.nii.gz`` (synthetic - reference normalised by its P1-P99 to [-1, 1], on the synthetic MR's grid; a
+reference on another grid is refused as the engine does), ``qa_metrics.json`` (MAE, PSNR, SSIM 0.5, MS-SSIM 0.625)
+and a ``done`` event with the outputs and metrics.
+
 Like the real engine, it has no CUDA: ``--device cuda`` gives the engine's fallback warning and runs "on the CPU".
 Every ``ct2mr translate`` option the Logic passes is accepted; ``--reference-mr`` files must exist.
 
@@ -48,6 +58,31 @@ ANATOMY = {"edge_correlation": 0.875, "gradient_magnitude_similarity": 0.8125, "
 """Fixed anatomy values the fake engine reports with ``--warp-check``."""
 
 CT_WINDOW = [-600.0, 1000.0]
+
+OOD_SCORE = 1.25
+"""The fake engine's OOD score within range."""
+
+OOD_WARNING_SCORE = 5.97
+"""The fake engine's OOD score in mode ``ood`` (the cross-section feature exceeds)."""
+
+
+def fakeUncertainty(synthetic):
+    """The fake uncertainty map: 0.01 + 0.05 |G(x)| (normalised MR units), (z, y, x)."""
+    import numpy as np
+
+    return (0.01 + 0.05 * np.abs(synthetic)).astype(np.float32)
+
+
+def fakeOod(mode: str, threshold: float) -> dict:
+    """The fake ``ood`` block: the engine's layout (``ct2mr.ood.assess``) with fixed numbers."""
+    warn = mode == "ood"
+    z = OOD_WARNING_SCORE if warn else OOD_SCORE
+    return {"score": z, "threshold": threshold, "ood_warning": z > threshold,
+            "top_features": ["cross_section_cm2", "lung_fraction"],
+            "features": {"cross_section_cm2": {"value": 190.0 if warn else 640.0, "mean": 671.0, "std": 60.0,
+                                               "tolerance": 50.0, "z": z},
+                         "lung_fraction": {"value": 0.18, "mean": 0.2, "std": 0.02, "tolerance": 0.05, "z": 0.4}},
+            "reference": "fake training CTs", "seconds": 0.0}
 
 
 def fakeAnalysis(ct, synthetic, roundTrip, reference, anatomy):
@@ -138,6 +173,23 @@ def translateOne(inputPath: str, outputDir: str, args, mode: str) -> dict | None
     emit(event="progress", stage="postprocess", fraction=0.8, message="error map")
 
     arrays = [("synthetic_mr", synthetic), ("roundtrip_ct", roundTrip), ("error_map", error)]
+    trust = {}
+    if args.ood:
+        trust["ood"] = fakeOod(mode, args.ood_threshold)
+        emit(event="ood", **{k: trust["ood"][k] for k in ("score", "threshold", "ood_warning", "top_features",
+                                                           "reference")})
+        if trust["ood"]["ood_warning"]:
+            emit(event="warning", message="Out-of-distribution score: 5.97 (threshold 3; WARNING: the input differs "
+                 "from the model's training CTs)")
+    if args.uncertainty != "none":
+        uncertainty = fakeUncertainty(synthetic)
+        body = uncertainty[ct > -500.0] if (ct > -500.0).any() else uncertainty.ravel()
+        trust["uncertainty"] = {"mode": args.uncertainty, "extra_passes": args.uncertainty_passes,
+                                "cost": f"{args.uncertainty_passes} extra passes of G", "seconds": 0.0,
+                                "body": {"mean": float(body.mean()), "p50": float(np.median(body)),
+                                         "p95": float(np.percentile(body, 95)), "max": float(body.max())}}
+        arrays.append(("uncertainty", uncertainty))
+        emit(event="progress", stage="uncertainty", fraction=0.85, message="uncertainty map")
     anatomy = None
     if args.warp_check:
         body = ct > -500.0
@@ -163,7 +215,11 @@ def translateOne(inputPath: str, outputDir: str, args, mode: str) -> dict | None
         result.SetOrigin(origin)
         outputs[key] = os.path.join(outputDir, f"{key}.nii.gz")
         sitk.WriteImage(result, outputs[key], useCompression=True, compressionLevel=1)
-    extra = {}
+    extra = dict(trust)
+    if "ood" in trust:
+        with open(os.path.join(outputDir, "ood.json"), "w") as file:
+            json.dump(trust["ood"], file)
+        outputs["ood"] = os.path.join(outputDir, "ood.json")
     if anatomy is not None:
         with open(os.path.join(outputDir, "anatomy.json"), "w") as file:
             json.dump(anatomy, file)
@@ -233,10 +289,47 @@ def runBatch(paths: list[str], args, modes: list[str]) -> int:
     return 1 if counts["failed"] else 0
 
 
+def runQa(args, mode: str) -> int:
+    """``ct2mr qa`` (see the module docstring); mode ``fail`` gives the engine's error event."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    emit(event="start", command="qa", synthetic_mr=args.synthetic_mr, reference_mr=args.reference_mr,
+         output=args.output)
+    synthetic, reference = sitk.ReadImage(args.synthetic_mr), sitk.ReadImage(args.reference_mr)
+    if mode == "fail" or synthetic.GetSize() != reference.GetSize() or not np.allclose(
+            synthetic.GetOrigin(), reference.GetOrigin(), atol=1e-3):
+        emit(event="error", message="The reference MR is not on the synthetic MR's grid (size or origin differs); "
+             "register and resample it onto the CT first.")
+        return 2
+    s = np.clip(sitk.GetArrayFromImage(synthetic).astype(np.float32), -1, 1)
+    r = sitk.GetArrayFromImage(reference).astype(np.float32)
+    low, high = np.percentile(r, [1, 99])
+    r = np.clip((r - low) / max(high - low, 1e-6), 0, 1) * 2 - 1
+    emit(event="progress", stage="qa", fraction=0.5, message="metrics")
+    difference = sitk.GetImageFromArray((s - r).astype(np.float32))
+    difference.CopyInformation(synthetic)
+    os.makedirs(args.output, exist_ok=True)
+    outputs = {"difference": os.path.join(args.output, "difference.nii.gz"),
+               "metrics_json": os.path.join(args.output, "qa_metrics.json")}
+    sitk.WriteImage(difference, outputs["difference"], useCompression=True, compressionLevel=1)
+    mse = float(np.mean((s - r) ** 2))
+    metrics = {"mae": float(np.mean(np.abs(s - r))), "psnr_db": float(10 * np.log10(4.0 / max(mse, 1e-12))),
+               "ssim": 0.5, "ms_ssim": 0.625, "voxels": int(s.size)}
+    result = {"synthetic_mr": args.synthetic_mr, "reference_mr": args.reference_mr, "metrics": metrics,
+              "mask": {"source": "ct" if args.ct else "reference", "voxels": int(s.size), "volume_ml": 1.0},
+              "definitions": {"mae": "fake mean |s - r|", "psnr_db": "fake PSNR", "ssim": "fake", "ms_ssim": "fake"},
+              "outputs": outputs, "seconds": 0.0}
+    with open(outputs["metrics_json"], "w") as file:
+        json.dump(result, file)
+    emit(event="done", outputs=outputs, metrics=metrics, mask=result["mask"], seconds=0.0)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fake_ct2mr")
     parser.add_argument("--mode", default="ok", help="ok, fail, crash, shifted, resized, nodone, sleep, oom, "
-                        "oomalways, slow, anatomyfile; a batch: one per case, comma-separated")
+                        "oomalways, slow, anatomyfile, ood; a batch: one per case, comma-separated")
     commands = parser.add_subparsers(dest="command", required=True)
     translate = commands.add_parser("translate")
     translate.add_argument("inputs", nargs="+")
@@ -253,9 +346,23 @@ def main(argv: list[str] | None = None) -> int:
     translate.add_argument("--warp-check", action="store_true")
     translate.add_argument("--analysis", action="store_true")
     translate.add_argument("--overwrite", action="store_true")
+    translate.add_argument("--uncertainty", choices=["none", "tta", "ensemble"], default="none")
+    translate.add_argument("--uncertainty-passes", type=int, default=4)
+    translate.add_argument("--ood", action="store_true")
+    translate.add_argument("--ood-threshold", type=float, default=3.0)
+    qa = commands.add_parser("qa")
+    qa.add_argument("synthetic_mr")
+    qa.add_argument("reference_mr")
+    qa.add_argument("-o", "--output", required=True)
+    qa.add_argument("--ct")
+    qa.add_argument("--mask")
+    qa.add_argument("--progress", choices=["json", "bar", "none"], default="none")
     args = parser.parse_args(argv)
+    if args.command == "qa":
+        return runQa(args, args.mode)
     modes = args.mode.split(",")
-    known = {"ok", "fail", "crash", "shifted", "resized", "nodone", "sleep", "oom", "oomalways", "slow", "anatomyfile"}
+    known = {"ok", "fail", "crash", "shifted", "resized", "nodone", "sleep", "oom", "oomalways", "slow", "anatomyfile",
+             "ood"}
     if not set(modes) <= known:
         parser.error(f"unknown --mode {args.mode}")
     paths = caseList(args.inputs)
@@ -276,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
             emit(event="error", message=f"reference MR {path} does not exist")
             return 1
     if paths is not None:
+        if args.uncertainty != "none" or args.ood:
+            emit(event="error", message="--uncertainty, --ood and several --model paths work on one CT at a time; "
+                 "run ct2mr translate once per CT for them.")
+            return 2
         return runBatch(paths, args, modes)
     try:
         done = translateOne(args.inputs[0], args.output, args, modes[0])

@@ -23,8 +23,10 @@ def test_parameter_node_is_the_module_singleton_with_defaults(mrml):
     assert parameters.toDict() == {
         "batchMode": False, "modelName": "", "modelVersion": "", "modelPath": "", "device": "auto", "overlap": 0.25,
         "roiSize": 0, "swBatchSize": 0, "precision": "auto", "harmonize": "none", "computeMetrics": True,
-        "warpCheck": False, "showCompareLayout": True, "exportPair": False, "exportFolder": "",
+        "warpCheck": False, "uncertainty": "none", "uncertaintyPasses": 4, "oodCheck": True,
+        "showCompareLayout": True, "exportPair": False, "exportFolder": "",
         "inputVolume": None, "batchInputs": [], "referenceMR": None, "segmentation": None,
+        "qualitySyntheticMR": None, "qualityReferenceMR": None,
     }
     # stored as strings in the node, so that the scene file keeps them
     assert node.GetParameter("Overlap") == "0.25" and node.GetParameter("ComputeMetrics") == "true"
@@ -98,7 +100,8 @@ def test_translate_keywords_follow_the_parameters(mrml):
     parameters.harmonize = "zscore"
     assert parameters.translateKeywords() == {
         "options": TranslationOptions(modelPath=None, device="auto", overlap=0.25, roiSize=None, swBatchSize=None,
-                                      precision="auto", harmonize="zscore", warpCheck=False, analysis=True),
+                                      precision="auto", harmonize="zscore", warpCheck=False, analysis=True,
+                                      uncertainty="none", uncertaintyPasses=4, ood=True),
         "referenceMRNode": mr, "setupLayout": True}
     parameters.roiSize, parameters.swBatchSize = 64, 2
     parameters.modelPath = "/models/m1.safetensors"
