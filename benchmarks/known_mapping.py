@@ -193,7 +193,7 @@ def _figures(work: Path, curve: list[dict], slices: dict[str, np.ndarray], bars:
     for name, value in bars.items():
         for ax, key in ((axes[0], "ssim"), (axes[1], "mae"), (axes[2], "ssim")):
             ax.axhline(value[key], ls="--", lw=1, color="grey" if "lookup" not in name else "k")
-            ax.annotate(name, (0, value[key]), fontsize=7, va="bottom")
+            ax.text(0.01, value[key], name, transform=ax.get_yaxis_transform(), fontsize=7, va="bottom")
     axes[0].set(xlabel="training minutes (CPU)", ylabel="SSIM (body)", title="SSIM vs wall clock")
     axes[1].set(xlabel="training minutes (CPU)", ylabel="MAE ([-1, 1], body)", title="MAE vs wall clock")
     axes[2].set(xlabel="steps", ylabel="SSIM (body)", title="SSIM vs steps")

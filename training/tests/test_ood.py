@@ -116,12 +116,28 @@ def test_abdomen_and_head_sized_volumes_exceed_the_threshold_chest_cts_do_not(ch
     assert scores["head_sized"]["top_features"][0] in ("axial_area_cm2", "extent_lr_mm")
 
 
-def test_reference_comes_from_the_checkpoint_the_bundled_file_or_nowhere(tiny_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def bare_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint without training-CT statistics, as checkpoints of earlier trainers are."""
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    training = {k: v for k, v in checkpoint.training.items() if k != "ct_statistics"}
+    path = tmp_path_factory.mktemp("bare_model") / "bare.safetensors"
+    return save_checkpoint(path, {"G": checkpoint.G, "F": checkpoint.F}, checkpoint.architecture,
+                           checkpoint.preprocessing, checkpoint.inference, training)
+
+
+def test_the_trainer_records_its_training_ct_statistics(tiny_checkpoint):
+    reference, note = reference_for(load_checkpoint(tiny_checkpoint))
+    assert reference["names"] == ["thorax_cta_heart_crop_1p5mm"] and reference["volumes"] == 1
+    assert set(reference["features"]) == set(FEATURES) and "recorded in the checkpoint" in note
+
+
+def test_reference_comes_from_the_checkpoint_the_bundled_file_or_nowhere(bare_checkpoint, tmp_path):
     default = load_checkpoint(None)
     reference, note = reference_for(default)
     assert reference["volumes"] == 4 and "bundled reference statistics" in note
     assert set(reference["names"]) == set(default.training["ct_volumes"])
-    tiny = load_checkpoint(tiny_checkpoint)
+    tiny = load_checkpoint(bare_checkpoint)
     reference, note = reference_for(tiny)
     assert reference is None and "no out-of-distribution score" in note
     stored = _reference(lung_fraction=(0.2, 0.05))
@@ -129,10 +145,10 @@ def test_reference_comes_from_the_checkpoint_the_bundled_file_or_nowhere(tiny_ch
     assert reference_for(tiny) == (stored, "training CTs recorded in the checkpoint (3 volumes)")
 
 
-def test_assess_without_reference_gives_no_score(tiny_checkpoint):
+def test_assess_without_reference_gives_no_score(bare_checkpoint):
     need(HEART_CT)
     pre = preprocess(sitk.ReadImage(str(HEART_CT)), "ct")
-    result = assess(pre.array, pre.record, load_checkpoint(tiny_checkpoint))
+    result = assess(pre.array, pre.record, load_checkpoint(bare_checkpoint))
     assert result["score"] is None and result["ood_warning"] is None
     assert list(result["statistics"]) == list(FEATURES) and "no out-of-distribution score" in result["reference"]
 
@@ -179,12 +195,12 @@ def test_translate_ood_warns_for_a_head_sized_volume(chest_checkpoint, tmp_path)
         _assert_on_grid(out / name, ct)
 
 
-def test_translate_ood_without_reference_says_so(tiny_checkpoint, tmp_path):
+def test_translate_ood_without_reference_says_so(bare_checkpoint, tmp_path):
     need(HEART_CT)
     ct_path = tmp_path / "crop.nii.gz"
     sitk.WriteImage(sitk.ReadImage(str(HEART_CT))[30:70, 30:70, 30:62], str(ct_path))
     out = tmp_path / "out"
-    proc = run_ct2mr("translate", str(ct_path), "-o", str(out), "--model", str(tiny_checkpoint), "--ood",
+    proc = run_ct2mr("translate", str(ct_path), "-o", str(out), "--model", str(bare_checkpoint), "--ood",
                      "--progress", "none", "--device", "cpu", check=True)
     assert "Out-of-distribution score: not available" in proc.stdout + proc.stderr
     written = json.loads((out / OOD_NAME).read_text())
