@@ -1053,8 +1053,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+#: OpenMP's wait policy for the command's torch threads, unless the environment sets one (issue 13). Measured on the
+#: 2-core machine (benchmarks/RESULTS.md, M1 width 8, 48^3, 2 threads): two training processes side by side take 4.4
+#: s per step each with the default spinning threads and 2.8 s with PASSIVE (quiet: 1.38 s vs 1.68 s), so a run
+#: degrades gracefully on a shared machine; OMP_WAIT_POLICY=ACTIVE gives back the quiet-machine 20 %.
+OPENMP_WAIT_POLICY = "PASSIVE"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ct2mr`` command; returns the exit code (0 success, 1 error, 2 usage error)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", OPENMP_WAIT_POLICY)  # before torch (and its OpenMP) is loaded
     from .checkpoint import CheckpointError
     from .io import ImageReadError
 

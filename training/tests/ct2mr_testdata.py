@@ -36,3 +36,19 @@ def run_ct2mr(*args: str, check: bool = False, timeout: float = 900) -> subproce
     if check and proc.returncode != 0:
         raise AssertionError(f"ct2mr {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def assert_on_grid(path: Path, reference) -> "np.ndarray":
+    """Assert that the image at ``path`` lies on ``reference``'s voxel grid (size, spacing, origin, direction) and
+    holds only finite values; return its (z, y, x) array."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    assert image.GetSize() == reference.GetSize()
+    assert image.GetSpacing() == pytest.approx(reference.GetSpacing(), abs=1e-6)
+    assert image.GetOrigin() == pytest.approx(reference.GetOrigin(), abs=1e-4)
+    assert image.GetDirection() == pytest.approx(reference.GetDirection(), abs=1e-6)
+    array = sitk.GetArrayFromImage(image)
+    assert np.isfinite(array).all()
+    return array

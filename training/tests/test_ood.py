@@ -16,7 +16,7 @@ from ct2mr.ood import (FEATURES, OOD_NAME, OOD_THRESHOLD, STATISTICS_VERSION, TO
                        ood_score, reference_for, training_ct_statistics)
 from ct2mr.preprocessing import preprocess
 
-from ct2mr_testdata import ABDOMEN_CT, HEART_CT, LUNG_CT, THORAX_CT, need, run_ct2mr
+from ct2mr_testdata import ABDOMEN_CT, HEART_CT, LUNG_CT, THORAX_CT, need, run_ct2mr, assert_on_grid
 
 
 def _reference(**features: tuple[float, float]) -> dict:
@@ -163,14 +163,6 @@ def chest_checkpoint(tiny_checkpoint, chest_reference, tmp_path_factory) -> Path
                            {**checkpoint.training, "ct_statistics": chest_reference})
 
 
-def _assert_on_grid(path: Path, reference: sitk.Image) -> None:
-    image = sitk.ReadImage(str(path))
-    assert image.GetSize() == reference.GetSize()
-    assert image.GetSpacing() == pytest.approx(reference.GetSpacing(), abs=1e-6)
-    assert image.GetOrigin() == pytest.approx(reference.GetOrigin(), abs=1e-4)
-    assert image.GetDirection() == pytest.approx(reference.GetDirection(), abs=1e-6)
-
-
 @pytest.mark.slow
 def test_translate_ood_warns_for_a_head_sized_volume(chest_checkpoint, tmp_path):
     ct_path = tmp_path / "head_sized.nii.gz"
@@ -192,7 +184,7 @@ def test_translate_ood_warns_for_a_head_sized_volume(chest_checkpoint, tmp_path)
     assert set(written["features"]) == set(FEATURES) and "warning above 3" in written["definition"]
     ct = sitk.ReadImage(str(ct_path))
     for name in ("synthetic_mr.nii.gz", "roundtrip_ct.nii.gz", "error_map.nii.gz"):
-        _assert_on_grid(out / name, ct)
+        assert_on_grid(out / name, ct)
 
 
 def test_translate_ood_without_reference_says_so(bare_checkpoint, tmp_path):

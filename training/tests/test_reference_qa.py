@@ -16,7 +16,7 @@ from ct2mr.evaluation import ssim3d
 from ct2mr.reference_qa import (MS_SSIM_WEIGHTS, QA_FILES, ms_ssim3d, normalise_reference, paired_metrics,
                                 same_grid)
 
-from ct2mr_testdata import ABDOMEN_MR, HEART_CT, need, run_ct2mr
+from ct2mr_testdata import ABDOMEN_MR, HEART_CT, need, run_ct2mr, assert_on_grid
 
 
 def _smooth(shape, seed, sigma=2.0) -> np.ndarray:
@@ -122,15 +122,6 @@ def test_same_grid_names_what_differs():
     assert "direction" in same_grid(a, e)
 
 
-def _assert_on_grid(path: Path, reference: sitk.Image) -> np.ndarray:
-    image = sitk.ReadImage(str(path))
-    assert image.GetSize() == reference.GetSize()
-    assert image.GetSpacing() == pytest.approx(reference.GetSpacing(), abs=1e-6)
-    assert image.GetOrigin() == pytest.approx(reference.GetOrigin(), abs=1e-4)
-    assert image.GetDirection() == pytest.approx(reference.GetDirection(), abs=1e-6)
-    return sitk.GetArrayFromImage(image)
-
-
 @pytest.fixture()
 def mr_pair(tmp_path) -> tuple[Path, Path, np.ndarray]:
     """A real MR as the reference and a 'synthetic MR' on its grid: its normalised intensities, blurred, + 0.05."""
@@ -152,7 +143,7 @@ def test_qa_command_writes_the_difference_and_the_table(mr_pair, tmp_path):
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert events[0]["event"] == "start" and events[-1]["event"] == "done"
     assert sorted(p.name for p in out.iterdir()) == sorted(QA_FILES.values())
-    difference = _assert_on_grid(out / QA_FILES["difference"], sitk.ReadImage(str(reference)))
+    difference = assert_on_grid(out / QA_FILES["difference"], sitk.ReadImage(str(reference)))
     np.testing.assert_allclose(difference, expected_difference, atol=1e-5)
     table = json.loads((out / QA_FILES["metrics_json"]).read_text())
     metrics = table["metrics"]
@@ -227,5 +218,5 @@ def test_qa_with_the_ct_uses_the_cts_body_mask(tmp_path):
     assert table["mask"]["source"].startswith("body mask of the CT")
     assert table["mask"]["voxels"] == int(body_mask(hu, "ct", normalised=False).sum())
     assert table["mask"]["volume_ml"] == pytest.approx(table["mask"]["voxels"] * 1.5 ** 3 / 1000, rel=1e-3)
-    _assert_on_grid(out / QA_FILES["difference"], ct)
+    assert_on_grid(out / QA_FILES["difference"], ct)
     assert 0 < table["metrics"]["ms_ssim"] < 1

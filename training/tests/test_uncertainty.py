@@ -16,7 +16,7 @@ from ct2mr.preprocessing import PreprocessingConfig, preprocess
 from ct2mr.uncertainty import (DEFAULT_TTA_PASSES, UNCERTAINTY_NAME, Augmentation, RunningStd, stage_weights,
                                tta_augmentations, tta_std)
 
-from ct2mr_testdata import HEART_CT, THORAX_CT, need, run_ct2mr
+from ct2mr_testdata import HEART_CT, THORAX_CT, need, run_ct2mr, assert_on_grid
 
 FLIPS = [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
 SHIFTS = [(0, 0, 0), (1, 2, 3), (3, 1, 1), (2, 0, 1)]
@@ -132,17 +132,6 @@ def test_tta_reuses_a_given_base_prediction():
         tta_std(volume, _toy_checkpoint(_Pointwise()), settings, n=1, base=np.zeros((4, 4, 4), np.float32))
 
 
-def _assert_on_grid(path: Path, reference: sitk.Image) -> np.ndarray:
-    image = sitk.ReadImage(str(path))
-    assert image.GetSize() == reference.GetSize()
-    assert image.GetSpacing() == pytest.approx(reference.GetSpacing(), abs=1e-6)
-    assert image.GetOrigin() == pytest.approx(reference.GetOrigin(), abs=1e-4)
-    assert image.GetDirection() == pytest.approx(reference.GetDirection(), abs=1e-6)
-    array = sitk.GetArrayFromImage(image)
-    assert np.isfinite(array).all()
-    return array
-
-
 @pytest.fixture(scope="module")
 def chest_crop(tmp_path_factory) -> Path:
     """A 96 x 96 x 60 mm crop of the real thorax CT (1.5 mm voxels), written as NIfTI."""
@@ -169,9 +158,9 @@ def test_translate_writes_the_uncertainty_map_on_the_ct_grid(tiny_checkpoint, ch
     fractions = [e["fraction"] for e in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     ct = sitk.ReadImage(str(chest_crop))
-    std = _assert_on_grid(out / UNCERTAINTY_NAME, ct)
+    std = assert_on_grid(out / UNCERTAINTY_NAME, ct)
     assert std.min() >= 0 and std.max() > 0
-    synthetic = _assert_on_grid(out / "synthetic_mr.nii.gz", ct)
+    synthetic = assert_on_grid(out / "synthetic_mr.nii.gz", ct)
     assert synthetic.shape == std.shape
 
 
@@ -190,7 +179,7 @@ def test_translate_ensemble_of_two_models(tiny_checkpoint, chest_crop, tmp_path)
     assert done["uncertainty"]["mode"] == "ensemble" and done["uncertainty"]["extra_passes"] == 1
     assert [m["name"] for m in done["uncertainty"]["models"]] == [checkpoint.name, "tiny-perturbed"]
     assert done["model"] == checkpoint.name  # the first model writes the outputs
-    std = _assert_on_grid(out / UNCERTAINTY_NAME, sitk.ReadImage(str(chest_crop)))
+    std = assert_on_grid(out / UNCERTAINTY_NAME, sitk.ReadImage(str(chest_crop)))
     assert std.max() > 0
 
 
