@@ -64,6 +64,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .io import human_bytes
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -162,15 +164,6 @@ def _pct(fraction: float) -> str:
     """A share as a percentage with enough digits to tell small ones from zero, e.g. ``"0.0033%"``."""
     value = 100 * fraction
     return "0%" if value == 0 else f"{value:.2g}%" if value < 1 else f"{value:.1f}%"
-
-
-def human_bytes(n: float) -> str:
-    """``n`` bytes as text in binary units, e.g. ``"1.5 GiB"``."""
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------------

@@ -605,10 +605,11 @@ def _free_space_note(folder: Path) -> str:
         usage = shutil.disk_usage(probe)
     except OSError:
         return f"the free space of {folder} could not be read"
-    return f"{folder} has {_human(usage.free)} free of {_human(usage.total)}"
+    return f"{folder} has {human_bytes(usage.free)} free of {human_bytes(usage.total)}"
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """``n`` bytes as text in binary units, e.g. ``"1.5 GiB"``."""
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
