@@ -66,6 +66,8 @@ RECIPES = {
     "nce": ["--preset", "nce"],
     "sc-thesis-window": ["--preset", "sc", "data.preprocessing.ct_window=[-600.0,1000.0]"],
     "sc-no-mind": ["--preset", "sc", "model.lambda_mind=0.0"],
+    "law": ["--preset", "law"],
+    "law-thesis-window": ["--preset", "law", "data.preprocessing.ct_window=[-600.0,1000.0]"],
 }
 HU_BINS = np.arange(-1030.0, 3010.0, 10.0)
 

@@ -9,10 +9,11 @@ plot is drawn by VTK's ``vtkChartXY`` from the histogram table node.
 
 Usage (from the repository root, ~1-2 minutes on a CPU)::
 
-    .venv/bin/python docs/make_screenshots.py                  # the shared heart-crop CT and cardiac MR
+    .venv/bin/python docs/make_screenshots.py                  # the shared chest CT (held out) and cardiac MR
     .venv/bin/python docs/make_screenshots.py --ct my_ct.nii.gz --reference-mr my_mr.nii.gz --device cuda
 
-Writes ``docs/compare_layout.png`` and ``docs/histogram_plot.png``. Nothing is written into the repository but the
+Writes ``docs/compare_layout.png`` (with the uncertainty column unless ``--uncertainty none``) and
+``docs/histogram_plot.png``. Nothing is written into the repository but the
 two pictures (medical images stay where they are).
 """
 
@@ -39,7 +40,7 @@ from CT2MRTranslationLib.logic import CT2MRTranslationLogic  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 COLUMN_TITLES = {"CT": "CT x (HU)", "SyntheticMR": "synthetic MR G(x)", "RoundTripCT": "round trip F(G(x)) (HU)",
-                 "ErrorMap": "error map abs(F(G(x)) - x) (HU)"}
+                 "ErrorMap": "error map abs(F(G(x)) - x) (HU)", "Uncertainty": "uncertainty (TTA std of G(x))"}
 
 
 def makeScene(home: Path):
@@ -127,19 +128,21 @@ def writePNG(renderWindow, path: Path) -> None:
     writer.Write()
 
 
-def renderCompareLayout(scene, appLogic, cursorRAS, path: Path, tile=(270, 230), header=34) -> None:
-    """The 3 x 4 compare layout (axial, coronal, sagittal rows) as one PNG."""
+def renderCompareLayout(scene, appLogic, cursorRAS, path: Path, tile=(270, 230), header=34,
+                        withUncertainty: bool = False) -> None:
+    """The compare layout (axial, coronal, sagittal rows; 4 columns, 5 with the uncertainty map) as one PNG."""
     width, height = tile
+    columns = (*views.COMPARE_COLUMNS, views.UNCERTAINTY_COLUMN) if withUncertainty else views.COMPARE_COLUMNS
     rows = []
     for orientation, _ in views.COMPARE_ORIENTATIONS:
         row = [renderSliceView(scene, appLogic, scene.GetSingletonNode(views.compareViewName(column, orientation),
                                                                         "vtkMRMLSliceNode"), tile, cursorRAS)
-               for column in views.COMPARE_COLUMNS]
+               for column in columns]
         rows.append(np.concatenate(row, axis=1))
     gap = np.full((2, rows[0].shape[1], 3), 40, np.uint8)
     body = np.concatenate([rows[2], gap, rows[1], gap, rows[0]], axis=0)  # bottom-up: sagittal row at the bottom
     canvas = np.concatenate([body, np.full((header, body.shape[1], 3), 25, np.uint8)], axis=0)
-    for c in range(1, len(views.COMPARE_COLUMNS)):  # thin separators between columns
+    for c in range(1, len(columns)):  # thin separators between columns
         canvas[:, c * width - 1: c * width + 1] = 40
 
     imageData = vtk.vtkImageData()
@@ -160,13 +163,13 @@ def renderCompareLayout(scene, appLogic, cursorRAS, path: Path, tile=(270, 230),
     camera.SetFocalPoint(cx, cy, 0.0)
     camera.SetPosition(cx, cy, 1000.0)
     camera.SetParallelScale(canvas.shape[0] / 2.0)
-    for c, column in enumerate(views.COMPARE_COLUMNS):
+    for c, column in enumerate(columns):
         text(renderer, COLUMN_TITLES[column], c * width + 8, body.shape[0] + 9, 15, bold=True)
-    labels = {"CT": "CT", "SyntheticMR": "MR", "RoundTripCT": "RT", "ErrorMap": "Err"}
+    labels = {"CT": "CT", "SyntheticMR": "MR", "RoundTripCT": "RT", "ErrorMap": "Err", "Uncertainty": "Unc"}
     for r, (orientation, color) in enumerate(views.COMPARE_ORIENTATIONS):
         rgb = tuple(int(color[i: i + 2], 16) / 255.0 for i in (1, 3, 5))
         top = body.shape[0] - r * (height + 2)
-        for c, column in enumerate(views.COMPARE_COLUMNS):
+        for c, column in enumerate(columns):
             text(renderer, f"{labels[column]}-{orientation[0]}", c * width + 6, top - 18, 13, rgb, bold=True)
     writePNG(renderWindow, path)
 
@@ -209,13 +212,16 @@ def renderHistogram(analysis, path: Path, size=(900, 420)) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ct", default=str(DATA / "ct" / "thorax_cta_heart_crop_1p5mm.nii.gz"), help="CT (HU)")
+    parser.add_argument("--ct", default=str(DATA / "ct" / "chest_ct_lung2.nrrd"),
+                        help="CT (HU); default: the shared chest CT that the default model never saw")
     parser.add_argument("--reference-mr", default=str(DATA / "mr" / "cardiac_cine_sax_phase01.nii.gz"),
                         help="real MR for the histogram")
     parser.add_argument("--model", help="ct2mr checkpoint (default: the bundled default model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--outputs", help="reuse the outputs of an earlier `ct2mr translate CT -o DIR` of the same CT "
                         "(no new translation)")
+    parser.add_argument("--uncertainty", choices=("tta", "none"), default="tta", help="tta (default): translate with "
+                        "the uncertainty map and render its fifth column (4 extra passes of G); none: four columns")
     parser.add_argument("--out", default=str(REPO / "docs"), help="folder of the PNG files")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -223,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="ct2mr-screenshots-") as temporary:
         scene, appLogic, volumesLogic, _keep = makeScene(Path(temporary))
-        ctNode = volumesLogic.AddArchetypeVolume(args.ct, "Heart CT")
+        ctNode = volumesLogic.AddArchetypeVolume(args.ct, "Chest CT")
         referenceNode = volumesLogic.AddArchetypeVolume(args.reference_mr, "Cardiac MR")
         logic = CT2MRTranslationLogic()
         logic.temporaryDirectory = temporary
@@ -232,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             from CT2MRTranslationLib.runner import TranslationProcess
 
             outputs = {key: str(Path(args.outputs) / f"{key}.nii.gz")
-                       for key in ("synthetic_mr", "roundtrip_ct", "error_map")}
+                       for key in ("synthetic_mr", "roundtrip_ct", "error_map", "uncertainty")
+                       if args.uncertainty != "none" or key != "uncertainty"}
             analysis = Path(args.outputs) / "analysis.json"  # from an earlier `ct2mr translate --analysis`
             code = (f"import json, pathlib; a = pathlib.Path({str(analysis)!r}); print(json.dumps({{'event': 'done', "
                     f"'outputs': {outputs!r}, 'device': 'reused', 'analysis': json.loads(a.read_text()) if a.exists() "
@@ -240,16 +247,18 @@ def main(argv: list[str] | None = None) -> int:
             factory = lambda engineArgs: TranslationProcess([sys.executable, "-c", code])  # noqa: E731
         start = time.monotonic()
         result = logic.translate(ctNode, modelPath=args.model, device=args.device, analysis=True,
+                                 uncertainty=args.uncertainty,
                                  referenceMRNode=referenceNode, processFactory=factory,
                                  progressCallback=lambda f, m: print(f"\r{100 * f:5.1f}% {m[:60]:<60}", end=""))
         print(f"\ntranslated in {time.monotonic() - start:.0f} s on {result.device}; metrics: "
               + ", ".join(f"{k} {v:.3g}" for k, v in result.analysis.metrics.items()))
         bounds = [0.0] * 6
         ctNode.GetRASBounds(bounds)
-        # linked cursor a little off-centre (through the heart in the shared crop)
+        # linked cursor a little off-centre (through the hilum in the shared chest CT)
         cursor = [bounds[0] + 0.55 * (bounds[1] - bounds[0]), bounds[2] + 0.5 * (bounds[3] - bounds[2]),
                   bounds[4] + 0.5 * (bounds[5] - bounds[4])]
-        renderCompareLayout(scene, appLogic, cursor, out / "compare_layout.png")
+        renderCompareLayout(scene, appLogic, cursor, out / "compare_layout.png",
+                            withUncertainty=args.uncertainty != "none")
         renderHistogram(result.analysis, out / "histogram_plot.png")
         scene.Clear(False)
     for name in ("compare_layout.png", "histogram_plot.png"):

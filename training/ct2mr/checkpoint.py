@@ -46,7 +46,7 @@ __all__ = [
 FORMAT = "ct2mr.cyclegan"
 FORMAT_VERSION = "1"
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-DEFAULT_MODEL = "ct2mr-default-v0.2"
+DEFAULT_MODEL = "ct2mr-default-v1.0"
 
 
 class CheckpointError(ValueError):

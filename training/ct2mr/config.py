@@ -196,6 +196,41 @@ class RicianConfig:
 
 
 @dataclass
+class LawConfig:
+    """An intensity law fitted before training, where the generators' intensity curves start (issue 13).
+
+    :func:`ct2mr.intensity_law.fit_intensity_law` (unpaired, multi-scale sliced Wasserstein matching with random
+    restarts) fits CT -> MR for G and MR -> CT for F on the training volumes; needs generators with
+    ``extra: {law_knots: K}`` and the same ``knots``. The fit's time counts in ``train.max_minutes``.
+
+    Attributes:
+        enabled: fit the laws when a run starts (not on ``--resume``).
+        knots: K, knots of the curves (= the generators' ``law_knots``).
+        restarts: optimisation starts (identity, then smooth random curves).
+        iterations: Adam steps of each finalist.
+        screen_iterations: Adam steps of every start before the best ``finalists`` go on (successive halving).
+        finalists: starts optimised for the full ``iterations``.
+        spacing_mm: the volumes are subsampled to about this spacing for the fit.
+        samples: voxels sampled per volume.
+        scales_mm: Gaussian sigmas (mm) of the features (0: the voxel itself).
+        gradient_sigma_mm: blur (mm) before the gradient-magnitude feature.
+        smoothness: weight of the curve's squared second difference.
+    """
+
+    enabled: bool = False
+    knots: int = 41
+    restarts: int = 32
+    iterations: int = 300
+    screen_iterations: int = 40
+    finalists: int = 3
+    spacing_mm: float = 2.0
+    samples: int = 10000
+    scales_mm: List[float] = field(default_factory=lambda: [0.0, 3.0, 8.0, 20.0])
+    gradient_sigma_mm: float = 1.5
+    smoothness: float = 0.01
+
+
+@dataclass
 class PairedConfig:
     """Paired training next to the unpaired cycle (Jin et al. 2019, "MR-GAN", eq. 5), for registered CT/MR pairs.
 
@@ -241,6 +276,7 @@ class ModelConfig:
         nce_temperature: tau of the InfoNCE (CUT: 0.07).
         rician: Rician corruption and likelihood.
         paired: paired terms of Jin et al.
+        law: the intensity law fitted before training (:class:`LawConfig`).
     """
 
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -265,6 +301,7 @@ class ModelConfig:
     nce_temperature: float = 0.07
     rician: RicianConfig = field(default_factory=RicianConfig)
     paired: PairedConfig = field(default_factory=PairedConfig)
+    law: LawConfig = field(default_factory=LawConfig)
 
 
 @dataclass
@@ -453,6 +490,17 @@ class RunConfig:
         if m.beta != 0 and not 0.3 <= m.beta <= 0.7:
             raise ValueError(f"model.beta (dual contrast) must be 0 (off) or in [0.3, 0.7] (thesis section 6.2.1, "
                              f"following DC-CycleGAN), got {m.beta}.")
+        if m.law.enabled:
+            for name, spec in (("generator", m.generator),):
+                knots = (spec.extra or {}).get("law_knots", 0) if hasattr(spec, "extra") else 0
+                if knots != m.law.knots:
+                    raise ValueError(f"model.law.enabled needs generators with an intensity curve of model.law.knots "
+                                     f"= {m.law.knots} knots: set model.generator.extra.law_knots={m.law.knots} "
+                                     f"(it is {knots}).")
+            if m.law.knots < 2 or m.law.restarts < 1 or min(m.law.iterations, m.law.screen_iterations) < 0 \
+                    or m.law.finalists < 1 or m.law.spacing_mm <= 0 or m.law.samples < 10:
+                raise ValueError("model.law needs knots >= 2, restarts >= 1, finalists >= 1, iterations and "
+                                 "screen_iterations >= 0, spacing_mm > 0 and samples >= 10.")
         r = m.rician
         if len(r.sigma_range) != 2 or not 0 <= r.sigma_range[0] <= r.sigma_range[1]:
             raise ValueError(f"model.rician.sigma_range must be [low, high] with 0 <= low <= high, got "

@@ -1135,6 +1135,71 @@ def train_run(config: RunConfig, out_dir: str | Path, resume: bool = False,
             torch.distributed.destroy_process_group()
 
 
+def start_intensity_laws(trainer: "CycleGANTrainer", config: RunConfig, ct_volumes: Sequence[DomainVolume],
+                         mr_volumes: Sequence[DomainVolume], out_dir: Path | None = None) -> float:
+    """Fit the CT -> MR and MR -> CT intensity laws and start G's and F's intensity curves there (issue 13).
+
+    :func:`ct2mr.intensity_law.fit_intensity_law` on the preprocessed training volumes, with ``model.law``'s
+    settings and ``train.seed`` (every process computes the same laws). With ``out_dir``, writes
+    ``intensity_law.json`` (both laws, their distances per restart) and ``intensity_law.png`` (the curves).
+
+    Returns:
+        Seconds spent (they count in ``train.max_minutes``).
+
+    Raises:
+        ValueError: a generator without an intensity curve of ``model.law.knots`` knots.
+    """
+    from .intensity_law import fit_intensity_law
+
+    law, prep = config.model.law, PreprocessingConfig.from_dict(config.data.preprocessing)
+    start = time.perf_counter()
+    settings = dict(voxel_mm=prep.target_spacing, knots=law.knots, spacing_mm=law.spacing_mm,
+                    scales_mm=tuple(law.scales_mm), gradient_sigma_mm=law.gradient_sigma_mm, samples=law.samples,
+                    restarts=law.restarts, iterations=law.iterations, screen_iterations=law.screen_iterations,
+                    finalists=law.finalists, smoothness=law.smoothness,
+                    seed=config.train.seed, ct_window=tuple(prep.ct_window))
+    def one_per_source(volumes: Sequence[DomainVolume]) -> list[np.ndarray]:
+        """Each acquisition first (the phases of a 4D series share one), so one cine series cannot fill the cap."""
+        firsts = {v.group: v for v in reversed(volumes)}
+        rest = [v for v in volumes if firsts.get(v.group) is not v]
+        return [v.array for v in list(firsts.values())[::-1] + rest]
+
+    ct, mr = one_per_source(ct_volumes), one_per_source(mr_volumes)
+    fitted = {}
+    for name, net, (src, dst, a, b) in (("G", trainer.G, ("ct", "mr", ct, mr)), ("F", trainer.F, ("mr", "ct", mr, ct))):
+        if not hasattr(net, "set_intensity_law"):
+            raise ValueError(f"model.law.enabled needs {name} with an intensity curve (a resnet generator with "
+                             f"extra.law_knots={law.knots}).")
+        fitted[name] = fit_intensity_law(a, b, src, dst, **settings)
+        net.set_intensity_law(fitted[name].values)
+        logger.info("Intensity law %s -> %s fitted in %.1f s (distance %.5f; starts %s)", src, dst,
+                    fitted[name].seconds, fitted[name].distance, fitted[name].restarts)
+    if out_dir is not None:
+        write_json(out_dir / "intensity_law.json", {k: v.to_dict() for k, v in fitted.items()})
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+            lo, hi = prep.ct_window
+            for ax, (name, fit) in zip(axes, fitted.items()):
+                x = (fit.knots + 1.0) * 0.5 * (hi - lo) + lo if fit.source == "ct" else fit.knots
+                y = (fit.values + 1.0) * 0.5 * (hi - lo) + lo if fit.target == "ct" else fit.values
+                ax.plot(x, y, "o-", ms=3)
+                ax.set(xlabel="CT (HU)" if fit.source == "ct" else "MR (normalised)",
+                       ylabel="MR (normalised)" if fit.target == "mr" else "CT (HU)",
+                       title=f"{name}: {fit.source.upper()} -> {fit.target.upper()} law (start)")
+                ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(out_dir / "intensity_law.png", dpi=90)
+            plt.close(fig)
+        except ImportError:  # matplotlib is optional for training
+            pass
+    return time.perf_counter() - start
+
+
 def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callable | None, command: str,
                dist: DistContext, device: torch.device) -> Path:
     t, d = config.train, config.data
@@ -1183,8 +1248,13 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
         local = [load_training_state(p) for p in sorted(folder.glob("rank*.pt"))]
         trainer.load_state_dict(shared, local)
         source.load_state_dict(_deep_merge([st["sampler"] for st in local]))
+    law_seconds = 0.0
+    if config.model.law.enabled and not resume:
+        if dist.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        law_seconds = start_intensity_laws(trainer, config, ct_volumes, mr_volumes, out_dir if dist.is_main else None)
     start = trainer.step_count
-    elapsed_before = float(pointer.get("elapsed_s", 0.0)) if resume and pointer else 0.0
+    elapsed_before = float(pointer.get("elapsed_s", 0.0)) if resume and pointer else law_seconds
     budget_s = None if t.max_minutes is None else 60.0 * float(t.max_minutes)
     prefetch = PatchPrefetcher(source, d.prefetch, pin_memory=device.type == "cuda")
 
@@ -1272,6 +1342,8 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
     if budget_s is not None:
         trainer.follow_clock(elapsed_before / budget_s)
     final_step = t.steps
+    if law_seconds and dist.is_main and (t.snapshot_minutes or t.snapshot_every):
+        snapshot(0, {})  # the fitted laws alone: the learning curve's first point
     try:
         for step in range(start + 1, t.steps + 1):
             if budget_s is not None and dist.all_true(elapsed() >= budget_s) and step > start + 1:

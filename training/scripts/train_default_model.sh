@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Trains the default-model candidate ct2mr-default-v1.0. It is NOT bundled yet: after 45 CPU minutes it missed the
-# issue 13 targets (benchmarks/RESULTS.md, "Default-model candidate v1.0"); the bundled default is still v0.2, whose
-# command is in training/ct2mr/models/MODEL_CARD.md.
+# Trains the default-model candidate ct2mr-default-v1.0 (benchmarks/RESULTS.md, "Default-model candidate v1.0";
+# whether it is bundled, and the anatomy figures, are in training/ct2mr/models/MODEL_CARD.md).
 # Run from the repository root after `make setup`, with ../shared/data beside the repository.
-# Recipe: preset sc (issue 13: MIND-SSC structure loss, W1 histogram, per-voxel intensity path, CT window
-# [-1000, 1000] HU), the winner of benchmarks/known_mapping.py against M1 at the same CPU budget.
+# Recipe: preset law (issue 13: the generators' intensity curves start at an unpaired intensity law fitted before
+# the first step, then the SC objective without histogram or identity terms; CT window [-1000, 1000] HU), the best
+# recipe of benchmarks/known_mapping.py. PRESET=sc gives the earlier candidate.
 # CPU, 2 threads, a wall-clock budget of MINUTES (default 60); resumable: rerun the same command to continue a killed
 # run (the budget is summed over resumes). chest_ct_lung2.nrrd is held out for validation and for the anatomy
 # checks of the model card. The checkpoint lands in runs/default-v1.0/model.safetensors.
@@ -15,7 +15,7 @@ DATA=../shared/data
 if [ -f "$OUT/state.json" ] && [ ! -f "$OUT/model.safetensors" ]; then
   exec .venv/bin/ct2mr train --out "$OUT" --resume "$@"
 fi
-exec .venv/bin/ct2mr train --preset sc \
+exec .venv/bin/ct2mr train --preset "${PRESET:-law}" \
   --ct "$DATA/ct/thorax_cta_1p5mm.nii.gz" "$DATA/ct/thorax_cta_heart_crop_1p5mm.nii.gz" \
        "$DATA/ct/abdomen_pelvis_ct_3mm.nii.gz" "$DATA/ct/upper_abdomen_ct_dicom" \
   --val-ct "$DATA/ct/chest_ct_lung2.nrrd" \

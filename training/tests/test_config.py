@@ -26,7 +26,15 @@ STRUCTURE_PRESETS = {
 
 
 def test_every_bundled_preset_is_listed_and_described_here():
-    assert sorted(list_presets()) == sorted([*PRESETS, *STRUCTURE_PRESETS])
+    assert sorted(list_presets()) == sorted([*PRESETS, *STRUCTURE_PRESETS, "law"])
+
+
+def test_law_preset_starts_at_a_fitted_law_without_histogram_or_identity_terms():
+    config = load_config("law")
+    m = config.model
+    assert config.preset == "law" and m.law.enabled and m.generator.extra == {"pointwise": 0, "law_knots": 41}
+    assert m.law.knots == 41 and (m.lambda_hist, m.lambda_id, m.lambda_mind, m.lambda_cyc) == (0.0, 0.0, 2.0, 10.0)
+    assert list(config.data.preprocessing["ct_window"]) == [-1000.0, 1000.0]
 
 
 @pytest.mark.parametrize("name", sorted(STRUCTURE_PRESETS))

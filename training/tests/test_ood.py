@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ct2mr.checkpoint import load_checkpoint, save_checkpoint
+from ct2mr.checkpoint import MODELS_DIR, load_checkpoint, save_checkpoint
 from ct2mr.data import load_domain
 from ct2mr.ood import (FEATURES, OOD_NAME, OOD_THRESHOLD, STATISTICS_VERSION, TOLERANCES, assess, ct_statistics,
                        ood_score, reference_for, training_ct_statistics)
@@ -133,10 +133,14 @@ def test_the_trainer_records_its_training_ct_statistics(tiny_checkpoint):
 
 
 def test_reference_comes_from_the_checkpoint_the_bundled_file_or_nowhere(bare_checkpoint, tmp_path):
-    default = load_checkpoint(None)
+    default = load_checkpoint(None)  # v1.0: its trainer recorded the statistics
     reference, note = reference_for(default)
-    assert reference["volumes"] == 4 and "bundled reference statistics" in note
+    assert reference["volumes"] == 4 and "recorded in the checkpoint" in note
     assert set(reference["names"]) == set(default.training["ct_volumes"])
+    older = load_checkpoint(MODELS_DIR / "ct2mr-default-v0.2.safetensors")  # predates that: the bundled file
+    reference, note = reference_for(older)
+    assert reference["volumes"] == 4 and "bundled reference statistics" in note
+    assert set(reference["names"]) == set(older.training["ct_volumes"])
     tiny = load_checkpoint(bare_checkpoint)
     reference, note = reference_for(tiny)
     assert reference is None and "no out-of-distribution score" in note

@@ -106,7 +106,7 @@ def test_extra_lists_from_arguments_and_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(registry.REGISTRY_ENV, str(second))
     reg = registry.load_registry([first])
     assert reg.default == BUNDLED["default"]  # an extra list never changes the default
-    assert reg.names() == [BUNDLED["default"], "m"]
+    assert reg.names() == [*(m["name"] for m in BUNDLED["models"]), "m"]
     assert [m.version for m in reg.versions("m")] == ["0.10", "0.9"]
     assert reg.get("m").version == "0.10" and reg.get("m", "0.9").url.endswith("m-0.9.safetensors")
     assert reg.get("m").file_name == "m.safetensors" and reg.get("m", "0.9").file_name == "m-0.9.safetensors"
@@ -259,7 +259,7 @@ def test_models_command(server, tmp_path, cache, capsys, small_checkpoint):
 
     assert main(["models", "--registry", str(extra), "list"]) == 0
     table = capsys.readouterr().out
-    assert "ct2mr-default-v0.2 *" in table and "bundled" in table and "downloadable" in table
+    assert "ct2mr-default-v1.0 *" in table and "ct2mr-default-v0.2 " in table and "bundled" in table and "downloadable" in table
 
     assert main(["models", "--registry", str(extra), "download", "lung", "--progress", "json"]) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -272,7 +272,7 @@ def test_models_command(server, tmp_path, cache, capsys, small_checkpoint):
 
     assert main(["models", "--registry", str(extra), "list", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert (rows["lung"]["status"], rows["mine"]["status"], rows["ct2mr-default-v0.2"]["status"]) == (
+    assert (rows["lung"]["status"], rows["mine"]["status"], rows["ct2mr-default-v1.0"]["status"]) == (
         "cached", "imported", "bundled")
 
     assert main(["models", "clear"]) == 0

@@ -484,7 +484,7 @@ def _damaged_default_model(tmp_path: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize("kind, expected", [
     ("missing", "1 tensor(s) of G are missing (e.g. G.model.10.body.0.weight)"),
-    ("shape", "1 tensor(s) of F have the wrong shape (e.g. F.model.0.weight: [4, 1, 7, 7, 7] stored, [8, 1, 7, 7, 7] "
+    ("shape", "1 tensor(s) of F have the wrong shape (e.g. F.model.0.weight: [4, 1, 7, 7, 7] stored, [16, 1, 7, 7, 7] "
               "needed)"),
     ("roi", "its inference setting roi_size must be 1 or 3 positive multiples of 4 voxels, got [0, 0, 0]"),
 ])

@@ -326,6 +326,8 @@ def test_every_preset_trains_on_real_volumes(preset, tmp_path, paired_mr):
              "train.val_every=2", "train.val_crop=[48,48,48]", f'data.val_ct=["{HEART_CT}"]', "train.log_every=1"]
     if preset == "paired":
         extra += [f'data.paired_ct=["{HEART_CT}"]', f'data.paired_mr=["{paired_mr}"]']
+    if preset == "law":  # a small law fit (the fit itself is tested in test_intensity_law.py)
+        extra += ["model.law.restarts=1", "model.law.iterations=5", "model.law.samples=500", "model.law.spacing_mm=4"]
     try:
         path = train_run(tiny(preset, *extra), tmp_path / preset, command=f"test {preset}")
     except NotImplementedError as exc:

@@ -523,11 +523,12 @@ def modelServer(tmp_path, monkeypatch):
 def test_model_list_and_download_with_a_good_checksum(logic, modelServer):
     logic.registryFiles = [modelServer["modelList"]()]
     rows = {r["name"]: r for r in logic.modelList()}
-    assert rows["ct2mr-default-v0.2"]["status"] == "bundled" and rows["ct2mr-default-v0.2"]["default"]
+    assert rows["ct2mr-default-v1.0"]["status"] == "bundled" and rows["ct2mr-default-v1.0"]["default"]
+    assert rows["ct2mr-default-v0.2"]["status"] == "bundled" and not rows["ct2mr-default-v0.2"]["default"]
     assert rows["lung-m1"]["status"] == "downloadable" and rows["lung-m1"]["path"] is None
     for key in ("name", "version", "description", "training_data", "licence", "url", "sha256", "size"):
         assert rows["lung-m1"][key], key
-    assert logic.modelPath() == rows["ct2mr-default-v0.2"]["path"]  # the default model is always there
+    assert logic.modelPath() == rows["ct2mr-default-v1.0"]["path"]  # the default model is always there
     with pytest.raises(ValueError, match="not downloaded yet"):
         logic.modelPath("lung-m1")
 

@@ -8,6 +8,9 @@ convolution, which avoids checkerboard artefacts), and a 7^3 output convolution 
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,6 +40,47 @@ class ResnetBlock3D(nn.Module):
         return x + self.body(x)
 
 
+class IntensityCurve(nn.Module):
+    """A learnable piecewise-linear curve applied voxel by voxel, in pre-tanh units (issue 13).
+
+    ``K`` knots evenly spaced on [-1, 1]; the parameter ``values`` (K,) holds ``atanh`` of the curve's output at each
+    knot, so that ``tanh(L(x))`` is the curve when nothing else is added. It starts at the identity (clipped to
+    +-0.96 before ``atanh``). Input (B, 1, D, H, W) in [-1, 1] (clamped); output the same shape.
+
+    Raises:
+        ValueError: fewer than 2 knots.
+    """
+
+    LIMIT = 0.96
+
+    def __init__(self, knots: int) -> None:
+        super().__init__()
+        if knots < 2:
+            raise ValueError(f"IntensityCurve needs at least 2 knots, got {knots}.")
+        self.values = nn.Parameter(torch.atanh(torch.linspace(-1.0, 1.0, int(knots)).clamp(-self.LIMIT, self.LIMIT)))
+
+    def set_values(self, values: Sequence[float]) -> None:
+        """Set the curve to ``values`` (K numbers in [-1, 1], clipped to +-0.96) at the knots.
+
+        Raises:
+            ValueError: not K values.
+        """
+        tensor = torch.as_tensor(np.asarray(values, np.float32)).flatten()
+        if tensor.numel() != self.values.numel():
+            raise ValueError(f"The curve has {self.values.numel()} knots, got {tensor.numel()} values.")
+        with torch.no_grad():
+            self.values.copy_(torch.atanh(tensor.clamp(-self.LIMIT, self.LIMIT)).to(self.values))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) -> (B, 1, D, H, W), the curve's pre-tanh value at each voxel."""
+        k = self.values.numel()
+        position = (x.clamp(-1.0, 1.0) + 1.0) * (0.5 * (k - 1))
+        low = position.detach().floor().clamp(0, k - 2)
+        weight = position - low
+        low = low.long()
+        return self.values[low] * (1.0 - weight) + self.values[low + 1] * weight
+
+
 class ResnetGenerator3D(nn.Module):
     """3D ResNet generator G (CT -> MR) or F (MR -> CT).
 
@@ -53,23 +97,26 @@ class ResnetGenerator3D(nn.Module):
             the network starts as a learnable intensity curve and the ResNet adds what needs context. A window that
             holds only air then maps to the learned air value instead of the mid-grey that instance
             normalisation makes of a constant input (issue 13).
+        law_knots: knots of a learnable piecewise-linear intensity curve ``L`` (0: off): the output is
+            ``tanh(R(x) + P(x) + L(x))``, ``L`` evenly spaced on [-1, 1] and starting at the identity; the trainer can
+            set it to a law fitted before training (:mod:`ct2mr.intensity_law`, :meth:`set_intensity_law`).
 
     Parameter names (state-dict keys) for a given configuration never change: checkpoints written by earlier
     versions keep loading.
 
     Raises:
-        ValueError: ``base_channels < 1``, ``n_blocks < 0`` or an unknown norm name.
+        ValueError: ``base_channels < 1``, ``n_blocks < 0``, ``law_knots`` 1 or negative, or an unknown norm name.
 
     Input (B, in_channels, D, H, W) with D, H, W multiples of 4 (the preprocessing pads to a multiple of K = 16);
     output (B, out_channels, D, H, W) in [-1, 1].
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 64, n_blocks: int = 9,
-                 norm: str = "instance", pointwise: int = 0) -> None:
+                 norm: str = "instance", pointwise: int = 0, law_knots: int = 0) -> None:
         super().__init__()
-        if base_channels < 1 or n_blocks < 0 or pointwise < 0:
-            raise ValueError(f"base_channels must be >= 1, n_blocks and pointwise >= 0, got {base_channels}, "
-                             f"{n_blocks}, {pointwise}.")
+        if base_channels < 1 or n_blocks < 0 or pointwise < 0 or law_knots < 0 or law_knots == 1:
+            raise ValueError(f"base_channels must be >= 1, n_blocks and pointwise >= 0, law_knots 0 or >= 2, got "
+                             f"{base_channels}, {n_blocks}, {pointwise}, {law_knots}.")
         make_norm(norm, 1)  # validates the name up front
         c = base_channels
         layers: list[nn.Module] = [
@@ -84,11 +131,13 @@ class ResnetGenerator3D(nn.Module):
                        nn.ReLU(True)]
         layers += [nn.Conv3d(c, out_channels, 7, padding=3, padding_mode="replicate"), nn.Tanh()]
         self.pointwise = None
-        if pointwise:
+        self.law = IntensityCurve(law_knots) if law_knots else None
+        if pointwise or law_knots:
             # the Tanh moves after the sum; it has no parameters, so the state-dict keys of ``model`` do not change
             layers.pop()
             nn.init.zeros_(layers[-1].weight)
             nn.init.zeros_(layers[-1].bias)
+        if pointwise:
             h = int(pointwise)
             self.pointwise = nn.Sequential(
                 nn.Conv3d(in_channels, h, 1), nn.LeakyReLU(0.2, True), nn.Conv3d(h, h, 1), nn.LeakyReLU(0.2, True),
@@ -99,6 +148,21 @@ class ResnetGenerator3D(nn.Module):
         """(B, C_in, D, H, W) -> (B, C_out, D, H, W) in [-1, 1]; D, H, W must be multiples of 4."""
         if any(s % 4 for s in x.shape[2:]):
             raise ValueError(f"ResnetGenerator3D needs D, H, W divisible by 4, got {tuple(x.shape[2:])}.")
-        if self.pointwise is None:
+        if self.pointwise is None and self.law is None:
             return self.model(x)
-        return torch.tanh(self.model(x) + self.pointwise(x))
+        out = self.model(x)
+        if self.pointwise is not None:
+            out = out + self.pointwise(x)
+        if self.law is not None:
+            out = out + self.law(x)
+        return torch.tanh(out)
+
+    def set_intensity_law(self, values: Sequence[float]) -> None:
+        """Start the intensity curve ``L`` at a law (K values in [-1, 1] at evenly spaced knots; K = law_knots).
+
+        Raises:
+            ValueError: the generator has no curve, or ``values`` has the wrong length.
+        """
+        if self.law is None:
+            raise ValueError("This generator has no intensity curve: build it with law_knots > 0.")
+        self.law.set_values(values)

@@ -1,0 +1,114 @@
+"""The unpaired intensity-law fit and the generators' intensity curve (issue 13)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ct2mr.checkpoint import load_checkpoint
+from ct2mr.config import load_config
+from ct2mr.intensity_law import fit_intensity_law, hat_basis, law_knots
+from ct2mr.networks.resnet import IntensityCurve, ResnetGenerator3D
+from ct2mr.training import train_run
+from ct2mr_testdata import ABDOMEN_MR, HEART_CT, need
+
+#: Phantom tissue intensities on the normalised source scale and the non-monotone law a target modality applies:
+#: a "fat" shell under the skin that is the target's brightest tissue, a "muscle" core, a small bright "bone".
+SOURCE = {"air": -1.0, "fat": -0.1, "muscle": 0.05, "bone": 0.6}
+TRUE_LAW = {"air": -1.0, "fat": 0.9, "muscle": -0.2, "bone": -0.6}
+
+
+def phantom(size: int, centre_shift: float, law: dict[str, float]) -> np.ndarray:
+    """A (size, size, size) body: an ellipsoid with a 4-voxel fat shell, a muscle core and a bone rod."""
+    z, y, x = np.mgrid[:size, :size, :size].astype(np.float32) / size - 0.5
+    r = np.sqrt((z / 0.45) ** 2 + (y / 0.38) ** 2 + ((x - centre_shift) / 0.42) ** 2)
+    out = np.full((size,) * 3, law["air"], np.float32)
+    out[r < 1.0] = law["fat"]
+    out[r < 0.72] = law["muscle"]
+    out[(np.hypot(y + 0.1, x - centre_shift) < 0.06) & (r < 0.72)] = law["bone"]
+    return out
+
+
+def test_hat_basis_is_a_partition_of_unity():
+    knots = law_knots(9)
+    x = np.linspace(-1.3, 1.3, 101, dtype=np.float32)
+    total = sum(hat_basis(x, knots, k) for k in range(len(knots)))
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+    assert hat_basis(np.float32([knots[3]]), knots, 3)[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 2 knots"):
+        law_knots(1)
+
+
+def test_unpaired_fit_recovers_a_non_monotone_law():
+    """Two phantoms of different shape: the law is found from unpaired volumes, fat brighter than muscle and bone."""
+    sources = [phantom(48, 0.0, SOURCE), phantom(40, 0.05, SOURCE)]
+    targets = [phantom(44, -0.04, TRUE_LAW), phantom(52, 0.02, TRUE_LAW)]
+    law = fit_intensity_law(sources, targets, "mr", "mr", voxel_mm=2.0, knots=21, spacing_mm=2.0,
+                            scales_mm=(0.0, 3.0, 8.0), samples=3000, restarts=8, iterations=150, seed=0)
+    found = {name: float(law(np.float32([v]))[0]) for name, v in SOURCE.items()}
+    assert found["fat"] > found["muscle"] + 0.5 and found["fat"] > found["bone"] + 0.5, found
+    assert abs(found["fat"] - TRUE_LAW["fat"]) < 0.3 and abs(found["muscle"] - TRUE_LAW["muscle"]) < 0.3, found
+    assert len(law.restarts) == 8 and law.distance <= 1.1 * min(law.restarts)  # finalists go on from the screen
+    again = fit_intensity_law(sources, targets, "mr", "mr", voxel_mm=2.0, knots=21, spacing_mm=2.0,
+                              scales_mm=(0.0, 3.0, 8.0), samples=3000, restarts=8, iterations=150, seed=0)
+    np.testing.assert_array_equal(law.values, again.values)  # seeded: the same law
+    record = json.loads(json.dumps(law.to_dict()))
+    assert record["source"] == "mr" and len(record["values"]) == 21
+
+
+def test_fit_refuses_empty_or_non_3d_input():
+    with pytest.raises(ValueError, match="at least one source"):
+        fit_intensity_law([], [np.zeros((8, 8, 8), np.float32)])
+    with pytest.raises(ValueError, match=r"\(z, y, x\) volumes"):
+        fit_intensity_law([np.zeros((8, 8), np.float32)], [np.zeros((8, 8, 8), np.float32)], "mr", "mr")
+
+
+def test_intensity_curve_starts_near_identity_and_takes_a_law():
+    curve = IntensityCurve(5)
+    knots = torch.linspace(-1, 1, 5).reshape(1, 1, 5, 1, 1)
+    np.testing.assert_allclose(torch.tanh(curve(knots)).detach().flatten(), [-0.96, -0.5, 0.0, 0.5, 0.96],
+                               atol=1e-5)
+    curve.set_values([0.9, -0.2, 0.0, 0.3, -0.6])
+    np.testing.assert_allclose(torch.tanh(curve(knots)).detach().flatten(), [0.9, -0.2, 0.0, 0.3, -0.6], atol=1e-5)
+    middle = torch.tanh(curve(torch.full((1, 1, 1, 1, 1), -0.75))).item()  # halfway between the first two knots
+    assert -0.2 < middle < 0.9
+    with pytest.raises(ValueError, match="5 knots, got 3"):
+        curve.set_values([0.0, 0.1, 0.2])
+    generator = ResnetGenerator3D(base_channels=2, n_blocks=1, law_knots=5)
+    generator.set_intensity_law([0.9, -0.2, 0.0, 0.3, -0.6])
+    with torch.no_grad():  # the ResNet branch starts at zero: the generator is the law
+        out = generator(torch.full((1, 1, 8, 8, 8), -0.5))
+    assert out.flatten()[0].item() == pytest.approx(-0.2, abs=1e-5)
+    with pytest.raises(ValueError, match="no intensity curve"):
+        ResnetGenerator3D(base_channels=2, n_blocks=1).set_intensity_law([0.0, 1.0])
+    with pytest.raises(ValueError, match="law_knots"):
+        ResnetGenerator3D(base_channels=2, n_blocks=1, law_knots=1)
+
+
+def test_law_preset_needs_a_curve_of_matching_knots():
+    with pytest.raises(ValueError, match="law_knots=41"):
+        load_config("law", ["model.generator.extra.law_knots=0"])
+
+
+def test_training_starts_the_curves_at_the_fitted_laws(tmp_path):
+    """The trainer fits both laws before step 1, records them and a step-0 snapshot, and the model loads."""
+    need(HEART_CT, ABDOMEN_MR)
+    config = load_config("law", [
+        "model.generator.base_channels=2", "model.discriminator.base_channels=2", "model.generator.n_blocks=1",
+        "data.patch_size=[32,32,32]", "train.device=cpu", "train.val_every=0", f'data.ct=["{HEART_CT}"]',
+        f'data.mr=["{ABDOMEN_MR}"]', "train.steps=1", "train.threads=1", "train.snapshot_every=1",
+        "model.law.restarts=2", "model.law.iterations=20", "model.law.samples=2000", "model.law.spacing_mm=4"])
+    path = train_run(config, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "intensity_law.json").read_text())
+    assert set(record) == {"G", "F"} and record["G"]["source"] == "ct" and len(record["G"]["values"]) == 41
+    assert (tmp_path / "run" / "intensity_law.png").stat().st_size > 1000
+    step0 = load_checkpoint(tmp_path / "run" / "snapshots" / "step_00000000.safetensors")
+    curve = torch.tanh(step0.G.law.values.detach()).numpy()
+    np.testing.assert_allclose(curve, np.clip(record["G"]["values"], -0.96, 0.96), atol=1e-4)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["elapsed_s"] >= record["G"]["seconds"] + record["F"]["seconds"]  # the fit counts in the budget
+    with torch.no_grad():
+        assert load_checkpoint(path).G(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
