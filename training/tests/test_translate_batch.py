@@ -214,7 +214,7 @@ def test_batch_reports_each_case_done_with_its_analysis(tmp_path):
         analysis = json.loads((case_dir / "analysis.json").read_text())
         assert done["output_dir"] == str(case_dir) and done["outputs"]["analysis"] == str(case_dir / "analysis.json")
         assert set(done["outputs"]) == {*OUTPUT_NAMES, "analysis"} and done["analysis"] == analysis
-        assert done["device"] == "cpu" and done["ct_window"] == [-600.0, 1000.0] and done["mean_error_hu"] > 0
+        assert done["device"] == "cpu" and done["ct_window"] == [-1000.0, 1000.0] and done["mean_error_hu"] > 0
         assert done["model"] and done["stage_seconds"]["G"] > 0 and done["anatomy"] is None
         assert analysis["error"] == "" and list(analysis["histogram"]["columns"]) == ["Synthetic MR", "Reference MR"]
         _assert_on_input_grid(case_dir, sitk.ReadImage(str(tmp_path / f"{done['case']}.nrrd")))
@@ -227,7 +227,7 @@ def test_batch_reports_each_case_done_with_its_analysis(tmp_path):
     skipped = [e for e in again if e["event"] == "case_done"]
     assert [(e["case"], e["status"]) for e in skipped] == [("a", "skipped"), ("b", "skipped")]
     assert skipped[0]["outputs"]["analysis"] == str(out / "a" / "analysis.json")
-    assert skipped[0]["ct_window"] == [-600.0, 1000.0] and skipped[0]["analysis"] is None
+    assert skipped[0]["ct_window"] == [-1000.0, 1000.0] and skipped[0]["analysis"] is None  # the default model v1.0
 
 
 @pytest.mark.slow

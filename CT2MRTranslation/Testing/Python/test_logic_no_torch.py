@@ -65,7 +65,7 @@ def test_a_translation_with_analysis_leaves_torch_out_of_the_calling_process(tmp
     report = json.loads(lines[-1][len("REPORT "):])
     assert report["failures"] == []
     assert {"SSIM_cyc", "MAE_cyc (HU)", "W1", "Edge correlation", "GMS", "NMI"} <= set(report["rows"])
-    assert report["histogramColumns"] == 3 and report["ctWindow"] == [-600.0, 1000.0] and report["layout"]
+    assert report["histogramColumns"] == 3 and report["ctWindow"] == [-1000.0, 1000.0] and report["layout"]
     assert report["models"] >= 1 and report["planChecked"] > 0
     assert "torch" not in report["loaded"] and "ct2mr.evaluation" not in report["loaded"]
     assert not [name for name in report["loaded"] if name.startswith(("torch", "monai", "scipy"))]

@@ -407,7 +407,7 @@ def test_real_engine_batch_is_one_process_with_prefetch(mrml, logic, tmp_path):
     for result, node in zip(batch.results, inputs, strict=True):
         assert result.syntheticMR.GetName() == f"{node.GetName()} synthetic MR"
         assert slicer.util.arrayFromVolume(result.syntheticMR).shape == slicer.util.arrayFromVolume(node).shape
-        assert result.device == "cpu" and result.ctWindow == (-600.0, 1000.0)
+        assert result.device == "cpu" and result.ctWindow == (-1000.0, 1000.0)  # the default model v1.0
         rows = [result.analysis.metricsTable.GetCellText(r, 0)
                 for r in range(result.analysis.metricsTable.GetNumberOfRows())]
         assert {"SSIM_cyc", "MAE_cyc (HU)", "W1"} <= set(rows)
@@ -620,7 +620,7 @@ def test_real_engine_falls_back_to_the_cpu_and_adds_the_analysis(mrml, logic, sm
     rows = [result.analysis.metricsTable.GetCellText(r, 0) for r in range(result.analysis.metricsTable.GetNumberOfRows())]
     assert {"SSIM_cyc", "MAE_cyc", "MAE_cyc (HU)", "W1", "Edge correlation", "GMS", "NMI"} <= set(rows)
     assert -1.0 <= result.analysis.metrics["SSIM_cyc"] <= 1.0 and result.analysis.metrics["W1"] >= 0.0
-    assert result.ctWindow == (-600.0, 1000.0)
+    assert result.ctWindow == (-1000.0, 1000.0)  # the default model v1.0
     assert os.listdir(logic.temporaryDirectory) == []
 
 
