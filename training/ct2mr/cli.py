@@ -118,7 +118,8 @@ EXAMPLES_TRAIN = """examples:
   ct2mr train --out runs/m3 --resume train.steps=40000        # extend a finished run
   torchrun --nproc-per-node 4 -m ct2mr train --preset m1 --split-file split.json --out runs/m1 --device cuda
 
-presets: m1 m2 m3 m4 hist hlsnc paired (training/ct2mr/configs/*.yaml); every key is listed in RUN_DIR/config.yaml.
+presets: m1 m2 m3 m4 hist hlsnc paired (thesis), sc nce law (issue 13; law: the best on the known-mapping benchmark)
+(training/ct2mr/configs/*.yaml); every key is listed in RUN_DIR/config.yaml.
 """
 
 
@@ -241,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train generators G (CT -> MR) and F (MR -> CT) against 3D PatchGAN discriminators "
                        "on random unpaired 3D patches, as a preset configures it (thesis Table 4: m1 ResNet-9b + "
                        "LSGAN, m2 + WGAN-GP, m3 U-Net++ + WGAN-GP + SSIM-3D, m4 3D DC-CycleGAN; hist Hist-CycleGAN "
-                       "(7.7); hlsnc hinge + switchable norm; paired Jin et al.'s paired terms). Settings are "
+                       "(7.7); hlsnc hinge + switchable norm; paired Jin et al.'s paired terms; beside the thesis: sc "
+                       "MIND-SSC structure loss, nce 3D PatchNCE, law generators that start at an unpaired CT -> MR "
+                       "intensity law fitted before the first step). Settings are "
                        "KEY=VALUE overrides (positional or --set), the flags below are shorthands for common ones. "
                        "Inputs go through the thesis's preprocessing chain (or are ct2mr preprocess HDF5 outputs). "
                        "The same command runs on 1 CPU or, under torchrun, on N GPUs or nodes. Writes RUN_DIR/"
@@ -251,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides, e.g. model.alpha=0.84 "
                    "train.steps=100 data.patch_size=[48,48,48] (see RUN_DIR/config.yaml for every key)")
     r.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder")
-    r.add_argument("--preset", metavar="NAME|YAML", help="m1, m2, m3, m4, hist, hlsnc, paired, sc, nce or a YAML file "
-                   "(default: m1; with --resume: the run's own config.yaml)")
+    r.add_argument("--preset", metavar="NAME|YAML", help="m1, m2, m3, m4, hist, hlsnc, paired, sc, nce, law or a "
+                   "YAML file (default: m1; with --resume: the run's own config.yaml)")
     r.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its latest checkpoint "
                    "(exactly: optimisers, schedules, patch streams, RNGs); overrides such as train.steps=N extend it")
     r.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
