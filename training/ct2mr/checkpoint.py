@@ -11,7 +11,6 @@ safetensors stores raw tensors only: loading never unpickles, so an untrusted fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .io import atomic_write
+from .io import atomic_write, sha256sum
 from .networks import build_discriminator, build_generator
 from .preprocessing import PreprocessingConfig
 
@@ -81,15 +80,6 @@ class Checkpoint:
     def name(self) -> str:
         """A display name: the training summary's ``name`` or the file stem."""
         return str(self.training.get("name") or (self.path.stem if self.path else "unnamed"))
-
-
-def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike, modules: dict[str, nn.Module], architecture: dict[str, Any],

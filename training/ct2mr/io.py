@@ -44,6 +44,7 @@ import numpy as np
 import SimpleITK as sitk
 
 __all__ = [
+    "sha256sum",
     "IMAGE_SUFFIXES",
     "HDF5_SUFFIXES",
     "ImageReadError",
@@ -951,3 +952,17 @@ def write_hdf5(array: np.ndarray, path: str | os.PathLike, attrs: dict | None = 
         with open(tmp, "wb") as out:
             out.write(data)
     return path
+
+
+def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks of ``chunk`` bytes (the one implementation: checkpoints, the model
+    list's downloads and imports, and the sample data all use it).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from .io import sha256sum
+
 __all__ = [
     "MODELS_DIR",
     "MODELS_JSON",
@@ -400,12 +402,6 @@ def model_dir(name: str, version: str) -> Path:
     return models_cache_dir() / _safe(name, "name") / _safe(version, "version")
 
 
-def _sha256(path: Path) -> str:
-    from .sampledata import _sha256 as sha
-
-    return sha(path)
-
-
 def _write_sidecar(folder: Path, entry: ModelEntry, origin: str, imported_from: str | None = None) -> None:
     data = {"entry": entry.to_dict(), "origin": origin, "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if imported_from:
@@ -567,7 +563,7 @@ def import_checkpoint(path: str | os.PathLike, name: str | None = None, version:
 
     source = Path(path)
     metadata = verify_checkpoint(source)
-    sha256 = _sha256(source)
+    sha256 = sha256sum(source)
     listed = load_registry().by_sha256(sha256)
     training = metadata.get("training") or {}
     if listed is not None and name is None and version is None:
@@ -587,14 +583,14 @@ def import_checkpoint(path: str | os.PathLike, name: str | None = None, version:
     folder = model_dir(entry.name, entry.version)
     target = folder / entry.file_name
     if target.is_file():
-        if _sha256(target) != sha256:
+        if sha256sum(target) != sha256:
             raise RegistryError(f"{entry.key} already holds a different file ({target}); import under another "
                                 "--version, or `ct2mr models clear` it first.")
     else:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_write(target) as tmp:
             shutil.copyfile(source, tmp)
-            if _sha256(tmp) != sha256:
+            if sha256sum(tmp) != sha256:
                 raise RegistryError(f"The copy of {source} does not match its SHA-256; the disk may be failing.")
     _write_sidecar(folder, entry, "import", str(source.resolve()))
     return next(c for c in cached_models(entry.name) if c.entry.version == entry.version)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .io import sha256sum
+
 __all__ = ["Sample", "SAMPLES", "ChecksumError", "cache_dir", "fetch", "demo_ct"]
 
 SLICER_TESTING_DATA = "https://github.com/Slicer/SlicerTestingData/releases/download/SHA256/"
@@ -81,7 +83,7 @@ def fetch(url: str, sha256: str, destination: str | os.PathLike, timeout: float 
         OSError: the server cannot be reached (``urllib.error.URLError`` is an ``OSError``).
     """
     destination = Path(destination)
-    if destination.is_file() and _sha256(destination) == sha256:
+    if destination.is_file() and sha256sum(destination) == sha256:
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = destination.with_name(f".{destination.name}.part")
@@ -103,14 +105,6 @@ def fetch(url: str, sha256: str, destination: str | os.PathLike, timeout: float 
     finally:
         tmp.unlink(missing_ok=True)
     return destination
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def demo_ct(fallbacks: list[Path] | None = None, sample: str = "CTChest", offline: bool = False,
@@ -137,7 +131,7 @@ def demo_ct(fallbacks: list[Path] | None = None, sample: str = "CTChest", offlin
             return fetch(entry.url, entry.sha256, target, progress=progress), f"sample {entry.name} ({entry.url})"
         except (OSError, ChecksumError) as exc:
             reason = str(exc)
-    elif target.is_file() and _sha256(target) == entry.sha256:
+    elif target.is_file() and sha256sum(target) == entry.sha256:
         return target, f"cached sample {entry.name}"
     for path in fallbacks or []:
         if Path(path).exists():
