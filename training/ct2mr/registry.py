@@ -33,8 +33,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .io import sha256sum
-
 __all__ = [
     "MODELS_DIR",
     "MODELS_JSON",
@@ -395,6 +393,14 @@ def _safe(part: str, what: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", part or ""):
         raise RegistryError(f"Invalid model {what} {part!r}: use letters, digits, '.', '_', '+' and '-'.")
     return part
+
+
+def sha256sum(path: str | os.PathLike) -> str:
+    """:func:`ct2mr.io.sha256sum`, imported when first needed: the Slicer module reads the model list in its own
+    process, which must stay free of NumPy and SimpleITK (``ct2mr.io``)."""
+    from .io import sha256sum as file_sha256
+
+    return file_sha256(path)
 
 
 def model_dir(name: str, version: str) -> Path:

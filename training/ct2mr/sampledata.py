@@ -15,9 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .io import sha256sum
-
 __all__ = ["Sample", "SAMPLES", "ChecksumError", "cache_dir", "fetch", "demo_ct"]
+
+
+def sha256sum(path: str | os.PathLike) -> str:
+    """:func:`ct2mr.io.sha256sum`, imported when first needed (this module stays light: the model list uses it)."""
+    from .io import sha256sum as file_sha256
+
+    return file_sha256(path)
+
 
 SLICER_TESTING_DATA = "https://github.com/Slicer/SlicerTestingData/releases/download/SHA256/"
 
