@@ -491,12 +491,11 @@ class RunConfig:
             raise ValueError(f"model.beta (dual contrast) must be 0 (off) or in [0.3, 0.7] (thesis section 6.2.1, "
                              f"following DC-CycleGAN), got {m.beta}.")
         if m.law.enabled:
-            for name, spec in (("generator", m.generator),):
-                knots = (spec.extra or {}).get("law_knots", 0) if hasattr(spec, "extra") else 0
-                if knots != m.law.knots:
-                    raise ValueError(f"model.law.enabled needs generators with an intensity curve of model.law.knots "
-                                     f"= {m.law.knots} knots: set model.generator.extra.law_knots={m.law.knots} "
-                                     f"(it is {knots}).")
+            knots = (m.generator.extra or {}).get("law_knots", 0)
+            if knots != m.law.knots:
+                raise ValueError(f"model.law.enabled needs generators with an intensity curve of model.law.knots "
+                                 f"= {m.law.knots} knots: set model.generator.extra.law_knots={m.law.knots} "
+                                 f"(it is {knots}).")
             if m.law.knots < 2 or m.law.restarts < 1 or min(m.law.iterations, m.law.screen_iterations) < 0 \
                     or m.law.finalists < 1 or m.law.spacing_mm <= 0 or m.law.samples < 10:
                 raise ValueError("model.law needs knots >= 2, restarts >= 1, finalists >= 1, iterations and "
