@@ -951,7 +951,7 @@ class CT2MRTranslationTest(ScriptedLoadableModuleTest):
         result = logic.translate(inputNode, progressCallback=lambda fraction, message: fractions.append(fraction),
                                  analysis=True)
         self.assertNotIn("torch", sys.modules)  # the engine and its science ran in their own process
-        self.assertNotIn("ct2mr.evaluation", sys.modules)
+        self.assertNotIn("ct2mr.evaluation.evaluate", sys.modules)
 
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
         inputParent = shNode.GetItemParent(shNode.GetItemByDataNode(inputNode))

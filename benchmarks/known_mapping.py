@@ -78,7 +78,7 @@ def _name(path: Path) -> str:
 
 def simulate(cts: list[Path], out: Path, crop: int | None = None) -> list[tuple[Path, Path]]:
     """Simulated MR of each CT (cached), with the CT itself (cropped for ``--tiny``)."""
-    from ct2mr.io import read_image
+    from ct2mr.io.images import read_image
 
     out.mkdir(parents=True, exist_ok=True)
     pairs = []
@@ -102,14 +102,14 @@ def _normalise_mr(mr: np.ndarray) -> np.ndarray:
 
 
 def _body(ct_hu: np.ndarray) -> np.ndarray:
-    from ct2mr.masks import body_mask
+    from ct2mr.preprocessing.masks import body_mask
 
     return body_mask(ct_hu, "ct", normalised=False)
 
 
 def scores(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     """Paired MAE, PSNR (data range 2) and SSIM inside ``mask``; arrays (z, y, x) on the [-1, 1] scale."""
-    from ct2mr.evaluation import mae, psnr, ssim3d
+    from ct2mr.evaluation.evaluate import mae, psnr, ssim3d
 
     pred = np.clip(pred.astype(np.float32), -1.0, 1.0)
     return {"mae": mae(pred, truth, mask), "psnr": psnr(pred, truth, 2.0, mask),
@@ -174,7 +174,7 @@ def translate(model: Path, ct_path: Path, out: Path, threads: int) -> np.ndarray
 
 
 def _snapshot_info(path: Path) -> tuple[int, float]:
-    from ct2mr.checkpoint import load_checkpoint
+    from ct2mr.models.checkpoint import load_checkpoint
 
     summary = load_checkpoint(path).training
     return int(summary.get("steps", 0)), float(summary.get("elapsed_s", 0.0))

@@ -1,4 +1,4 @@
-"""Out-of-distribution scores (issue 16, :mod:`ct2mr.ood`) of the shared CTs, as the README's table reports them.
+"""Out-of-distribution scores (issue 16, :mod:`ct2mr.inference.ood`) of the shared CTs, as the README's table reports them.
 
 For every CT of ``../shared/data/ct`` and three derived volumes (a head-sized 150 x 195 x 210 mm crop of the thorax
 CT and of the abdomen/pelvis CT, and the thorax CT scanned 20 % shorter), prints the score and its most deviant
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from ct2mr.checkpoint import load_checkpoint
-from ct2mr.io import read_image
-from ct2mr.ood import OOD_THRESHOLD, ct_statistics, ood_score, reference_for, training_ct_statistics
-from ct2mr.preprocessing import preprocess
+from ct2mr.models.checkpoint import load_checkpoint
+from ct2mr.io.images import read_image
+from ct2mr.inference.ood import OOD_THRESHOLD, ct_statistics, ood_score, reference_for, training_ct_statistics
+from ct2mr.preprocessing.pipeline import preprocess
 
 CTS = ("thorax_cta_1p5mm.nii.gz", "chest_ct_lung2.nrrd", "thorax_cta_heart_crop_1p5mm.nii.gz",
        "abdomen_pelvis_ct_3mm.nii.gz", "upper_abdomen_ct_dicom")

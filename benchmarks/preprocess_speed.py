@@ -5,7 +5,7 @@ Builds the test volume from the real chest CT ``../shared/data/ct/chest_ct_lung2
 temporary folder (never into the repository). Each measurement then runs in a fresh Python process, so that its peak
 resident memory (``ru_maxrss``) is its own:
 
-* ``preprocess``: :func:`ct2mr.preprocessing.preprocess` on the image already in memory (RAS, 1 mm trilinear, pad to
+* ``preprocess``: :func:`ct2mr.preprocessing.pipeline.preprocess` on the image already in memory (RAS, 1 mm trilinear, pad to
   16, CT window -> [-1, 1]); best and median of ``--repeats`` runs;
 * ``batch``: the whole per-volume job of ``ct2mr preprocess`` (read the NRRD, preprocess, raw histogram, write the
   gzip-compressed HDF5 with every attribute), ``jobs=1``.
@@ -64,7 +64,7 @@ def child_preprocess(path: str, repeats: int) -> dict:
     """Measure preprocess() on the image in memory (run in a fresh process)."""
     import SimpleITK as sitk
 
-    from ct2mr.preprocessing import preprocess
+    from ct2mr.preprocessing.pipeline import preprocess
 
     t0 = time.perf_counter()
     image = sitk.ReadImage(path)
@@ -85,7 +85,7 @@ def child_preprocess(path: str, repeats: int) -> dict:
 
 def child_batch(path: str, out: str) -> dict:
     """Measure the whole per-volume job of `ct2mr preprocess` (run in a fresh process)."""
-    from ct2mr.batch import preprocess_batch
+    from ct2mr.preprocessing.batch import preprocess_batch
 
     t0 = time.perf_counter()
     summary = preprocess_batch(path, out, "ct", jobs=1)

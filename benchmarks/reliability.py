@@ -170,7 +170,7 @@ def main() -> int:
 
     killed = work / "out_killed"
     killed.mkdir()
-    subprocess.run([sys.executable, "-c", "import os, signal, sys; from ct2mr.io import atomic_path; "
+    subprocess.run([sys.executable, "-c", "import os, signal, sys; from ct2mr.io.images import atomic_path; "
                     "atomic_path(os.path.join(sys.argv[1], 'synthetic_mr.nii.gz')).write_bytes(b'half'); "
                     "os.kill(os.getpid(), signal.SIGKILL)", str(killed)], cwd=REPO)
     before = listing(killed)
@@ -251,7 +251,7 @@ def main() -> int:
     from safetensors.torch import load_file, save_file
 
     sys.path.insert(0, str(REPO / "training"))
-    from ct2mr.checkpoint import default_model_path
+    from ct2mr.models.checkpoint import default_model_path
 
     source = default_model_path()
     with safe_open(str(source), "pt") as f:

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _volumes(data: Path | None, patch: int):  # noqa: ANN202
     import numpy as np
 
-    from ct2mr.data import DomainVolume, load_domain
+    from ct2mr.training.data import DomainVolume, load_domain
 
     ct, mr = (data / "ct" / "thorax_cta_heart_crop_1p5mm.nii.gz", data / "mr" / "upper_abdomen_mr_3mm.nii.gz") \
         if data else (None, None)
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ct2mr.config import load_config
-    from ct2mr.data import TrainingBatches, UnpairedPatchSampler
-    from ct2mr.inference import resolve_device
-    from ct2mr.training import CycleGANTrainer, seed_everything
+    from ct2mr.training.config import load_config
+    from ct2mr.training.data import TrainingBatches, UnpairedPatchSampler
+    from ct2mr.inference.translate import resolve_device
+    from ct2mr.training.trainer import CycleGANTrainer, seed_everything
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -65,7 +65,7 @@ def baseline(ct_path: str, out_dir: str, model: str | None, device: str, roi: in
     import torch
     from monai.inferers import sliding_window_inference
 
-    from ct2mr.checkpoint import load_checkpoint
+    from ct2mr.models.checkpoint import load_checkpoint
 
     times: dict[str, float] = {}
     t = time.perf_counter()
@@ -140,7 +140,7 @@ def conv_flops_per_window(model: str | None, roi: int) -> float:
     """Multiply-add FLOPs (2 per MAC) of every Conv3d of G plus F for one (1, 1, roi, roi, roi) window."""
     import torch
 
-    from ct2mr.checkpoint import load_checkpoint
+    from ct2mr.models.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(model)
     total = 0.0
@@ -205,7 +205,7 @@ def make_large_ct(folder: Path) -> Path:
 
 
 def _windows(shape, roi: int, overlap: float) -> int:
-    from ct2mr.inference import _window_count
+    from ct2mr.inference.translate import _window_count
 
     return _window_count(shape, (roi,) * 3, overlap)
 

@@ -3,7 +3,7 @@
 The synthetic MR G(x) lies on the CT's voxel grid, so the CT's segmentation is also the synthetic MR's (thesis 1.2,
 E3). :func:`exportTrainingPair` writes the pair in the nnU-Net v2 raw layout (``imagesTr/<case>_0000.nii.gz``,
 ``labelsTr/<case>.nii.gz``, ``dataset.json``) or as a MONAI datalist, the same layout ``ct2mr synthesize-dataset``
-writes (:mod:`ct2mr.nnunet`, which needs no torch). Qt-free: runs in Slicer and on a slicer-core scene.
+writes (:mod:`ct2mr.io.nnunet`, which needs no torch). Qt-free: runs in Slicer and on a slicer-core scene.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def exportTrainingPair(syntheticMRNode: slicer.vtkMRMLScalarVolumeNode,
         ValueError: missing nodes, an empty segmentation, an unknown format, or a folder whose existing index names
             the labels differently.
     """
-    from ct2mr.nnunet import FORMATS, image_name, label_name, write_layout_index
+    from ct2mr.io.nnunet import FORMATS, image_name, label_name, write_layout_index
 
     if syntheticMRNode is None or segmentationNode is None:
         raise ValueError("Select the synthetic MR and the segmentation to export.")

@@ -296,7 +296,7 @@ class CT2MRTranslationBatch:
     The inputs are written to files once (a share per :meth:`update` call, so that the GUI stays responsive), then
     ONE ``ct2mr translate LIST_FILE -o OUT_DIR --progress json`` process translates them all: the model is loaded
     once and the next CT is read and preprocessed while the current one runs through G and F
-    (``ct2mr.translate_batch``). Its per-case events (``case``, ``progress``, ``case_done``) drive the overall
+    (``ct2mr.inference.batch``). Its per-case events (``case``, ``progress``, ``case_done``) drive the overall
     progress, and each case's outputs are loaded into the scene as soon as that case is done, as the same nodes a
     single translation adds (:meth:`CT2MRTranslationLogic.loadTranslation`).
 

@@ -1,6 +1,6 @@
-"""Models: the list, downloads, imports and clearing, all through the engine's registry (``ct2mr.registry``).
+"""Models: the list, downloads, imports and clearing, all through the engine's registry (``ct2mr.models.registry``).
 
-The model list, local paths and clearing read the engine's registry in this process (``ct2mr.registry`` needs no
+The model list, local paths and clearing read the engine's registry in this process (``ct2mr.models.registry`` needs no
 torch). What reads a checkpoint or the network runs as an engine process: a download
 (``ct2mr models download NAME --progress json``, in the background, SHA-256 checked, its partial file removed by the
 engine itself when cancelled) and an import (``ct2mr models import FILE --json``, which checks the file is a ct2mr
@@ -30,13 +30,13 @@ __all__ = [
 
 
 def _registry(registryFiles: Sequence[str]):
-    from ct2mr import registry  # the engine's registry: no torch
+    from ct2mr.models import registry  # the engine's registry: no torch
 
     return registry, registry.load_registry(list(registryFiles))
 
 
 def modelList(registryFiles: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Every model version known (``ct2mr.registry.list_models``): name, version, description, training data,
+    """Every model version known (``ct2mr.models.registry.list_models``): name, version, description, training data,
     licence, URL, SHA-256, size, ``status`` (bundled, cached, imported, downloadable), ``path``.
 
     Raises:
@@ -62,7 +62,7 @@ def clearModels(name: str | None = None, version: str | None = None, keepLatest:
     Returns:
         The folders removed.
     """
-    from ct2mr import registry
+    from ct2mr.models import registry
 
     return [str(p) for p in registry.clear(name or None, version or None, keepLatest)]
 

@@ -1,6 +1,6 @@
 """The engine's analysis of a translation in the scene: histograms as a plot chart, the metrics as a table.
 
-Every number here comes from the engine (``ct2mr translate --analysis``: ``ct2mr.translation_analysis``, which
+Every number here comes from the engine (``ct2mr translate --analysis``: ``ct2mr.evaluation.translation_analysis``, which
 writes ``OUT_DIR/analysis.json`` and puts the same object in its ``done`` event); this module only turns that JSON
 into MRML nodes. No metric, histogram or mask is computed in Slicer's process, and nothing here imports the engine
 or torch (DESIGN.md: "Slicer's process never imports torch or runs engine science").
@@ -185,7 +185,7 @@ def addAnalysis(inputCT: slicer.vtkMRMLScalarVolumeNode, analysis: Mapping[str, 
 
     Args:
         inputCT: the translated CT (names ``"<CT> histogram"``, ``"<CT> histogram chart"``, ``"<CT> metrics"``).
-        analysis: the engine's analysis (``done`` event or ``analysis.json``; see ``ct2mr.translation_analysis``).
+        analysis: the engine's analysis (``done`` event or ``analysis.json``; see ``ct2mr.evaluation.translation_analysis``).
 
     Returns:
         The nodes. Without metric rows ``metricsTable`` is ``None`` and ``metricsError`` says why.
@@ -247,7 +247,7 @@ def trustMetricRows(ood: Mapping[str, Any] | None, uncertainty: Mapping[str, Any
         threshold = ood.get("threshold")
         rows.append({"name": "OOD score", "key": "ood_score", "value": float(ood["score"]), "unit": "z",
                      "definition": "largest |x - mean| / sqrt(SD^2 + tolerance^2) of the CT's summary statistics "
-                                   "against the model's training CTs (ct2mr.ood); warning above "
+                                   "against the model's training CTs (ct2mr.inference.ood); warning above "
                                    f"{threshold if threshold is not None else 3:g}"})
     body = (uncertainty or {}).get("body") or {}
     for key, label in (("mean", "Uncertainty mean (body)"), ("p95", "Uncertainty p95 (body)")):

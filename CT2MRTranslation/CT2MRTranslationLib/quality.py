@@ -4,7 +4,7 @@ The user supplies a real MR of the same patient, registered and resampled onto t
 reference and (for the body mask) the CT are written to a temporary folder and ``ct2mr qa SYNTHETIC REFERENCE --ct CT
 -o OUT_DIR --progress json`` runs as a background engine process (:func:`CT2MRTranslationLib.engine.qaArguments`):
 MAE, PSNR, SSIM and MS-SSIM inside the body mask, with the definitions (mask, range, clipping) stated by the engine
-(``ct2mr/reference_qa.py``). Its ``difference.nii.gz`` (synthetic - reference, normalised units) becomes a volume node
+(``ct2mr/evaluation/reference_qa.py``). Its ``difference.nii.gz`` (synthetic - reference, normalised units) becomes a volume node
 on the synthetic MR's exact grid and ``qa_metrics.json`` a table node, both next to the synthetic MR in subject
 hierarchy. Nothing is computed in Slicer's process, which never imports torch; a reference on another grid is refused
 by the engine with a message naming what differs.

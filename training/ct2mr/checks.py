@@ -4,7 +4,7 @@ Everything here runs before any computing, in seconds, and fails with one messag
 to do (issue 15: "nothing lost, nothing silently wrong").
 
 **Inputs** (:func:`check_input_image`; ``ct2mr translate`` for its CT, ``ct2mr train`` for ``--ct`` and ``--mr``
-through :func:`ct2mr.data.load_domain` inside :func:`input_checks`; other readers of training data, e.g.
+through :func:`ct2mr.training.data.load_domain` inside :func:`input_checks`; other readers of training data, e.g.
 ``ct2mr evaluate``, get rules 1 and 2 only). Arrays are (z, y, x) NumPy views of SimpleITK images; CT
 intensities in HU, MR in arbitrary units, spacing in mm.
 
@@ -64,7 +64,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .io import human_bytes
+from ct2mr.io.images import human_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ def _summary(stats: IntensityStats) -> str:
 def input_checks(force: bool = False) -> contextlib.AbstractContextManager[None]:
     """Inside the block, the training data loader checks the plausibility of every raw volume it reads.
 
-    ``ct2mr train`` runs :func:`ct2mr.training.train_run` inside it: :func:`ct2mr.data.load_domain` then refuses a
+    ``ct2mr train`` runs :func:`ct2mr.training.trainer.train_run` inside it: :func:`ct2mr.training.data.load_domain` then refuses a
     ``--ct`` volume that is not a plausible CT and an ``--mr`` volume that is a CT in HU (:func:`check_input_image`),
     or only warns with ``force=True`` (``--force``). Outside it, the loader applies the spacing rule and replaces
     non-finite voxels only, as other readers of training data (``ct2mr evaluate``, harmonisation references) want.
@@ -501,7 +501,7 @@ def prepare_output_dir(path: str | os.PathLike, what: str = "output folder") -> 
     """Create the output folder and prove it writable before any computing.
 
     The folder (and its parents) is created; a hidden probe file is created, written, fsynced and removed in it;
-    temporary files of a killed earlier run are removed (:func:`ct2mr.io.remove_stale_temps`).
+    temporary files of a killed earlier run are removed (:func:`ct2mr.io.images.remove_stale_temps`).
 
     Args:
         path: the output folder.
@@ -514,7 +514,7 @@ def prepare_output_dir(path: str | os.PathLike, what: str = "output folder") -> 
         OutputCheckError: ``path`` is a file, cannot be created (e.g. under ``/proc``), or is not writable
             (read-only file system, permissions, full disk), with the reason.
     """
-    from .io import atomic_path, remove_stale_temps
+    from ct2mr.io.images import atomic_path, remove_stale_temps
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -625,9 +625,9 @@ def network_grid_zyx(image: sitk.Image, target_spacing: float = 1.0, k: int = 16
                      ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """The network grid a volume becomes in preprocessing (thesis section 4), without resampling it.
 
-    The axis permutation of the reorientation (:func:`ct2mr.preprocessing.reorient_to_ras`, ITK's DICOMOrient) is
+    The axis permutation of the reorientation (:func:`ct2mr.preprocessing.pipeline.reorient_to_ras`, ITK's DICOMOrient) is
     found on a 2x3x4-voxel image with the same direction cosines; resampling gives ``round(n * s / target_spacing)``
-    voxels per axis (:func:`ct2mr.preprocessing.resample_isotropic`); padding rounds each up to a multiple of ``k``.
+    voxels per axis (:func:`ct2mr.preprocessing.pipeline.resample_isotropic`); padding rounds each up to a multiple of ``k``.
 
     Args:
         image: a 3D image (size (x, y, z) voxels, spacing mm, direction cosines).
@@ -787,8 +787,8 @@ class _TrainingProbe:
     def __init__(self, config: Any, device: Any) -> None:
         import torch
 
-        from .inference import resolve_precision
-        from .networks import build_discriminator, build_generator
+        from ct2mr.inference.translate import resolve_precision
+        from ct2mr.networks import build_discriminator, build_generator
 
         m, t = config.model, config.train
         self.config = config
@@ -887,7 +887,7 @@ def estimate_training_memory(config: Any, device: Any = "cpu", patch_size: Seque
     estimated vs 2.8 GB measured at 32^3, 9.2 GB vs 8.4 GB at 64^3 (an over-estimate, by less at larger patches).
 
     Args:
-        config: a :class:`ct2mr.config.RunConfig`.
+        config: a :class:`ct2mr.training.config.RunConfig`.
         device: where training runs (``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a torch device): its precision factor.
         patch_size: the patch (D, H, W) voxels to estimate for; ``None``: ``config.patch_size``.
 
@@ -904,11 +904,12 @@ def estimate_training_memory(config: Any, device: Any = "cpu", patch_size: Seque
 def _training_device(config: Any) -> Any:
     import torch
 
-    name = str(config.train.device)
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        local = os.environ.get("LOCAL_RANK")
-        return torch.device(f"cuda:{int(local) % torch.cuda.device_count()}" if local is not None else "cuda")
-    if name == "auto" or (name.startswith("cuda") and not torch.cuda.is_available()):
+    from ct2mr.inference.translate import cluster_device
+
+    name = cluster_device(str(config.train.device))
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device(name)
 
@@ -917,7 +918,7 @@ def check_training_memory(config: Any, device: Any = None) -> TrainingMemory:
     """Refuse a training configuration whose step will not fit in the device's memory (before any data is read).
 
     Args:
-        config: a :class:`ct2mr.config.RunConfig`.
+        config: a :class:`ct2mr.training.config.RunConfig`.
         device: the training device; ``None``: ``config.train.device`` (``auto``: CUDA when available; under
             ``torchrun`` ``cuda:LOCAL_RANK``).
 
@@ -963,17 +964,17 @@ def check_training_inputs(config: Any) -> None:
     """Refuse training data whose CT and MR sets share a file (an MR given as ``--ct`` or the reverse).
 
     Compares the resolved paths of ``data.ct``, ``data.val_ct``, ``data.paired_ct`` with those of ``data.mr``,
-    ``data.val_mr``, ``data.paired_mr`` (folders expanded with :func:`ct2mr.io.list_images`). The intensities of each
-    volume are checked when it is loaded (:func:`check_input_image` through :func:`ct2mr.data.load_domain`).
+    ``data.val_mr``, ``data.paired_mr`` (folders expanded with :func:`ct2mr.io.images.list_images`). The intensities of each
+    volume are checked when it is loaded (:func:`check_input_image` through :func:`ct2mr.training.data.load_domain`).
 
     Args:
-        config: a :class:`ct2mr.config.RunConfig`.
+        config: a :class:`ct2mr.training.config.RunConfig`.
 
     Raises:
         InputCheckError: a file is in both sets.
-        FileNotFoundError, ct2mr.io.ImageReadError: a path is missing or a folder holds no volume.
+        FileNotFoundError, ct2mr.io.images.ImageReadError: a path is missing or a folder holds no volume.
     """
-    from .io import list_images
+    from ct2mr.io.images import list_images
 
     d = config.data
 

@@ -3,22 +3,22 @@
 Sub-commands:
 
 * ``ct2mr preprocess --modality ct|mr INPUTS... --out DIR``: the thesis's preprocessing chain over a collection,
-  into training-ready HDF5 (:func:`ct2mr.batch.preprocess_batch`).
-* ``ct2mr qc DIR... --out QC_DIR``: Table 2, clipped voxels, left-right check and figures (:func:`ct2mr.qc.run_qc`).
+  into training-ready HDF5 (:func:`ct2mr.preprocessing.batch.preprocess_batch`).
+* ``ct2mr qc DIR... --out QC_DIR``: Table 2, clipped voxels, left-right check and figures (:func:`ct2mr.evaluation.qc.run_qc`).
 * ``ct2mr translate CT -o OUT_DIR``: synthetic MR, round-trip CT and error map on the CT's grid
-  (:func:`ct2mr.inference.translate_file`); over a folder, several paths or a list file: a resumable batch, sharded
-  under torchrun (:func:`ct2mr.translate_batch.translate_batch`).
-* ``ct2mr train --ct ... --mr ... --out RUN_DIR``: train a 3D CycleGAN (:func:`ct2mr.training.train`).
+  (:func:`ct2mr.inference.translate.translate_file`); over a folder, several paths or a list file: a resumable batch, sharded
+  under torchrun (:func:`ct2mr.inference.batch.translate_batch`).
+* ``ct2mr train --ct ... --mr ... --out RUN_DIR``: train a 3D CycleGAN (:func:`ct2mr.training.trainer.train`).
 * ``ct2mr evaluate --model CKPT --ct ... --mr ... --out DIR``: FID/KID, W1, cycle SSIM/PSNR/MAE, paired metrics,
   harmonisation, tables and figures (:func:`ct2mr.evaluation.evaluate`).
 * ``ct2mr compare RUN_A RUN_B ... --out DIR``: side-by-side table, paired t-tests and figures
-  (:func:`ct2mr.evaluation.compare`).
+  (:func:`ct2mr.evaluation.evaluate.compare`).
 * ``ct2mr qa SYNTHETIC_MR REFERENCE_MR -o DIR``: MAE/PSNR/SSIM/MS-SSIM against a registered reference MR in the body
-  mask, difference map and metrics table (:func:`ct2mr.reference_qa.reference_qa`; issue 16).
+  mask, difference map and metrics table (:func:`ct2mr.evaluation.reference_qa.reference_qa`; issue 16).
 * ``ct2mr demo``: fetch a public chest CT and translate it with the default model.
 * ``ct2mr info CHECKPOINT``: what a checkpoint holds.
 * ``ct2mr models list|download NAME|import FILE|clear``: the model list, the user cache, offline import
-  (:mod:`ct2mr.registry`).
+  (:mod:`ct2mr.models.registry`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Sequence
 
-from . import __version__
+from ct2mr import __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--analysis", action="store_true", help="also write OUT_DIR/analysis.json (a batch: "
                    "OUT_DIR/<case>/analysis.json; and put it in the done / case_done event): cycle SSIM/PSNR/MAE of "
                    "x vs F(G(x)), W1 vs the --reference-mr histogram, edge correlation, GMS and NMI of x vs G(x), "
-                   "and the intensity histograms, all in the CT's body mask (ct2mr.translation_analysis); for front "
+                   "and the intensity histograms, all in the CT's body mask (ct2mr.evaluation.translation_analysis); for front "
                    "ends that show them")
     _add_trust_arguments(t)  # issue 16: uncertainty map and out-of-distribution score
 
@@ -402,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_trust_arguments(t: argparse.ArgumentParser) -> None:
     """``translate --uncertainty tta|ensemble``, ``--uncertainty-passes``, ``--ood``, ``--ood-threshold``."""
-    from .ood import OOD_THRESHOLD
-    from .uncertainty import DEFAULT_MAX_SHIFT, DEFAULT_TTA_PASSES, UNCERTAINTY_MODES
+    from ct2mr.inference.ood import OOD_THRESHOLD
+    from ct2mr.inference.uncertainty import DEFAULT_MAX_SHIFT, DEFAULT_TTA_PASSES, UNCERTAINTY_MODES
 
     t.add_argument("--uncertainty", default="none", choices=UNCERTAINTY_MODES, help="also write "
                    "OUT_DIR/uncertainty.nii.gz: the voxel-wise standard deviation of G(x) (normalised MR units, on "
@@ -416,7 +416,7 @@ def _add_trust_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--ood", action="store_true", help="out-of-distribution check, before the networks run: summary "
                    "statistics of the CT (HU percentiles and lung/dense shares in the body, body extent and "
                    "cross-section, slice thickness) against those of the model's training CTs; the score (largest "
-                   "standardised deviation, ct2mr.ood) is printed, sent as an 'ood' event and in the done event, and "
+                   "standardised deviation, ct2mr.inference.ood) is printed, sent as an 'ood' event and in the done event, and "
                    "written to OUT_DIR/ood.json; above --ood-threshold a warning says the input differs from the "
                    "training CTs. About a second")
     t.add_argument("--ood-threshold", type=float, default=OOD_THRESHOLD, metavar="Z", help="score above which "
@@ -466,7 +466,7 @@ def _trust_stage_weights(args: argparse.Namespace, models: list[str]) -> dict | 
     passes = args.uncertainty_passes if mode == "tta" else max(0, len(models) - 1) if mode == "ensemble" else 0
     if passes <= 0:
         return None
-    from .uncertainty import stage_weights
+    from ct2mr.inference.uncertainty import stage_weights
 
     return stage_weights(passes)
 
@@ -479,7 +479,7 @@ def _trust_extensions(args: argparse.Namespace, models: list[str], settings, rep
                          "ensemble.")
     extensions = []
     if getattr(args, "ood", False):
-        from .ood import OodCheck, describe
+        from ct2mr.inference.ood import OodCheck, describe
 
         def on_result(result: dict) -> None:
             reporter.event("ood", **{k: result[k] for k in ("score", "threshold", "ood_warning", "top_features",
@@ -491,8 +491,8 @@ def _trust_extensions(args: argparse.Namespace, models: list[str], settings, rep
 
         extensions.append(OodCheck(args.ood_threshold, on_result))
     if mode != "none":
-        from .checkpoint import load_checkpoint
-        from .uncertainty import UncertaintyOutput
+        from ct2mr.models.checkpoint import load_checkpoint
+        from ct2mr.inference.uncertainty import UncertaintyOutput
 
         if mode == "ensemble" and len(models) < 2:
             raise ValueError("--uncertainty ensemble needs at least two models: give --model more than once.")
@@ -504,11 +504,11 @@ def _trust_extensions(args: argparse.Namespace, models: list[str], settings, rep
 def _print_trust(info: dict, outputs: dict) -> None:
     """The uncertainty and OOD lines of translate's human summary."""
     if info.get("uncertainty"):
-        from .uncertainty import describe
+        from ct2mr.inference.uncertainty import describe
 
         print(f"Uncertainty:   {outputs['uncertainty']}\n{describe(info['uncertainty'])}")
     if info.get("ood"):
-        from .ood import describe
+        from ct2mr.inference.ood import describe
 
         print(f"OOD check:     {outputs['ood']}\n{describe(info['ood'])}")
 
@@ -523,8 +523,8 @@ def _refuse_trust_in_batch(args: argparse.Namespace, models: list[str]) -> None:
 def _qa(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .progress import make_reporter
-    from .reference_qa import _finite, metrics_markdown, reference_qa
+    from ct2mr.progress import make_reporter
+    from ct2mr.evaluation.reference_qa import _finite, metrics_markdown, reference_qa
 
     reporter = make_reporter(args.progress, {"qa": 1.0})
     try:
@@ -544,8 +544,8 @@ def _qa(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from . import registry
-    from .progress import make_reporter
+    from ct2mr.models import registry
+    from ct2mr.progress import make_reporter
 
     reg = registry.load_registry(args.registry)
     if args.action == "list":
@@ -586,9 +586,9 @@ def _interrupt_on_sigterm() -> None:
 
 
 def _translate(args: argparse.Namespace) -> int:
-    from .inference import translate_file
-    from .progress import make_reporter
-    from .translate_batch import is_single_input
+    from ct2mr.inference.translate import translate_file
+    from ct2mr.progress import make_reporter
+    from ct2mr.inference.batch import is_single_input
 
     inputs = list(getattr(args, "inputs", None) or [args.input])  # `ct2mr demo` sets args.input
     models = _translate_models(args)  # issue 16: --model may be repeated (ensemble)
@@ -623,7 +623,7 @@ def _translate(args: argparse.Namespace) -> int:
               f"\nError map:     {result['outputs']['error_map']}\n({time.perf_counter() - start:.1f} s on "
               f"{info['device']}, mean |F(G(x)) - x| = {info['mean_error_hu']:.1f} HU)")
         if info.get("anatomy"):
-            from .anatomy import describe
+            from ct2mr.evaluation.anatomy import describe
 
             print(describe(info["anatomy"]) + f"\nDisplacement:  {result['outputs']['displacement_mm']}")
         _print_trust(info, result["outputs"])  # issue 16
@@ -632,8 +632,8 @@ def _translate(args: argparse.Namespace) -> int:
 
 def _inference_settings(args: argparse.Namespace):
     """InferenceSettings from the translate flags; tunes the CPU allocator for the fast path (process-wide)."""
-    from .fastpath import tune_cpu_allocator
-    from .inference import InferenceSettings
+    from ct2mr.inference.fastpath import tune_cpu_allocator
+    from ct2mr.inference.translate import InferenceSettings
 
     fast = not getattr(args, "reference_path", False)
     if fast:
@@ -645,7 +645,7 @@ def _inference_settings(args: argparse.Namespace):
 
 def _translate_ct_window(info: dict) -> list[float]:
     """The CT window (HU) of the model that ran, for the done event (front ends display with it)."""
-    from .translation_analysis import ct_window_of
+    from ct2mr.evaluation.translation_analysis import ct_window_of
 
     return list(info["ct_window"]) if info.get("ct_window") else ct_window_of(info)
 
@@ -664,9 +664,9 @@ def _translate_done_fields(info: dict) -> dict:
 
 
 def _translate_analysis(args: argparse.Namespace, result: dict, reporter) -> dict:  # noqa: ANN001
-    """``translate --analysis``: metrics table and histograms (ct2mr.translation_analysis) into OUT_DIR/analysis.json."""
-    from .io import read_image
-    from .translation_analysis import analyze_outputs
+    """``translate --analysis``: metrics table and histograms (ct2mr.evaluation.translation_analysis) into OUT_DIR/analysis.json."""
+    from ct2mr.io.images import read_image
+    from ct2mr.evaluation.translation_analysis import analyze_outputs
 
     analysis = analyze_outputs(
         read_image(args.input), result["outputs"], result["info"], args.output, getattr(args, "reference_mr", None),
@@ -678,8 +678,8 @@ def _translate_analysis(args: argparse.Namespace, result: dict, reporter) -> dic
 
 
 def _translate_batch(args: argparse.Namespace, inputs: list[str]) -> int:
-    from .progress import make_reporter
-    from .translate_batch import translate_batch
+    from ct2mr.progress import make_reporter
+    from ct2mr.inference.batch import translate_batch
 
     extra = {"warp_check": True} if getattr(args, "warp_check", False) else {}
     settings = _inference_settings(args)
@@ -761,9 +761,9 @@ def _training_device_type(config) -> str:  # noqa: ANN001
 
 
 def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .checks import check_training_inputs, check_training_memory, human_bytes, input_checks
-    from .config import load_config, shorthand_overrides, split_overrides
-    from .training import command_line, resume_config, train_run
+    from ct2mr.checks import check_training_inputs, check_training_memory, human_bytes, input_checks
+    from ct2mr.training.config import load_config, shorthand_overrides, split_overrides
+    from ct2mr.training.trainer import command_line, resume_config, train_run
 
     moved: list[str] = []
     for flag in ("ct", "mr", "val_ct", "val_mr", "paired_ct", "paired_mr"):  # KEY=VALUE swallowed by --ct A B k=v
@@ -788,7 +788,7 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     logging.getLogger("ct2mr.checks").info("training step: about %s (%s)", human_bytes(estimate.total_bytes),
                                            estimate.detail)
     if config.train.precision == "fp16" and _training_device_type(config) == "cpu":
-        from .inference import CPU_FP16_NOTE
+        from ct2mr.inference.translate import CPU_FP16_NOTE
 
         print(f"ct2mr train: note: {CPU_FP16_NOTE}", file=sys.stderr)
     bar = None
@@ -824,8 +824,8 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _preprocess(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .batch import preprocess_batch
-    from .preprocessing import PreprocessingConfig
+    from ct2mr.preprocessing.batch import preprocess_batch
+    from ct2mr.preprocessing.pipeline import PreprocessingConfig
 
     config = PreprocessingConfig(target_spacing=args.spacing, k=args.k, ct_window=tuple(args.ct_window),
                                  mr_percentiles=tuple(args.mr_percentiles), n4=args.n4, n4_shrink=args.n4_shrink)
@@ -867,7 +867,7 @@ def _preprocess(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _qc(args: argparse.Namespace) -> int:
-    from .qc import run_qc
+    from ct2mr.evaluation.qc import run_qc
 
     report = run_qc(args.dirs, args.out, figures=not args.no_figures, examples=args.example)
     print(report.markdown)
@@ -878,7 +878,7 @@ def _qc(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .sampledata import demo_ct
+    from ct2mr.io.sampledata import demo_ct
 
     if args.input:
         ct, how = Path(args.input), "--input"
@@ -900,9 +900,9 @@ def _demo_overview(ct_path, out_dir):
     """Write ``OUT/overview.png`` (CT, G(x), F(G(x)), error map, tri-planar) and return its path."""
     import SimpleITK as sitk
 
-    from .checkpoint import load_checkpoint
-    from .figures import plot_translation_overview
-    from .io import read_image
+    from ct2mr.models.checkpoint import load_checkpoint
+    from ct2mr.evaluation.figures import plot_translation_overview
+    from ct2mr.io.images import read_image
 
     outputs = [sitk.ReadImage(str(out_dir / name)) for name in
                ("synthetic_mr.nii.gz", "roundtrip_ct.nii.gz", "error_map.nii.gz")]
@@ -913,15 +913,10 @@ def _demo_overview(ct_path, out_dir):
 
 
 def _synthesize_dataset(args: argparse.Namespace) -> int:
-    from .inference import InferenceSettings
-    from .labeltransfer import synthesize_dataset
+    from ct2mr.inference.labeltransfer import synthesize_dataset
+    from ct2mr.inference.translate import InferenceSettings, cluster_device
 
-    device = args.device
-    if device == "auto" and "LOCAL_RANK" in os.environ:
-        import torch
-
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
-    settings = InferenceSettings(roi_size=args.roi_size, overlap=args.overlap, device=device)
+    settings = InferenceSettings(roi_size=args.roi_size, overlap=args.overlap, device=cluster_device(args.device))
     bar, progress = None, None
     if args.progress == "bar":
         from tqdm.auto import tqdm
@@ -995,8 +990,8 @@ def _add_evaluation_arguments(p: argparse.ArgumentParser, required: bool = True)
 
 
 def _evaluation_settings(args: argparse.Namespace):
-    from .evaluation import EvaluationConfig
-    from .inference import InferenceSettings
+    from ct2mr.evaluation.evaluate import EvaluationConfig
+    from ct2mr.inference.translate import InferenceSettings
 
     config = EvaluationConfig(
         patch_size=args.patch_size, patches_per_volume=args.patches_per_volume, seed=args.seed, features=args.features,
@@ -1011,8 +1006,8 @@ def _evaluation_settings(args: argparse.Namespace):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate
-    from .progress import make_reporter
+    from ct2mr.evaluation.evaluate import evaluate
+    from ct2mr.progress import make_reporter
 
     config, settings = _evaluation_settings(args)
     reporter = make_reporter(args.progress)
@@ -1029,8 +1024,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .evaluation import compare
-    from .progress import make_reporter
+    from ct2mr.evaluation.evaluate import compare
+    from ct2mr.progress import make_reporter
 
     config, settings = _evaluation_settings(args)
     reporter = make_reporter(args.progress)
@@ -1047,7 +1042,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .checkpoint import default_model_path, read_metadata, sha256sum
+    from ct2mr.io.cache import sha256sum
+    from ct2mr.models.checkpoint import default_model_path, read_metadata
 
     path = args.checkpoint or default_model_path()
     meta = read_metadata(path)
@@ -1066,8 +1062,8 @@ OPENMP_WAIT_POLICY = "PASSIVE"
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ct2mr`` command; returns the exit code (0 success, 1 error, 2 usage error)."""
     os.environ.setdefault("OMP_WAIT_POLICY", OPENMP_WAIT_POLICY)  # before torch (and its OpenMP) is loaded
-    from .checkpoint import CheckpointError
-    from .io import ImageReadError
+    from ct2mr.models.checkpoint import CheckpointError
+    from ct2mr.io.images import ImageReadError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

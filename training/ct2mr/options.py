@@ -2,7 +2,7 @@
 
 The 3D Slicer module reads the same JSON file (without importing the engine) for its panel, its parameter node and the
 engine command line it builds; ``training/tests/test_options.py`` keeps this file, ``ct2mr translate``'s argument
-parser and :class:`ct2mr.inference.InferenceSettings` in agreement. Each option is a JSON object with ``name``
+parser and :class:`ct2mr.inference.translate.InferenceSettings` in agreement. Each option is a JSON object with ``name``
 (snake_case), ``flag`` (the command-line flag), ``type`` (``"string"``, ``"number"``, ``"integer"`` or
 ``"boolean"``), ``default`` (``null``: the engine decides), and, as they apply, ``choices``, ``pattern`` (a regular
 expression accepting further strings, e.g. ``cuda:N``), ``minimum``/``maximum`` (inclusive), ``multiple_of``,

@@ -11,7 +11,7 @@ The JSON lines are the contract with front ends such as the Slicer module's runn
 * ``{"event": "done", "outputs": {...}, "seconds": ..., ...}``
 * ``{"event": "error", "message": ...}`` (and a non-zero exit code)
 
-A batch (``ct2mr translate`` over several CTs, :mod:`ct2mr.translate_batch`) reports, between its ``start``
+A batch (``ct2mr translate`` over several CTs, :mod:`ct2mr.inference.batch`) reports, between its ``start``
 (``"mode": "batch"``) and ``done`` (``"mode": "batch"``, ``"summary"``, counts per status) events, per case:
 
 * ``{"event": "case", "index": i, "total": n, "case": ..., "input": ..., "status": "running", ...}`` when it starts,
@@ -150,7 +150,7 @@ def make_reporter(kind: str, weights: dict[str, float] | None = None) -> Progres
     Args:
         kind: ``"bar"``, ``"json"`` or ``"none"``.
         weights: share of the whole run per stage, in stage order (default :data:`STAGE_WEIGHTS`; a translation
-            with an uncertainty map adds the ``"uncertainty"`` stage: :func:`ct2mr.uncertainty.stage_weights`).
+            with an uncertainty map adds the ``"uncertainty"`` stage: :func:`ct2mr.inference.uncertainty.stage_weights`).
 
     Raises:
         ValueError: unknown kind.

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Write the out-of-distribution reference statistics of a model's training CTs (issue 16, :mod:`ct2mr.ood`).
+"""Write the out-of-distribution reference statistics of a model's training CTs (issue 16, :mod:`ct2mr.inference.ood`).
 
 For checkpoints trained before the trainer recorded ``training["ct_statistics"]``: reads the CTs named in the
 checkpoint's training summary (``ct_volumes``) from the given folders, preprocesses them with the checkpoint's own
-parameters, and writes ``ct2mr.ood.training_ct_statistics`` of them next to the model as
+parameters, and writes ``ct2mr.inference.ood.training_ct_statistics`` of them next to the model as
 ``<model file stem>.ct_statistics.json``, with the command that made it.
 
 The bundled default model's file was made from the repository root with:
@@ -22,9 +22,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from ct2mr.checkpoint import default_model_path, load_checkpoint
-from ct2mr.io import image_suffix, list_images, write_json
-from ct2mr.ood import training_ct_statistics
+from ct2mr.models.checkpoint import default_model_path, load_checkpoint
+from ct2mr.io.images import image_suffix, list_images, write_json
+from ct2mr.inference.ood import training_ct_statistics
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Anatomy checks (thesis section 5, P1/E2; ct2mr.anatomy) on real shared CTs, hand values, and the CLI end to end.
+"""Anatomy checks (thesis section 5, P1/E2; ct2mr.evaluation.anatomy) on real shared CTs, hand values, and the CLI end to end.
 
 The controls stand in for G: a known non-monotone intensity remap of the CT moves no anatomy (the warp check must
 report near zero), a known smooth 3 mm warp of it moves everything by 3 mm (the check must report about 3 mm), and
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ct2mr.anatomy import (GMS_C, LUNG_KEYS, METRIC_KEYS, WARP_KEYS, WarpCheckSettings, anatomy_metrics,
+from ct2mr.evaluation.anatomy import (GMS_C, LUNG_KEYS, METRIC_KEYS, WARP_KEYS, WarpCheckSettings, anatomy_metrics,
                            bspline_registration, check_same_grid, edge_correlation, gradient_magnitude,
                            gradient_magnitude_similarity, lung_mask, normalized_mutual_information, warp_check)
-from ct2mr.masks import body_mask
+from ct2mr.preprocessing.masks import body_mask
 from ct2mr_testdata import ABDOMEN_MR, THORAX_CT, need, run_ct2mr
 
 #: Faster than the defaults (10000 samples, 30 iterations), for the tests: ~15 s per registration on 2 busy cores.
@@ -263,7 +263,7 @@ def test_warp_check_settings_are_validated():
 @pytest.mark.slow
 def test_translate_and_evaluate_warp_check_end_to_end(tiny_checkpoint, tmp_path):
     need(ABDOMEN_MR)
-    from ct2mr.inference import OUTPUT_NAMES
+    from ct2mr.inference.translate import OUTPUT_NAMES
 
     crop = tmp_path / "ct_crop.nii.gz"
     ct = sitk.ReadImage(str(THORAX_CT))

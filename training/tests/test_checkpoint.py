@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ct2mr.checkpoint import (FORMAT, CheckpointError, default_model_path, load_checkpoint, read_metadata,
+from ct2mr.models.checkpoint import (FORMAT, CheckpointError, default_model_path, load_checkpoint, read_metadata,
                               save_checkpoint, sha256sum)
 from ct2mr.networks import build_generator
-from ct2mr.preprocessing import PreprocessingConfig
+from ct2mr.preprocessing.pipeline import PreprocessingConfig
 
 SPEC = {"name": "resnet", "base_channels": 2, "n_blocks": 1, "norm": "instance"}
 

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import save_file
 
-from ct2mr.inference import OUTPUT_NAMES
+from ct2mr.inference.translate import OUTPUT_NAMES
 
 from ct2mr_testdata import DICOM_CT, LUNG_CT, REPO, THORAX_CT, need, run_ct2mr
 

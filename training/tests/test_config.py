@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ct2mr.config import (ADVERSARIAL_HEADS, RunConfig, list_presets, load_config, preset_path,
+from ct2mr.training.config import (ADVERSARIAL_HEADS, RunConfig, list_presets, load_config, preset_path,
                           shorthand_overrides, split_overrides, to_yaml)
 
 # preset -> (generator, norm, adversarial head, alpha, beta, lambda_hist, spectral norm, optimiser, paired)

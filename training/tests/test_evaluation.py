@@ -12,11 +12,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ct2mr.evaluation import (PER_VOLUME_COLUMNS, TABLE_COLUMNS, EvaluationConfig, compare, evaluate, extract_patches,
+from ct2mr.evaluation.evaluate import (PER_VOLUME_COLUMNS, TABLE_COLUMNS, EvaluationConfig, compare, evaluate, extract_patches,
                               fid, frechet_distance, histogram_w1, intensity_histogram, kid, mae, mmd2_unbiased,
                               paired_ttest, psnr, sample_patch_corners, ssim3d)
-from ct2mr.features import MedicalNetFeatures, RandomConv3DFeatures, build_feature_extractor, resolve_weights
-from ct2mr.sampledata import ChecksumError
+from ct2mr.evaluation.features import MedicalNetFeatures, RandomConv3DFeatures, build_feature_extractor, resolve_weights
+from ct2mr.io.sampledata import ChecksumError
 
 from ct2mr_testdata import ABDOMEN_MR, CARDIAC_MR, CARDIAC_MR_4D, HEART_CT, need, run_ct2mr
 
@@ -303,7 +303,7 @@ def test_weights_download_with_bad_checksum_keeps_nothing(weights_server, tmp_pa
 
 def test_ct_body_mask_holds_the_lungs_and_not_the_outside_air():
     need(HEART_CT)
-    from ct2mr.masks import body_mask
+    from ct2mr.preprocessing.masks import body_mask
 
     hu = sitk.GetArrayFromImage(sitk.ReadImage(str(HEART_CT))).astype(np.float32)
     mask = body_mask(hu, "ct", normalised=False)
@@ -318,10 +318,10 @@ def test_ct_body_mask_holds_the_lungs_and_not_the_outside_air():
 def test_identity_copy_scores_worse_than_histogram_matching_on_real_data():
     """Copying the CT as 'synthetic MR' vs histogram-matching it to one real MR, scored against another real MR."""
     need(HEART_CT, CARDIAC_MR, CARDIAC_MR_4D)
-    from ct2mr.harmonization import fit_harmonizer
-    from ct2mr.io import read_image, read_volumes
-    from ct2mr.masks import evaluation_mask
-    from ct2mr.preprocessing import preprocess
+    from ct2mr.inference.harmonization import fit_harmonizer
+    from ct2mr.io.images import read_image, read_volumes
+    from ct2mr.preprocessing.masks import evaluation_mask
+    from ct2mr.preprocessing.pipeline import preprocess
 
     ct = preprocess(read_image(HEART_CT), "ct")
     reference = preprocess(read_image(CARDIAC_MR), "mr")                       # phase 1
@@ -342,9 +342,9 @@ def test_identity_copy_scores_worse_than_histogram_matching_on_real_data():
 def small_inputs(tmp_path_factory):
     """A tiny in-process checkpoint and small crops of real volumes (written to a temporary folder)."""
     need(HEART_CT, ABDOMEN_MR)
-    from ct2mr.checkpoint import save_checkpoint
+    from ct2mr.models.checkpoint import save_checkpoint
     from ct2mr.networks import build_generator
-    from ct2mr.preprocessing import PreprocessingConfig
+    from ct2mr.preprocessing.pipeline import PreprocessingConfig
 
     root = tmp_path_factory.mktemp("eval_inputs")
     spec = {"name": "resnet", "base_channels": 2, "n_blocks": 1, "norm": "instance"}

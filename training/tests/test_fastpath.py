@@ -13,9 +13,9 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from ct2mr.fastpath import (DepthSplitConv3d, TrilinearUpsample2x, UpsampleConv3d, optimize_for_inference,
+from ct2mr.inference.fastpath import (DepthSplitConv3d, TrilinearUpsample2x, UpsampleConv3d, optimize_for_inference,
                             tune_cpu_allocator)
-from ct2mr.inference import InferenceSettings, MemoryPlan, _run_pass, plan_memory, translate_volume
+from ct2mr.inference.translate import InferenceSettings, MemoryPlan, _run_pass, plan_memory, translate_volume
 from ct2mr.networks import build_generator
 from ct2mr_testdata import LUNG_CT, need, run_ct2mr
 
@@ -91,7 +91,7 @@ def test_optimized_generator_computes_the_same_function(spec):
 def lung_crop() -> np.ndarray:
     """A (96, 160, 160) crop of the real chest CT on the 1 mm network grid, [-1, 1]: 4 windows of 96^3 per pass."""
     need(LUNG_CT)
-    from ct2mr.preprocessing import preprocess
+    from ct2mr.preprocessing.pipeline import preprocess
 
     pre = preprocess(sitk.ReadImage(str(LUNG_CT)), "ct")
     return np.ascontiguousarray(pre.array[100:196, 100:260, 100:260])
@@ -100,7 +100,7 @@ def lung_crop() -> np.ndarray:
 @pytest.mark.slow
 def test_fast_path_matches_the_fp32_reference_on_a_real_ct(lung_crop):
     """The correctness guard of issue 7, with the bundled default model."""
-    from ct2mr.checkpoint import load_checkpoint
+    from ct2mr.models.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(None)
     reference = translate_volume(lung_crop, checkpoint, settings=InferenceSettings(fast=False, precision="fp32",

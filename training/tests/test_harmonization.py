@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ct2mr.evaluation import histogram_w1, intensity_histogram
-from ct2mr.harmonization import (HARMONIZATION_METHODS, MAD_TO_STD, NYUL_PERCENTILES, Harmonizer, fit_harmonizer,
+from ct2mr.evaluation.evaluate import histogram_w1, intensity_histogram
+from ct2mr.inference.harmonization import (HARMONIZATION_METHODS, MAD_TO_STD, NYUL_PERCENTILES, Harmonizer, fit_harmonizer,
                                  histogram_match, nyul_apply, nyul_fit, nyul_landmarks, robust_standardize)
 
 from ct2mr_testdata import CARDIAC_MR, HEART_CT, need, run_ct2mr
@@ -124,9 +124,9 @@ def test_fit_harmonizer_validates_and_clips_to_the_normalised_range():
 def small_case(tmp_path_factory):
     """A tiny in-process checkpoint, a crop of the real heart CT and a real reference MR."""
     need(HEART_CT, CARDIAC_MR)
-    from ct2mr.checkpoint import save_checkpoint
+    from ct2mr.models.checkpoint import save_checkpoint
     from ct2mr.networks import build_generator
-    from ct2mr.preprocessing import PreprocessingConfig
+    from ct2mr.preprocessing.pipeline import PreprocessingConfig
 
     root = tmp_path_factory.mktemp("harmonize")
     spec = {"name": "resnet", "base_channels": 2, "n_blocks": 1, "norm": "instance"}
@@ -142,9 +142,9 @@ def small_case(tmp_path_factory):
 
 
 def test_translate_harmonised_synthetic_mr_is_closer_to_the_reference(small_case, tmp_path):
-    from ct2mr.harmonization import load_reference_mrs
-    from ct2mr.inference import translate_file
-    from ct2mr.masks import body_mask
+    from ct2mr.inference.harmonization import load_reference_mrs
+    from ct2mr.inference.translate import translate_file
+    from ct2mr.preprocessing.masks import body_mask
 
     plain = translate_file(small_case["ct"], tmp_path / "plain", small_case["model"])
     matched = translate_file(small_case["ct"], tmp_path / "hist", small_case["model"], harmonize="histogram",
@@ -172,7 +172,7 @@ def test_translate_harmonised_synthetic_mr_is_closer_to_the_reference(small_case
 
 
 def test_translate_refuses_bad_harmonisation_before_writing(small_case, tmp_path):
-    from ct2mr.inference import translate_file
+    from ct2mr.inference.translate import translate_file
 
     with pytest.raises(ValueError, match="harmonize must be one of"):
         translate_file(small_case["ct"], tmp_path / "a", small_case["model"], harmonize="gamma")

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from ct2mr.checkpoint import load_checkpoint
-from ct2mr.config import load_config
-from ct2mr.intensity_law import fit_intensity_law, hat_basis, law_knots
+from ct2mr.models.checkpoint import load_checkpoint
+from ct2mr.training.config import load_config
+from ct2mr.training.intensity_law import fit_intensity_law, hat_basis, law_knots
 from ct2mr.networks.resnet import IntensityCurve, ResnetGenerator3D
-from ct2mr.training import train_run
+from ct2mr.training.trainer import train_run
 from ct2mr_testdata import ABDOMEN_MR, HEART_CT, need
 
 #: Phantom tissue intensities on the normalised source scale and the non-monotone law a target modality applies:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ct2mr.io import ImageReadError, SpacingWarning, list_images, read_image, read_volumes, write_image
+from ct2mr.io.images import ImageReadError, SpacingWarning, list_images, read_image, read_volumes, write_image
 
 from ct2mr_testdata import CARDIAC_MR_4D, DICOM_CT, LUNG_CT, THORAX_CT, need
 

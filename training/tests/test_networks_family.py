@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ct2mr.checkpoint import load_checkpoint
+from ct2mr.models.checkpoint import load_checkpoint
 from ct2mr.networks import (GENERATORS, NORMS, PatchDiscriminator3D, ResnetGenerator3D, SwitchableNorm3d, UNet3D,
                             UNetPlusPlus3D, build_discriminator, build_generator, make_norm, receptive_field)
 

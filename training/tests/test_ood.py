@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ct2mr.checkpoint import MODELS_DIR, load_checkpoint, save_checkpoint
-from ct2mr.data import load_domain
-from ct2mr.ood import (FEATURES, OOD_NAME, OOD_THRESHOLD, STATISTICS_VERSION, TOLERANCES, assess, ct_statistics,
+from ct2mr.models.checkpoint import MODELS_DIR, load_checkpoint, save_checkpoint
+from ct2mr.training.data import load_domain
+from ct2mr.inference.ood import (FEATURES, OOD_NAME, OOD_THRESHOLD, STATISTICS_VERSION, TOLERANCES, assess, ct_statistics,
                        ood_score, reference_for, training_ct_statistics)
-from ct2mr.preprocessing import preprocess
+from ct2mr.preprocessing.pipeline import preprocess
 
 from ct2mr_testdata import ABDOMEN_CT, HEART_CT, LUNG_CT, THORAX_CT, need, run_ct2mr, assert_on_grid
 

@@ -8,8 +8,8 @@ import pytest
 
 from ct2mr import options
 from ct2mr.cli import build_parser
-from ct2mr.harmonization import HARMONIZATION_METHODS
-from ct2mr.inference import PRECISIONS, InferenceSettings
+from ct2mr.inference.harmonization import HARMONIZATION_METHODS
+from ct2mr.inference.translate import PRECISIONS, InferenceSettings
 
 
 def translate_actions() -> dict:
@@ -50,7 +50,7 @@ def test_every_option_matches_the_cli(option):
 
 
 def test_vocabularies_are_the_engines():
-    from ct2mr.uncertainty import DEFAULT_TTA_PASSES, UNCERTAINTY_MODES
+    from ct2mr.inference.uncertainty import DEFAULT_TTA_PASSES, UNCERTAINTY_MODES
 
     assert tuple(options.translate_option("uncertainty")["choices"]) == UNCERTAINTY_MODES
     assert options.translate_option("uncertainty_passes")["default"] == DEFAULT_TTA_PASSES
@@ -71,7 +71,7 @@ def test_the_engine_accepts_every_value_of_the_ranges():
         InferenceSettings(sw_batch_size=value)
     for precision in options.translate_option("precision")["choices"]:
         InferenceSettings(precision=precision)
-    from ct2mr.uncertainty import tta_augmentations
+    from ct2mr.inference.uncertainty import tta_augmentations
 
     passes = options.translate_option("uncertainty_passes")
     for value in (passes["minimum"], passes["maximum"]):

@@ -15,11 +15,12 @@ import pytest
 import SimpleITK as sitk
 
 from ct2mr.cli import main
-from ct2mr.batch import (LOG_NAME, PREPROCESSED_ATTR, git_commit, is_preprocessed, output_name, preprocess_batch,
-                         read_preprocessed)
-from ct2mr.data import load_domain
-from ct2mr.io import read_image
-from ct2mr.preprocessing import (FlatVolumeWarning, PreprocessingConfig, n4_bias_correction, reorient_to_ras,
+from ct2mr.preprocessing.batch import (LOG_NAME, PREPROCESSED_ATTR, is_preprocessed, output_name, preprocess_batch,
+                                       read_preprocessed)
+from ct2mr.provenance import git_commit
+from ct2mr.training.data import load_domain
+from ct2mr.io.images import read_image
+from ct2mr.preprocessing.pipeline import (FlatVolumeWarning, PreprocessingConfig, n4_bias_correction, reorient_to_ras,
                                  resample_isotropic, robust_background)
 
 from ct2mr_testdata import (ABDOMEN_CT, ABDOMEN_MR, CARDIAC_MR_4D, DICOM_CT, HEART_CT, LUNG_CT, REPO, need,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ct2mr.io import read_image
-from ct2mr.preprocessing import (FlatVolumeWarning, PreprocessingConfig, normalize_ct, normalize_mr, pad_to_multiple,
+from ct2mr.io.images import read_image
+from ct2mr.preprocessing.pipeline import (FlatVolumeWarning, PreprocessingConfig, normalize_ct, normalize_mr, pad_to_multiple,
                                  preprocess, resample_isotropic, restore_to_input_grid, robust_background)
 
 from ct2mr_testdata import CARDIAC_MR, LUNG_CT, THORAX_CT, need

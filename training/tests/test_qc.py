@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ct2mr.batch import preprocess_batch, read_preprocessed
+from ct2mr.preprocessing.batch import preprocess_batch, read_preprocessed
 from ct2mr.cli import main
-from ct2mr.io import read_image
-from ct2mr.orientation import SideIndicator, check_orientation, heart_side
-from ct2mr.preprocessing import FlatVolumeWarning, PreprocessingConfig
-from ct2mr.qc import TABLE2_COLUMNS, find_preprocessed, run_qc
+from ct2mr.io.images import read_image
+from ct2mr.preprocessing.orientation import SideIndicator, check_orientation, heart_side
+from ct2mr.preprocessing.pipeline import FlatVolumeWarning, PreprocessingConfig
+from ct2mr.evaluation.qc import TABLE2_COLUMNS, find_preprocessed, run_qc
 
 from ct2mr_testdata import ABDOMEN_MR, CARDIAC_MR, THORAX_CT, need
 

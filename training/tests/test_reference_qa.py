@@ -12,8 +12,8 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from ct2mr.evaluation import ssim3d
-from ct2mr.reference_qa import (MS_SSIM_WEIGHTS, QA_FILES, ms_ssim3d, normalise_reference, paired_metrics,
+from ct2mr.evaluation.evaluate import ssim3d
+from ct2mr.evaluation.reference_qa import (MS_SSIM_WEIGHTS, QA_FILES, ms_ssim3d, normalise_reference, paired_metrics,
                                 same_grid)
 
 from ct2mr_testdata import ABDOMEN_MR, HEART_CT, need, run_ct2mr, assert_on_grid
@@ -201,7 +201,7 @@ def test_qa_with_a_label_map_uses_exactly_its_voxels(mr_pair, tmp_path):
 def test_qa_with_the_ct_uses_the_cts_body_mask(tmp_path):
     """The usual case: CT, its synthetic MR and the registered MR share the CT's grid; the CT gives the body mask."""
     need(HEART_CT)
-    from ct2mr.masks import body_mask
+    from ct2mr.preprocessing.masks import body_mask
 
     ct = sitk.ReadImage(str(HEART_CT))
     hu = sitk.GetArrayFromImage(ct).astype(np.float32)

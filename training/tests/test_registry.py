@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ct2mr import registry
-from ct2mr.checkpoint import CheckpointError, default_model_path
+from ct2mr.models import registry
+from ct2mr.models.checkpoint import CheckpointError, default_model_path
 from ct2mr.cli import main
-from ct2mr.sampledata import ChecksumError
+from ct2mr.io.sampledata import ChecksumError
 
 BUNDLED = json.loads(registry.MODELS_JSON.read_text())
 
@@ -187,9 +187,9 @@ def small_checkpoint(tmp_path_factory) -> Path:
     """A real ct2mr checkpoint (untrained, 2-channel generators): written by save_checkpoint."""
     import torch
 
-    from ct2mr.checkpoint import save_checkpoint
+    from ct2mr.models.checkpoint import save_checkpoint
     from ct2mr.networks import build_generator
-    from ct2mr.preprocessing import PreprocessingConfig
+    from ct2mr.preprocessing.pipeline import PreprocessingConfig
 
     spec = {"name": "resnet", "base_channels": 2, "n_blocks": 1, "norm": "instance"}
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 
 from ct2mr.checks import (InputCheckError, ResourceCheckError, check_input_image, check_training_memory,
                           estimate_translation_bytes, expected_output_bytes, network_grid_zyx, prepare_output_dir)
-from ct2mr.io import (OutputWriteError, atomic_path, output_mode, remove_stale_temps, verify_file, write_hdf5,
+from ct2mr.io.images import (OutputWriteError, atomic_path, output_mode, remove_stale_temps, verify_file, write_hdf5,
                       write_image, write_json)
 
 from ct2mr_testdata import (ABDOMEN_CT, ABDOMEN_MR, CARDIAC_MR, DICOM_CT, HEART_CT, LUNG_CT, REPO, THORAX_CT, need)
@@ -82,10 +82,10 @@ def _tmpfs(path: Path, size: str, read_only: bool = False):
 SHORT_WRITE_SCRIPT = r"""
 import json, os, resource, sys
 import numpy as np, SimpleITK as sitk, torch
-from ct2mr.io import write_image, write_hdf5, write_json, OutputWriteError
-from ct2mr.checkpoint import save_checkpoint, save_training_state
+from ct2mr.io.images import write_image, write_hdf5, write_json, OutputWriteError
+from ct2mr.models.checkpoint import save_checkpoint, save_training_state
 from ct2mr.networks import build_generator
-from ct2mr.preprocessing import PreprocessingConfig
+from ct2mr.preprocessing.pipeline import PreprocessingConfig
 out = sys.argv[1]
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 image = sitk.GetImageFromArray(np.random.default_rng(0).random((50, 50, 50), dtype=np.float32))
@@ -146,7 +146,7 @@ def test_written_files_are_read_back_and_get_the_users_mode(tmp_path):
 
 KILLED_WRITER = r"""
 import os, signal, sys
-from ct2mr.io import atomic_path
+from ct2mr.io.images import atomic_path
 tmp = atomic_path(os.path.join(sys.argv[1], "synthetic_mr.nii.gz"))
 tmp.write_bytes(b"half a volume")
 os.kill(os.getpid(), signal.SIGKILL)
@@ -154,7 +154,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 LIVE_WRITER = r"""
 import os, sys, time
-from ct2mr.io import atomic_path
+from ct2mr.io.images import atomic_path
 tmp = atomic_path(os.path.join(sys.argv[1], "roundtrip_ct.nii.gz"))
 print(tmp.name, flush=True)
 time.sleep(60)
@@ -341,7 +341,7 @@ def test_force_translates_a_volume_that_fails_the_ct_check(tmp_path):
 
 def test_the_ct_check_on_every_shared_volume():
     need(THORAX_CT, HEART_CT, LUNG_CT, ABDOMEN_CT, DICOM_CT, CARDIAC_MR, ABDOMEN_MR)
-    from ct2mr.io import read_image
+    from ct2mr.io.images import read_image
 
     for path in (THORAX_CT, HEART_CT, LUNG_CT, ABDOMEN_CT, DICOM_CT):
         image = read_image(path)
@@ -384,7 +384,7 @@ def test_nan_voxels_of_a_nifti_file_are_seen_not_read_as_water(tmp_path):
     image.CopyInformation(ct)
     sitk.WriteImage(image, str(tmp_path / "nan.nii.gz"))
     assert np.isnan(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nan.nii.gz")))).sum() == 0  # ITK alone
-    from ct2mr.io import read_image
+    from ct2mr.io.images import read_image
 
     back = sitk.GetArrayFromImage(read_image(tmp_path / "nan.nii.gz"))
     assert np.isnan(back).sum() == 100 and np.isneginf(back).sum() == 5
@@ -394,8 +394,8 @@ def test_nan_voxels_of_a_nifti_file_are_seen_not_read_as_water(tmp_path):
 # ---- checks before the work: memory and the network grid ----------------------------------------------------------
 def test_network_grid_and_output_size_are_known_before_resampling():
     need(LUNG_CT, CARDIAC_MR)
-    from ct2mr.io import read_image
-    from ct2mr.preprocessing import preprocess
+    from ct2mr.io.images import read_image
+    from ct2mr.preprocessing.pipeline import preprocess
 
     for path, modality in ((LUNG_CT, "ct"), (CARDIAC_MR, "mr")):  # thick slices; oblique direction cosines
         image = read_image(path)
@@ -416,7 +416,7 @@ def test_a_training_patch_too_large_for_the_memory_is_refused_with_one_that_fits
     assert "--patch-size 256 256 256 needs about" in proc.stderr and "The largest patch that fits is --patch-size" \
         in proc.stderr, proc.stderr
     assert time.perf_counter() - start < 120 and not (tmp_path / "run").exists()
-    from ct2mr.config import load_config
+    from ct2mr.training.config import load_config
 
     with pytest.raises(ResourceCheckError, match="largest patch that fits"):
         check_training_memory(load_config("m1", ["data.patch_size=[256,256,256]"]), "cpu")
@@ -465,7 +465,7 @@ def _damaged_default_model(tmp_path: Path, kind: str) -> Path:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from ct2mr.checkpoint import default_model_path
+    from ct2mr.models.checkpoint import default_model_path
 
     source = default_model_path()
     with safe_open(str(source), "pt") as f:
@@ -527,9 +527,9 @@ def test_a_checkpoint_writes_through_the_verified_helper(tmp_path):
     """save_checkpoint and save_training_state go through atomic_write: a read-only folder leaves nothing."""
     import torch
 
-    from ct2mr.checkpoint import read_metadata, save_checkpoint, save_training_state
+    from ct2mr.models.checkpoint import read_metadata, save_checkpoint, save_training_state
     from ct2mr.networks import build_generator
-    from ct2mr.preprocessing import PreprocessingConfig
+    from ct2mr.preprocessing.pipeline import PreprocessingConfig
 
     spec = {"name": "resnet", "base_channels": 2, "n_blocks": 1, "norm": "instance"}
     G, F = build_generator(spec), build_generator(spec)

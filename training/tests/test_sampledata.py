@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from ct2mr.sampledata import ChecksumError, demo_ct, fetch
+from ct2mr.io.sampledata import ChecksumError, demo_ct, fetch
 
 
 @pytest.fixture()

@@ -16,11 +16,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ct2mr.checkpoint import load_checkpoint, read_metadata
-from ct2mr.config import list_presets, load_config
-from ct2mr.data import (DomainVolume, PairedPatchSampler, PatchPrefetcher, TrainingBatches, UnpairedPatchSampler,
+from ct2mr.models.checkpoint import load_checkpoint, read_metadata
+from ct2mr.training.config import list_presets, load_config
+from ct2mr.training.data import (DomainVolume, PairedPatchSampler, PatchPrefetcher, TrainingBatches, UnpairedPatchSampler,
                         load_domain, make_split, pair_volumes, random_patch, read_split)
-from ct2mr.training import (CycleGANTrainer, ImagePool, d_frozen, enable_gradient_checkpointing, lr_factor,
+from ct2mr.training.trainer import (CycleGANTrainer, ImagePool, d_frozen, enable_gradient_checkpointing, lr_factor,
                             seed_everything, train_run)
 from ct2mr_testdata import ABDOMEN_MR, DATA, HEART_CT, need
 
@@ -237,7 +237,7 @@ def test_prefetcher_hands_out_the_same_stream_and_an_exact_state(real_volumes):
 
 def test_foreground_bias_centres_patches_on_tissue(real_volumes):
     ct = real_volumes[0][0].array
-    from ct2mr.data import _foreground_index
+    from ct2mr.training.data import _foreground_index
 
     index = _foreground_index(ct)
     fraction = {}
@@ -295,8 +295,8 @@ def test_split_is_by_source_reproducible_and_files_round_trip(tmp_path):
 
 def test_preprocessed_hdf5_folders_are_grouped_by_their_source(tmp_path):
     need(HEART_CT)
-    from ct2mr.batch import preprocess_batch
-    from ct2mr.data import source_groups
+    from ct2mr.preprocessing.batch import preprocess_batch
+    from ct2mr.training.data import source_groups
 
     preprocess_batch([HEART_CT], tmp_path / "prep", "ct", jobs=1)
     groups = source_groups(tmp_path / "prep")
@@ -365,7 +365,7 @@ def test_tensorboard_has_every_loss_term_and_triplanar_panels(tmp_path):
 
 
 def test_checkpoint_configs_carry_relative_data_paths(tmp_path):
-    from ct2mr.training import portable_config
+    from ct2mr.training.trainer import portable_config
 
     config = {"data": {"ct": [str(tmp_path / "data" / "ct")], "mr": ["relative/mr.nii.gz"],
                        "split_file": str(tmp_path / "split.json")}, "train": {"steps": 3}}

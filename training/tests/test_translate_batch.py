@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from ct2mr.inference import OUTPUT_NAMES, InferenceSettings
-from ct2mr.translate_batch import (DONE_MARKER, SUMMARY_NAME, case_ids, collect_cases, is_single_input,
+from ct2mr.inference.translate import OUTPUT_NAMES, InferenceSettings
+from ct2mr.inference.batch import (DONE_MARKER, SUMMARY_NAME, case_ids, collect_cases, is_single_input,
                                    read_list_file, translate_batch)
 
 from ct2mr_testdata import ABDOMEN_CT, ABDOMEN_MR, DICOM_CT, HEART_CT, REPO, need, run_ct2mr

@@ -1,4 +1,4 @@
-"""ct2mr.translation_analysis: the metrics table and histograms a front end shows, with exact values, and through
+"""ct2mr.evaluation.translation_analysis: the metrics table and histograms a front end shows, with exact values, and through
 `ct2mr translate --analysis` (real engine run)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ct2mr import translation_analysis as ta
+from ct2mr.evaluation import translation_analysis as ta
 from ct2mr_testdata import ABDOMEN_MR, HEART_CT, need, run_ct2mr
 
 SHAPE = (16, 24, 24)

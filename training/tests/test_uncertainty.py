@@ -10,10 +10,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ct2mr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from ct2mr.inference import InferenceSettings
-from ct2mr.preprocessing import PreprocessingConfig, preprocess
-from ct2mr.uncertainty import (DEFAULT_TTA_PASSES, UNCERTAINTY_NAME, Augmentation, RunningStd, stage_weights,
+from ct2mr.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ct2mr.inference.translate import InferenceSettings
+from ct2mr.preprocessing.pipeline import PreprocessingConfig, preprocess
+from ct2mr.inference.uncertainty import (DEFAULT_TTA_PASSES, UNCERTAINTY_NAME, Augmentation, RunningStd, stage_weights,
                                tta_augmentations, tta_std)
 
 from ct2mr_testdata import HEART_CT, THORAX_CT, need, run_ct2mr, assert_on_grid

@@ -10,7 +10,7 @@ arithmetic in place of the networks, so that the Logic is tested end to end with
 - with ``--warp-check``: displacement_mm.nii.gz = 0.1 mm per slice index (z) inside the body (x > -500 HU), 0
   outside, and anatomy.json with fixed edge/GMS/NMI values (:data:`ANATOMY`) and the displacement's mean, p95 and
   max inside the body; the ``done`` event carries the same ``anatomy`` dict;
-- with ``--analysis``: analysis.json in the engine's layout (``ct2mr.translation_analysis``) from arithmetic
+- with ``--analysis``: analysis.json in the engine's layout (``ct2mr.evaluation.translation_analysis``) from arithmetic
   (:func:`fakeAnalysis`): histograms of G(x) in the body (x > -500 HU) and of the reference MR on 128 bins, rows
   ``MAE_cyc``, ``MAE_cyc (HU)`` (mean |F(G(x)) - x| in the body), ``W1`` with a reference, and the anatomy rows with
   the warp check; the ``done`` event carries the same ``analysis`` and the ``ct_window`` [-600, 1000].
@@ -36,7 +36,7 @@ Like the real engine, it has no CUDA: ``--device cuda`` gives the engine's fallb
 Every ``ct2mr translate`` option the Logic passes is accepted; ``--reference-mr`` files must exist.
 
 A batch (several inputs, or a ``.txt``/``.lst`` list file) runs as the engine's batch mode does
-(``ct2mr.translate_batch``): cases sorted by path, named by the file name without suffix, outputs in
+(``ct2mr.inference.batch``): cases sorted by path, named by the file name without suffix, outputs in
 ``OUT_DIR/<case>/``; one ``start`` event (``"mode": "batch"``, after the CUDA fallback warning as in the engine), per
 case ``case`` (running), its events, then for a finished case ``case_done`` (what the single ``done`` event reports)
 and ``case`` (done), for a failed one ``case`` (failed, with the error; ``fail`` and ``oomalways`` fail only that
@@ -74,7 +74,7 @@ def fakeUncertainty(synthetic):
 
 
 def fakeOod(mode: str, threshold: float) -> dict:
-    """The fake ``ood`` block: the engine's layout (``ct2mr.ood.assess``) with fixed numbers."""
+    """The fake ``ood`` block: the engine's layout (``ct2mr.inference.ood.assess``) with fixed numbers."""
     warn = mode == "ood"
     z = OOD_WARNING_SCORE if warn else OOD_SCORE
     return {"score": z, "threshold": threshold, "ood_warning": z > threshold,
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         emit(event="start", input=args.inputs[0], device="cpu" if args.device == "auto" else args.device,
              model=args.model, overlap=args.overlap, argv=sys.argv[sys.argv.index("translate"):])
         print("plain text from a library", flush=True)
-    if args.device.startswith("cuda"):  # what ct2mr.inference.resolve_device warns on a machine without CUDA
+    if args.device.startswith("cuda"):  # what ct2mr.inference.translate.resolve_device warns on a machine without CUDA
         emit(event="warning", message="CUDA was requested but is not available (no NVIDIA GPU, or a CPU-only "
              "PyTorch); running on the CPU instead.", category="RuntimeWarning")
     if paths is not None:

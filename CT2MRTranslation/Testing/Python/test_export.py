@@ -14,7 +14,7 @@ import vtk
 from CT2MRTranslationLib.export import exportTrainingPair, segmentLabelNames, showSegmentationOver
 from CT2MRTranslationTestHelpers import dataFile
 
-nnunet = pytest.importorskip("ct2mr.nnunet", reason="the ct2mr engine package is not installed")
+nnunet = pytest.importorskip("ct2mr.io.nnunet", reason="the ct2mr engine package is not installed")
 
 
 @pytest.fixture

@@ -67,6 +67,8 @@ def test_a_translation_with_analysis_leaves_torch_out_of_the_calling_process(tmp
     assert {"SSIM_cyc", "MAE_cyc (HU)", "W1", "Edge correlation", "GMS", "NMI"} <= set(report["rows"])
     assert report["histogramColumns"] == 3 and report["ctWindow"] == [-1000.0, 1000.0] and report["layout"]
     assert report["models"] >= 1 and report["planChecked"] > 0
-    assert "torch" not in report["loaded"] and "ct2mr.evaluation" not in report["loaded"]
+    assert "torch" not in report["loaded"] and "ct2mr.evaluation.evaluate" not in report["loaded"]
     assert not [name for name in report["loaded"] if name.startswith(("torch", "monai", "scipy"))]
-    assert set(report["loaded"]) <= {"ct2mr", "ct2mr.registry", "ct2mr.sampledata"}, report["loaded"]
+    # the registry and what it needs: light packages (docstrings only) and standard-library modules
+    light = {"ct2mr", "ct2mr.io", "ct2mr.io.cache", "ct2mr.io.sampledata", "ct2mr.models", "ct2mr.models.registry"}
+    assert set(report["loaded"]) <= light, report["loaded"]

@@ -567,7 +567,7 @@ def test_cancel_a_download_leaves_no_partial_file(logic, modelServer):
 
 
 def test_import_a_local_model_for_offline_use(logic, modelServer, tmp_path):
-    from ct2mr.checkpoint import default_model_path
+    from ct2mr.models.checkpoint import default_model_path
 
     copy = tmp_path / "from a usb stick.safetensors"
     copy.write_bytes(default_model_path().read_bytes())

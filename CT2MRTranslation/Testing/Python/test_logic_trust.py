@@ -286,5 +286,5 @@ def test_real_engine_trust_signals_and_qa_leave_torch_out(tmp_path):
     report = runScript(tmp_path, "-", str(crop))
     assert report["failures"] == [] and report["uncertainty"] and report["ood"] is not None
     assert report["qaRows"] >= 4
-    assert "torch" not in report["loaded"] and "ct2mr.evaluation" not in report["loaded"]
-    assert set(report["loaded"]) <= {"ct2mr", "ct2mr.registry", "ct2mr.sampledata"}, report["loaded"]
+    assert "torch" not in report["loaded"] and "ct2mr.evaluation.evaluate" not in report["loaded"]
+    assert set(report["loaded"]) <= {"ct2mr", "ct2mr.models.registry", "ct2mr.io.sampledata"}, report["loaded"]

@@ -1,6 +1,6 @@
 """Histogram table + plot chart and metrics table from the engine's analysis JSON, on a real scene (exact values).
 
-Nothing is computed here: the nodes must show the engine's numbers as they are (``ct2mr.translation_analysis``).
+Nothing is computed here: the nodes must show the engine's numbers as they are (``ct2mr.evaluation.translation_analysis``).
 """
 
 from __future__ import annotations

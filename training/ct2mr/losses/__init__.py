@@ -10,14 +10,14 @@
 
 from __future__ import annotations
 
-from .adversarial import ADVERSARIAL_HEADS, BETA_RANGE, AdversarialLoss, check_beta, dual_contrast_loss
-from .cycle import cycle_loss, identity_loss, structural_cycle_loss
-from .histogram import (HISTOGRAM_DISTANCES, histogram_distance, histogram_loss, mutual_information,
+from ct2mr.losses.adversarial import ADVERSARIAL_HEADS, BETA_RANGE, AdversarialLoss, check_beta, dual_contrast_loss
+from ct2mr.losses.cycle import cycle_loss, identity_loss, structural_cycle_loss
+from ct2mr.losses.histogram import (HISTOGRAM_DISTANCES, histogram_distance, histogram_loss, mutual_information,
                         mutual_information_loss, soft_histogram)
-from .mind import mind_loss, mind_ssc
-from .patchnce import PatchSampleHead, default_nce_layers, encoder_features, patch_nce_loss
-from .rician import log_i0, rician_corrupt, rician_mixed_loss, rician_nll
-from .ssim import ssim3d
+from ct2mr.losses.mind import mind_loss, mind_ssc
+from ct2mr.losses.patchnce import PatchSampleHead, default_nce_layers, encoder_features, patch_nce_loss
+from ct2mr.losses.rician import log_i0, rician_corrupt, rician_mixed_loss, rician_nll
+from ct2mr.losses.ssim import ssim3d
 
 __all__ = ["ADVERSARIAL_HEADS", "BETA_RANGE", "AdversarialLoss", "check_beta", "dual_contrast_loss", "cycle_loss",
            "identity_loss", "structural_cycle_loss", "ssim3d", "HISTOGRAM_DISTANCES", "soft_histogram",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .ssim import ssim3d
+from ct2mr.losses.ssim import ssim3d
 
 __all__ = ["cycle_loss", "identity_loss", "structural_cycle_loss"]
 

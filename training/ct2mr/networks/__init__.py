@@ -9,11 +9,11 @@ No file I/O happens here. Tensors are (B, C, D, H, W).
 
 from __future__ import annotations
 
-from .factory import DISCRIMINATORS, GENERATORS, build_discriminator, build_generator
-from .norm import NORMS, SwitchableNorm3d, make_norm
-from .patchgan import PatchDiscriminator3D, receptive_field
-from .resnet import ResnetGenerator3D
-from .unet import UNet3D, UNetPlusPlus3D
+from ct2mr.networks.factory import DISCRIMINATORS, GENERATORS, build_discriminator, build_generator
+from ct2mr.networks.norm import NORMS, SwitchableNorm3d, make_norm
+from ct2mr.networks.patchgan import PatchDiscriminator3D, receptive_field
+from ct2mr.networks.resnet import ResnetGenerator3D
+from ct2mr.networks.unet import UNet3D, UNetPlusPlus3D
 
 __all__ = ["ResnetGenerator3D", "UNet3D", "UNetPlusPlus3D", "PatchDiscriminator3D", "SwitchableNorm3d",
            "build_generator", "build_discriminator", "make_norm", "receptive_field", "GENERATORS",

@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .patchgan import PatchDiscriminator3D
-from .resnet import ResnetGenerator3D
-from .unet import UNet3D, UNetPlusPlus3D
+from ct2mr.networks.patchgan import PatchDiscriminator3D
+from ct2mr.networks.resnet import ResnetGenerator3D
+from ct2mr.networks.unet import UNet3D, UNetPlusPlus3D
 
 __all__ = ["GENERATORS", "DISCRIMINATORS", "build_generator", "build_discriminator"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .norm import make_norm
+from ct2mr.networks.norm import make_norm
 
 __all__ = ["PatchDiscriminator3D", "receptive_field"]
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .norm import make_norm
+from ct2mr.networks.norm import make_norm
 
 __all__ = ["ResnetBlock3D", "ResnetGenerator3D"]
 
@@ -99,7 +99,7 @@ class ResnetGenerator3D(nn.Module):
             normalisation makes of a constant input (issue 13).
         law_knots: knots of a learnable piecewise-linear intensity curve ``L`` (0: off): the output is
             ``tanh(R(x) + P(x) + L(x))``, ``L`` evenly spaced on [-1, 1] and starting at the identity; the trainer can
-            set it to a law fitted before training (:mod:`ct2mr.intensity_law`, :meth:`set_intensity_law`).
+            set it to a law fitted before training (:mod:`ct2mr.training.intensity_law`, :meth:`set_intensity_law`).
 
     Parameter names (state-dict keys) for a given configuration never change: checkpoints written by earlier
     versions keep loading.

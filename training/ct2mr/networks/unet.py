@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .norm import make_norm
+from ct2mr.networks.norm import make_norm
 
 __all__ = ["UNet3D", "UNetPlusPlus3D", "MAX_DEPTH"]
 

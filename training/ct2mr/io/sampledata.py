@@ -15,14 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ct2mr.io import cache
+from ct2mr.io.cache import sha256sum
+
 __all__ = ["Sample", "SAMPLES", "ChecksumError", "cache_dir", "fetch", "demo_ct"]
-
-
-def sha256sum(path: str | os.PathLike) -> str:
-    """:func:`ct2mr.io.sha256sum`, imported when first needed (this module stays light: the model list uses it)."""
-    from .io import sha256sum as file_sha256
-
-    return file_sha256(path)
 
 
 SLICER_TESTING_DATA = "https://github.com/Slicer/SlicerTestingData/releases/download/SHA256/"
@@ -62,12 +58,7 @@ SAMPLES = {
 
 def cache_dir() -> Path:
     """The sample-data cache folder (``$CT2MR_CACHE/sampledata`` or the platform's user cache)."""
-    root = os.environ.get("CT2MR_CACHE")
-    if not root:
-        from platformdirs import user_cache_dir
-
-        root = user_cache_dir("ct2mr", appauthor=False)
-    return Path(root) / "sampledata"
+    return cache.cache_dir("sampledata")
 
 
 def fetch(url: str, sha256: str, destination: str | os.PathLike, timeout: float = 30.0,

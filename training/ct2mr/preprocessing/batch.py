@@ -6,8 +6,8 @@ per 3D volume (4D series are split, e.g. cardiac phases or respiratory gates), h
 * ``volume``: float32 (z, y, x) in [-1, 1] on the 1 mm RAS grid padded to a multiple of K;
 * attributes: ``ct2mr_preprocessed`` = 1, the source (path as given, absolute path, size, modification time, 4D
   index, DICOM identifiers when available), the final shape, spacing, origin and direction (readable back by
-  :func:`ct2mr.io.read_hdf5`), the padding (for de-padding), every preprocessing parameter, the quality-control
-  counts (clipped voxels) and a raw-intensity histogram, the full :class:`~ct2mr.preprocessing.PreprocessRecord`
+  :func:`ct2mr.io.images.read_hdf5`), the padding (for de-padding), every preprocessing parameter, the quality-control
+  counts (clipped voxels) and a raw-intensity histogram, the full :class:`~ct2mr.preprocessing.pipeline.PreprocessRecord`
   and configuration as JSON, software versions, git commit and an ISO 8601 UTC timestamp.
 
 The batch is re-runnable: a volume whose output exists and records the same source (path, size, modification time)
@@ -22,14 +22,12 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime as _dt
-import functools
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import platform
-import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,10 +37,11 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__
-from .checks import prepare_output_dir, replace_nonfinite
-from .io import HDF5_SUFFIXES, ImageReadError, image_suffix, list_images, read_volumes, write_hdf5
-from .preprocessing import MODALITIES, PreprocessingConfig, PreprocessRecord, preprocess
+from ct2mr import __version__
+from ct2mr.checks import prepare_output_dir, replace_nonfinite
+from ct2mr.provenance import git_commit, software_versions
+from ct2mr.io.images import HDF5_SUFFIXES, ImageReadError, image_suffix, list_images, read_volumes, write_hdf5
+from ct2mr.preprocessing.pipeline import MODALITIES, PreprocessingConfig, PreprocessRecord, preprocess
 
 __all__ = [
     "PREPROCESSED_ATTR",
@@ -58,8 +57,6 @@ __all__ = [
     "source_stamp",
     "is_preprocessed",
     "read_preprocessed",
-    "software_versions",
-    "git_commit",
     "default_jobs",
 ]
 
@@ -158,7 +155,7 @@ class PreprocessedFile:
         name: the volume name stored at preprocessing time.
         modality: ``"ct"`` or ``"mr"``.
         array: float32 (z, y, x) in [-1, 1] (``None`` when read without the array).
-        record: the :class:`~ct2mr.preprocessing.PreprocessRecord` (grids, padding, intensity range, flat flag).
+        record: the :class:`~ct2mr.preprocessing.pipeline.PreprocessRecord` (grids, padding, intensity range, flat flag).
         attrs: every attribute, JSON strings decoded into dicts and lists.
     """
 
@@ -206,39 +203,6 @@ def parameter_hash(modality: str, config: PreprocessingConfig) -> str:
     payload = json.dumps({"modality": modality, "config": config.to_dict(), "format": FORMAT_VERSION},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def software_versions() -> dict[str, str]:
-    """Versions of the software that shapes the outputs (torch-free): ct2mr, Python, NumPy, SimpleITK, h5py."""
-    import h5py
-
-    return {"ct2mr": __version__, "python": platform.python_version(), "numpy": np.__version__,
-            "SimpleITK": sitk.Version_VersionString(), "h5py": h5py.__version__}
-
-
-@functools.lru_cache(maxsize=None)
-def git_commit() -> str:
-    """The git commit of the checkout the ``ct2mr`` package runs from.
-
-    Returns:
-        The 40-character commit, with ``-dirty`` appended when the package's files differ from it; ``"unknown"`` when
-        the package is not inside a git checkout of this project (e.g. installed from a wheel) or git is missing.
-    """
-    package = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=20,
-                              check=True).stdout.strip()
-
-    try:
-        top = Path(git("rev-parse", "--show-toplevel"))
-        if (top / "training" / "ct2mr").resolve() != package:
-            return "unknown"
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", str(package)))
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
 
 
 def _stem(path: Path) -> str:
@@ -347,7 +311,7 @@ def read_preprocessed(path: str | os.PathLike, load_array: bool = True) -> Prepr
         The :class:`PreprocessedFile`; ``array`` is float32 (z, y, x) in [-1, 1].
 
     Raises:
-        ct2mr.io.ImageReadError: not an HDF5 file, or not a ct2mr preprocessing output.
+        ct2mr.io.images.ImageReadError: not an HDF5 file, or not a ct2mr preprocessing output.
     """
     import h5py
 
@@ -423,7 +387,7 @@ def _attributes(record: PreprocessRecord, array: np.ndarray, image: sitk.Image, 
         "series_index": -1 if index is None else int(index),
         "series_length": -1 if task["series_length"] is None else int(task["series_length"]),
         "identifiers": _identifiers(source, image),
-        # final geometry; `spacing` is (z, y, x) as the thesis's loaders (and ct2mr.io.read_hdf5) expect
+        # final geometry; `spacing` is (z, y, x) as the thesis's loaders (and ct2mr.io.images.read_hdf5) expect
         "shape": [int(n) for n in array.shape],
         "spacing": [float(s) for s in grid["spacing"][::-1]],
         "spacing_zyx": [float(s) for s in grid["spacing"][::-1]],
@@ -554,7 +518,7 @@ def preprocess_batch(inputs: str | os.PathLike | Iterable[str | os.PathLike], ou
     the other volumes go on.
 
     Args:
-        inputs: files and folders (:func:`ct2mr.io.list_images`: NIfTI, NRRD, MHA, HDF5, DICOM series folders).
+        inputs: files and folders (:func:`ct2mr.io.images.list_images`: NIfTI, NRRD, MHA, HDF5, DICOM series folders).
         out_dir: output folder, created if missing.
         modality: ``"ct"`` or ``"mr"``.
         config: preprocessing parameters (the thesis's defaults when ``None``); ``n4=True`` needs ``modality="mr"``.
@@ -571,7 +535,7 @@ def preprocess_batch(inputs: str | os.PathLike | Iterable[str | os.PathLike], ou
         ValueError: unknown modality, ``n4`` for CT, a bad ``select`` or ``jobs``, two volumes that would write the
             same output, or an output path that is one of the inputs.
         FileNotFoundError: an input path does not exist.
-        ct2mr.io.ImageReadError: an input folder holds no volume.
+        ct2mr.io.images.ImageReadError: an input folder holds no volume.
     """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}.")
@@ -592,7 +556,8 @@ def preprocess_batch(inputs: str | os.PathLike | Iterable[str | os.PathLike], ou
     input_paths = {str(p.resolve()) for p in paths}
     params_hash = parameter_hash(modality, config)
     common = {"modality": modality, "config": config.to_dict(), "select": select, "command": command,
-              "params_hash": params_hash, "software": software_versions(), "git_commit": git_commit()}
+              "params_hash": params_hash, "software": software_versions("numpy", "SimpleITK", "h5py"),
+              "git_commit": git_commit()}
 
     # plan: which volume goes where, which are up to date
     results: dict[tuple[int, int], VolumeResult] = {}

@@ -276,7 +276,7 @@ def lung_mask(ct_hu: np.ndarray, body: np.ndarray, threshold_hu: float = LUNG_TH
 
     Args:
         ct_hu: (z, y, x) CT in HU.
-        body: boolean (z, y, x) body mask (:func:`ct2mr.masks.body_mask`).
+        body: boolean (z, y, x) body mask (:func:`ct2mr.preprocessing.masks.body_mask`).
         threshold_hu: lung threshold in HU.
         min_fraction: size of the second component relative to the first for it to be kept.
 
@@ -421,7 +421,7 @@ def _to_working(image: sitk.Image, reference: sitk.Image, spacing_mm: float, def
 
 
 def _body_or_default(ct: sitk.Image, body: np.ndarray | None) -> np.ndarray:
-    from .masks import body_mask
+    from ct2mr.preprocessing.masks import body_mask
 
     shape = sitk.GetArrayViewFromImage(ct).shape
     if body is None:
@@ -466,7 +466,7 @@ def bspline_registration(fixed_ct: sitk.Image, moving_translated: sitk.Image, bo
     Args:
         fixed_ct: 3D CT x in HU.
         moving_translated: G(x) on exactly the CT's grid (any intensity).
-        body: boolean (z, y, x) body mask on the CT's grid; ``None``: :func:`ct2mr.masks.body_mask` of the CT.
+        body: boolean (z, y, x) body mask on the CT's grid; ``None``: :func:`ct2mr.preprocessing.masks.body_mask` of the CT.
         settings: :class:`WarpCheckSettings`; ``None``: the defaults.
 
     Returns:
@@ -551,7 +551,7 @@ def warp_check(fixed_ct: sitk.Image, moving_translated: sitk.Image, body: np.nda
     Args:
         fixed_ct: 3D CT x in HU.
         moving_translated: G(x) on exactly the CT's grid (any intensity; e.g. normalised MR in [-1, 1]).
-        body: boolean (z, y, x) body mask on the CT's grid; ``None``: :func:`ct2mr.masks.body_mask` of the CT.
+        body: boolean (z, y, x) body mask on the CT's grid; ``None``: :func:`ct2mr.preprocessing.masks.body_mask` of the CT.
         settings: :class:`WarpCheckSettings`; ``None``: the defaults.
 
     Returns:
@@ -605,7 +605,7 @@ def anatomy_metrics(ct_image: sitk.Image, synthetic_mr_image: sitk.Image, warp: 
         synthetic_mr_image: G(x) on exactly the CT's grid, normalised MR intensity in [-1, 1].
         warp: also run :func:`warp_check` (seconds to a minute) and return the displacement magnitude map.
         lung: also compute edge correlation and GMS inside the lung mask (NaN when the CT has no lungs).
-        body: boolean (z, y, x) body mask on the CT's grid; ``None``: :func:`ct2mr.masks.body_mask` of the CT in HU.
+        body: boolean (z, y, x) body mask on the CT's grid; ``None``: :func:`ct2mr.preprocessing.masks.body_mask` of the CT in HU.
         ct_window: HU window mapped to [-1, 1] for the metrics.
         sigma_mm: Gaussian derivative scale (mm) of the gradients.
         nmi_bins: bins per axis of the NMI histogram.
@@ -677,7 +677,7 @@ def translation_anatomy(ct_image: sitk.Image, synthetic_mr_image: sitk.Image, pr
         ``(metrics, files)``: the metrics (JSON-ready: NaN as ``None``; the keys of :func:`anatomy_metrics` plus
         ``"seconds"``, ``"ct_window"``, ``"sigma_mm"``, ``"nmi_bins"``, ``"units"``), and ``{DISPLACEMENT_NAME:
         float32 |u| image in mm on the input's grid, ANATOMY_NAME: metrics}`` for
-        :func:`ct2mr.inference.write_outputs`.
+        :func:`ct2mr.inference.translate.write_outputs`.
 
     Raises:
         ValueError: the images are not on the same grid.

@@ -40,7 +40,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .preprocessing import PreprocessRecord
+from ct2mr.preprocessing.pipeline import PreprocessRecord
 
 __all__ = ["SIDES", "EXPECTED_SIDE", "SideIndicator", "OrientationReport", "heart_side", "check_orientation"]
 
@@ -124,7 +124,7 @@ def heart_side(array: np.ndarray, record: PreprocessRecord, min_offset_mm: float
 
     Args:
         array: the preprocessed float32 (z, y, x) volume in [-1, 1] on ``record.padded_grid`` (1 mm RAS, padded).
-        record: its :class:`~ct2mr.preprocessing.PreprocessRecord` (padding, intensity range, grid).
+        record: its :class:`~ct2mr.preprocessing.pipeline.PreprocessRecord` (padding, intensity range, grid).
         min_offset_mm: smaller median offsets (mm) are indeterminate.
         min_agreement: lower fractions of slices agreeing in sign are indeterminate.
         min_slices: fewer thoracic slices are indeterminate.

@@ -11,14 +11,14 @@ head mask):
   its voxels and mapped linearly to [-1, 1] (``reference_units="raw"``, the default; ``percentiles`` changes the
   pair); ``"normalised"`` takes a reference already in [-1, 1]. Both are then **clipped to [-1, 1]** (a harmonised
   synthetic MR can leave it), so the data range of every metric is 2.
-* **Mask.** The body mask (:func:`ct2mr.masks.body_mask`): of the CT that was translated when it is given
+* **Mask.** The body mask (:func:`ct2mr.preprocessing.masks.body_mask`): of the CT that was translated when it is given
   (above -500 HU, axial holes filled, largest component), otherwise of the reference MR (Otsu threshold, same
   filling), or a label map given by the user (non-zero voxels). Voxels outside the mask are set to -1 (the range's
   minimum) in both images before any filtering, as SynthRAD2025 does, so that background outside the mask does not
   enter the local statistics of SSIM and MS-SSIM.
-* **MAE** = mean |s - r| over the mask (:func:`ct2mr.evaluation.mae`), normalised units (0..2).
-* **PSNR** = 10 log10(2^2 / MSE) over the mask, dB (:func:`ct2mr.evaluation.psnr`, data range 2).
-* **SSIM** = the engine's 3D SSIM (:func:`ct2mr.evaluation.ssim3d`: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03,
+* **MAE** = mean |s - r| over the mask (:func:`ct2mr.evaluation.evaluate.mae`), normalised units (0..2).
+* **PSNR** = 10 log10(2^2 / MSE) over the mask, dB (:func:`ct2mr.evaluation.evaluate.psnr`, data range 2).
+* **SSIM** = the engine's 3D SSIM (:func:`ct2mr.evaluation.evaluate.ssim3d`: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03,
   data range 2, valid filtering, mean of the map over the mask).
 * **MS-SSIM** (:func:`ms_ssim3d`; Wang, Simoncelli and Bovik 2003, *Multiscale structural similarity for image
   quality assessment*, eq. 7 with their weights 0.0448, 0.2856, 0.3001, 0.2363, 0.1333 over 5 scales): both images
@@ -49,6 +49,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 import torch
+
+from ct2mr.losses.ssim import gaussian_filter3d, gaussian_window
 
 __all__ = [
     "MS_SSIM_WEIGHTS",
@@ -88,10 +90,8 @@ METRIC_DEFINITIONS = {
 
 def _gaussian_filter_same(volume: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian filtering of a (1, 1, D, H, W) tensor with replicate padding: output of the same size."""
-    from .evaluation import _filter3d
-
     half = window.numel() // 2
-    return _filter3d(torch.nn.functional.pad(volume, (half,) * 6, mode="replicate"), window)
+    return gaussian_filter3d(torch.nn.functional.pad(volume, (half,) * 6, mode="replicate"), window)
 
 
 def _downsample(volume: torch.Tensor) -> torch.Tensor:
@@ -163,9 +163,7 @@ def ms_ssim3d(a: np.ndarray, b: np.ndarray, data_range: float = 2.0, mask: np.nd
                 stop = min(n, max(stop, start + factor))
             box.append(slice(start, stop))
         a, b, mask = a[tuple(box)], b[tuple(box)], mask[tuple(box)]
-    from .evaluation import _gaussian_window
-
-    window = _gaussian_window(win_size, sigma).float()
+    window = gaussian_window(win_size, sigma)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     x = torch.from_numpy(np.ascontiguousarray(a + shift))[None, None]
     y = torch.from_numpy(np.ascontiguousarray(b + shift))[None, None]
@@ -249,7 +247,7 @@ def paired_metrics(synthetic: np.ndarray, reference: np.ndarray, mask: np.ndarra
     Raises:
         ValueError: mismatching shapes or an empty mask.
     """
-    from .evaluation import mae, psnr, ssim3d
+    from ct2mr.evaluation.evaluate import mae, psnr, ssim3d
 
     s = np.clip(np.asarray(synthetic, np.float32), -1.0, 1.0)
     r = np.clip(np.asarray(reference, np.float32), -1.0, 1.0)
@@ -303,8 +301,8 @@ def metrics_markdown(result: dict[str, Any]) -> str:
 
 def _mask_from(mask: str | Path | sitk.Image | None, ct: sitk.Image | None, reference_normalised: np.ndarray,
                grid: sitk.Image) -> tuple[np.ndarray, str]:
-    from .io import read_image
-    from .masks import body_mask
+    from ct2mr.io.images import read_image
+    from ct2mr.preprocessing.masks import body_mask
 
     if mask is not None:
         image = read_image(mask) if not isinstance(mask, sitk.Image) else mask
@@ -335,7 +333,7 @@ def reference_qa(synthetic_mr: str | Path | sitk.Image, reference_mr: str | Path
             an image; its grid (the CT's) is the grid of every output.
         reference_mr: the real MR of the same patient, registered and resampled onto that grid.
         out_dir: output folder (created); receives :data:`QA_FILES`, written all or nothing and verified
-            (:func:`ct2mr.io.atomic_writes`).
+            (:func:`ct2mr.io.images.atomic_writes`).
         ct: the translated CT (HU, same grid) for the body mask; ``None``: the reference MR's own body mask.
         mask: a label map on the same grid (non-zero = inside) used instead of a body mask.
         reference_units: ``"raw"`` (normalise the reference by ``percentiles``) or ``"normalised"`` (already [-1, 1]).
@@ -347,12 +345,12 @@ def reference_qa(synthetic_mr: str | Path | sitk.Image, reference_mr: str | Path
         "reference_normalisation", "definitions", "outputs": {key: path}, "seconds"}`` (also in ``qa_metrics.json``).
 
     Raises:
-        FileNotFoundError, ct2mr.io.ImageReadError: unreadable inputs.
+        FileNotFoundError, ct2mr.io.images.ImageReadError: unreadable inputs.
         ValueError: images on different grids (the message says which property differs), a non-3D image, an unknown
             ``reference_units``, a flat reference, an empty mask.
-        ct2mr.io.OutputWriteError: an output could not be written completely (nothing left under its name).
+        ct2mr.io.images.OutputWriteError: an output could not be written completely (nothing left under its name).
     """
-    from .checks import prepare_output_dir
+    from ct2mr.checks import prepare_output_dir
 
     if reference_units not in REFERENCE_UNITS:
         raise ValueError(f"reference_units must be one of {REFERENCE_UNITS}, got {reference_units!r}.")
@@ -372,7 +370,7 @@ def reference_qa(synthetic_mr: str | Path | sitk.Image, reference_mr: str | Path
 def _reference_qa(synthetic_mr: Any, reference_mr: Any, out_dir: Path, ct: Any, mask: Any, reference_units: str,
                   percentiles: Sequence[float], report: Callable[[str, float, str], None], started: float
                   ) -> dict[str, Any]:
-    from .io import atomic_writes, read_image
+    from ct2mr.io.images import atomic_writes, read_image
 
     report("qa", 0.0, "Reading the synthetic and the reference MR")
     names = {}

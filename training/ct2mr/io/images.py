@@ -399,7 +399,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         return _extract_3d(image, 0)
     if dim == 4:
         raise ImageReadError(f"{path} is a 4D series of {size[3]} volumes; pick one with `ct2mr preprocess --select` "
-                             "or read all of them with ct2mr.io.read_volumes.")
+                             "or read all of them with ct2mr.io.images.read_volumes.")
     if dim != 3 or min(size) < 2:
         raise ImageReadError(f"{path} is a {dim}D image of size {size}; a 3D volume (at least 2 voxels along each "
                              "axis) is needed, e.g. a CT series, not a single slice.")
@@ -952,17 +952,3 @@ def write_hdf5(array: np.ndarray, path: str | os.PathLike, attrs: dict | None = 
         with open(tmp, "wb") as out:
             out.write(data)
     return path
-
-
-def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks of ``chunk`` bytes (the one implementation: checkpoints, the model
-    list's downloads and imports, and the sample data all use it).
-
-    Raises:
-        OSError: the file cannot be read.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

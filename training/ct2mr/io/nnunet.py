@@ -50,7 +50,7 @@ def case_id(path: str | os.PathLike) -> str:
     Returns:
         e.g. ``"lung_001"`` for ``lung_001_0000.nii.gz``, ``lung_001.nrrd`` or a folder ``lung_001/``.
     """
-    from .io import image_suffix
+    from ct2mr.io.images import image_suffix
 
     path = Path(path)
     name = path.name
@@ -168,8 +168,8 @@ def validate_dataset_json(data: Mapping[str, Any], root: str | os.PathLike | Non
 
 
 def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
-    """Write JSON to ``path`` atomically and verified (:func:`ct2mr.io.write_json`), creating its folder."""
-    from .io import write_json
+    """Write JSON to ``path`` atomically and verified (:func:`ct2mr.io.images.write_json`), creating its folder."""
+    from ct2mr.io.images import write_json
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

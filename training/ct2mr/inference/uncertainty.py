@@ -21,7 +21,7 @@ value of 0.1 is 5 % of the full MR range).
 Aggregation: the population standard deviation (ddof 0) over the M = N + 1 (tta) or M = number of models (ensemble)
 predictions, per voxel of the 1 mm network grid, accumulated with Welford's algorithm (two float32 buffers, whatever
 M), then put back onto the input grid with the same trilinear resampling as the synthetic MR
-(:func:`ct2mr.preprocessing.restore_to_input_grid`; voxels outside the network grid get 0). The first prediction is
+(:func:`ct2mr.preprocessing.pipeline.restore_to_input_grid`; voxels outside the network grid get 0). The first prediction is
 the G(x) that ``translate`` already computed, so the **cost is N extra passes of G** (tta) or one G pass per extra
 model (ensemble); F is not run again. Post-hoc harmonisation (``--harmonize``) is not applied to the predictions:
 the map is in the unharmonised units. On a GPU the passes run in bf16/fp16 autocast by default, whose rounding
@@ -177,7 +177,7 @@ class RunningStd:
 
 
 def _g_pass(volume: np.ndarray, checkpoint: Any, settings: Any, progress: Callable[[float], None]) -> np.ndarray:
-    from .inference import translate_volume
+    from ct2mr.inference.translate import translate_volume
 
     fake, _, _ = translate_volume(volume, checkpoint, "ct2mr", settings,
                                   lambda stage, fraction, message: progress(fraction), roundtrip=False)
@@ -190,9 +190,9 @@ def tta_std(volume: np.ndarray, checkpoint: Any, settings: Any = None, n: int = 
     """Voxel-wise standard deviation of G(x) under test-time augmentation, on the network grid.
 
     Args:
-        volume: (z, y, x) float32 preprocessed CT in [-1, 1] (:func:`ct2mr.preprocessing.preprocess`).
-        checkpoint: the loaded :class:`ct2mr.checkpoint.Checkpoint` (its G).
-        settings: :class:`ct2mr.inference.InferenceSettings` of the sliding window (``None``: defaults).
+        volume: (z, y, x) float32 preprocessed CT in [-1, 1] (:func:`ct2mr.preprocessing.pipeline.preprocess`).
+        checkpoint: the loaded :class:`ct2mr.models.checkpoint.Checkpoint` (its G).
+        settings: :class:`ct2mr.inference.translate.InferenceSettings` of the sliding window (``None``: defaults).
         n: augmented passes (the cost: ``n`` extra passes of G).
         max_shift: largest shift per axis (voxels).
         seed: seed of the shifts (:func:`tta_augmentations`).
@@ -205,7 +205,7 @@ def tta_std(volume: np.ndarray, checkpoint: Any, settings: Any = None, n: int = 
 
     Raises:
         ValueError: ``n < 1``, a non-3D volume or a ``base`` of another shape.
-        RuntimeError: out of memory (see :func:`ct2mr.inference.translate_volume`).
+        RuntimeError: out of memory (see :func:`ct2mr.inference.translate.translate_volume`).
     """
     volume = np.asarray(volume, dtype=np.float32)
     if volume.ndim != 3:
@@ -314,7 +314,7 @@ def stage_weights(extra_passes: int) -> dict[str, float]:
     G and F count 0.4 each of a plain translation (:data:`ct2mr.progress.STAGE_WEIGHTS`); each extra pass of G
     another 0.4; the weights are then scaled to sum to 1.
     """
-    from .progress import STAGE_WEIGHTS
+    from ct2mr.progress import STAGE_WEIGHTS
 
     weights = dict(STAGE_WEIGHTS)
     write = weights.pop("write")
@@ -325,7 +325,7 @@ def stage_weights(extra_passes: int) -> dict[str, float]:
 
 
 class UncertaintyOutput:
-    """The ``--uncertainty`` step of :func:`ct2mr.inference.translate_file` (its ``extensions``).
+    """The ``--uncertainty`` step of :func:`ct2mr.inference.translate.translate_file` (its ``extensions``).
 
     After the translation, computes the spread of G(x) (:func:`tta_std` or :func:`ensemble_std`) from the
     network-grid G(x) the translation kept, and returns ``uncertainty.nii.gz`` on the input's grid to the same
@@ -369,8 +369,8 @@ class UncertaintyOutput:
     def after(self, image: Any, checkpoint: Any, preprocessed: Any, result: Any, progress: Progress | None
               ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Compute the map; returns ``(info, {UNCERTAINTY_NAME: sitk.Image on the input grid})``."""
-        from .masks import evaluation_mask
-        from .preprocessing import restore_to_input_grid
+        from ct2mr.preprocessing.masks import evaluation_mask
+        from ct2mr.preprocessing.pipeline import restore_to_input_grid
 
         base = result.network_outputs.get("synthetic_mr")
         if self.mode == "tta":

@@ -3,7 +3,7 @@
 A ct2mr checkpoint is one ``.safetensors`` file holding the tensors of both generators (``G.*`` CT -> MR and
 ``F.*`` MR -> CT; optionally the discriminators ``D_MR.*`` and ``D_CT.*``) and, in the safetensors header, string
 metadata: ``format`` (``"ct2mr.cyclegan"``), ``format_version``, and JSON documents ``architecture``,
-``preprocessing`` (every parameter of :class:`ct2mr.preprocessing.PreprocessingConfig`), ``inference`` (window size,
+``preprocessing`` (every parameter of :class:`ct2mr.preprocessing.pipeline.PreprocessingConfig`), ``inference`` (window size,
 overlap) and ``training`` (data, steps, losses, software versions). The checkpoint alone is enough to translate.
 
 safetensors stores raw tensors only: loading never unpickles, so an untrusted file cannot run code.
@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .io import atomic_write, sha256sum
-from .networks import build_discriminator, build_generator
-from .preprocessing import PreprocessingConfig
+from ct2mr.io.cache import sha256sum
+from ct2mr.io.images import atomic_write
+from ct2mr.networks import build_discriminator, build_generator
+from ct2mr.models.registry import MODELS_DIR, read_model_list
+from ct2mr.preprocessing.pipeline import PreprocessingConfig
 
 __all__ = [
     "FORMAT",
@@ -34,7 +36,6 @@ __all__ = [
     "load_discriminators",
     "read_metadata",
     "verify_checkpoint",
-    "sha256sum",
     "default_model_path",
     "save_training_state",
     "load_training_state",
@@ -44,7 +45,6 @@ __all__ = [
 
 FORMAT = "ct2mr.cyclegan"
 FORMAT_VERSION = "1"
-MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = "ct2mr-default-v1.0"
 
 
@@ -168,7 +168,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def _check_inference_settings(path: Path, inference: Any) -> None:
     """Validate a checkpoint's default inference settings with the rules of ``--roi-size`` and ``--overlap``."""
-    from .checks import validate_overlap, validate_roi_size
+    from ct2mr.checks import validate_overlap, validate_roi_size
 
     if not isinstance(inference, dict):
         raise CheckpointError(f"{path}: metadata 'inference' must be a JSON object, got {inference!r}.")
@@ -322,13 +322,9 @@ def load_discriminators(path: str | os.PathLike) -> dict[str, nn.Module]:
     return out
 
 
-def _registry() -> dict[str, Any]:
-    return json.loads((MODELS_DIR / "models.json").read_text())
-
-
 def registry_entry(sha256: str) -> dict[str, Any] | None:
     """The entry of ``models/models.json`` (name, version, licence, ...) whose SHA-256 is ``sha256``, if any."""
-    return next((m for m in _registry()["models"] if m["sha256"] == sha256), None)
+    return next((m for m in read_model_list()["models"] if m["sha256"] == sha256), None)
 
 
 def default_model_path() -> Path:
@@ -340,7 +336,7 @@ def default_model_path() -> Path:
     Raises:
         CheckpointError: the file is missing or its checksum does not match (a damaged install).
     """
-    registry = _registry()
+    registry = read_model_list()
     entry = next(m for m in registry["models"] if m["name"] == registry["default"])
     path = MODELS_DIR / entry["file"]
     if not path.is_file():

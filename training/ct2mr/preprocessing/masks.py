@@ -97,7 +97,7 @@ def valid_mask(shape: Sequence[int], pad_before: Sequence[int], pad_after: Seque
 
     Args:
         shape: (z, y, x) shape of the padded volume.
-        pad_before: padding before the volume, (x, y, z) as :class:`ct2mr.preprocessing.PreprocessRecord` stores it.
+        pad_before: padding before the volume, (x, y, z) as :class:`ct2mr.preprocessing.pipeline.PreprocessRecord` stores it.
         pad_after: padding after the volume, (x, y, z).
 
     Returns:
@@ -116,7 +116,7 @@ def evaluation_mask(volume: np.ndarray, modality: str, record, mode: str = "body
     Args:
         volume: (z, y, x) preprocessed volume in [-1, 1].
         modality: ``"ct"`` or ``"mr"``.
-        record: its :class:`ct2mr.preprocessing.PreprocessRecord` (padding, CT window).
+        record: its :class:`ct2mr.preprocessing.pipeline.PreprocessRecord` (padding, CT window).
         mode: one of :data:`MASK_MODES`.
 
     Returns:

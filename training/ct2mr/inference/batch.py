@@ -1,12 +1,12 @@
 """Batch and cluster translation: ``ct2mr translate`` over a folder, several paths or a list file.
 
 One input that is a CT file or a DICOM series folder keeps the single-volume behaviour of
-:func:`ct2mr.inference.translate_file` (``OUT_DIR/synthetic_mr.nii.gz`` ...). Anything else is a batch
-(:func:`is_single_input`): a folder of volumes (:func:`ct2mr.io.list_images`: image files and DICOM series
+:func:`ct2mr.inference.translate.translate_file` (``OUT_DIR/synthetic_mr.nii.gz`` ...). Anything else is a batch
+(:func:`is_single_input`): a folder of volumes (:func:`ct2mr.io.images.list_images`: image files and DICOM series
 sub-folders), several paths, or a list file (:data:`LIST_SUFFIXES`, :func:`read_list_file`). A batch writes
 
-* ``OUT_DIR/<case_id>/`` with the outputs of :func:`ct2mr.inference.translate_file` (each on that input's voxel grid),
-  with ``analysis=True`` also ``analysis.json`` (:func:`ct2mr.translation_analysis.analyze_outputs`), and a
+* ``OUT_DIR/<case_id>/`` with the outputs of :func:`ct2mr.inference.translate.translate_file` (each on that input's voxel grid),
+  with ``analysis=True`` also ``analysis.json`` (:func:`ct2mr.evaluation.translation_analysis.analyze_outputs`), and a
   done-marker :data:`DONE_MARKER` (input path, size and modification time, model SHA-256, inference settings);
 * ``OUT_DIR/translate_summary.json`` (``translate_summary.rank{R}.json`` per process under ``torchrun``): per case the
   input, status (:data:`STATUSES`), seconds, error message and the timeline of its preparation and translation;
@@ -15,15 +15,15 @@ sub-folders), several paths, or a list file (:data:`LIST_SUFFIXES`, :func:`read_
 How it runs (the "batch" part of the translate speed issue):
 
 * the checkpoint is loaded once and kept, with G and F on the device, across volumes;
-* a background thread (one worker) reads and preprocesses the next case (:func:`ct2mr.io.read_image`,
-  :func:`ct2mr.preprocessing.preprocess`) while the current one runs through the networks;
+* a background thread (one worker) reads and preprocesses the next case (:func:`ct2mr.io.images.read_image`,
+  :func:`ct2mr.preprocessing.pipeline.preprocess`) while the current one runs through the networks;
 * resumable: a case whose outputs exist and whose marker matches is skipped (``overwrite=True`` recomputes); the
-  outputs of a case are written all or nothing (:func:`ct2mr.inference.write_outputs`) and the marker only after
+  outputs of a case are written all or nothing (:func:`ct2mr.inference.translate.write_outputs`) and the marker only after
   them, so a crash mid-case leaves the case to be recomputed, never half-written outputs taken as done;
 * a failing case is recorded and the others go on.
 
 Cluster: under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) every process takes its shard of the
-sorted case list (:func:`ct2mr.labeltransfer.shard`), runs on ``cuda:LOCAL_RANK`` when CUDA is available and writes
+sorted case list (:func:`ct2mr.inference.labeltransfer.shard`), runs on ``cuda:LOCAL_RANK`` when CUDA is available and writes
 only its own cases and summary. No process group is created and no process waits for another, so multi-node runs
 work the same way (or any scheduler that sets ``RANK``/``WORLD_SIZE``, e.g. a SLURM array).
 """
@@ -42,17 +42,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import torch
 
-from .batch import source_stamp
-from .checkpoint import Checkpoint, load_checkpoint
-from .inference import (OUTPUT_NAMES, InferenceSettings, ProgressCallback, fit_harmonizer_for, resolve_device,
+from ct2mr.preprocessing.batch import source_stamp
+from ct2mr.models.checkpoint import Checkpoint, load_checkpoint
+from ct2mr.inference.translate import (OUTPUT_NAMES, InferenceSettings, ProgressCallback, cluster_device, fit_harmonizer_for,
+                                       resolve_device,
                         translate_file)
-from .checks import check_input_image, prepare_output_dir
-from .io import ImageReadError, OutputWriteError, image_suffix, list_images, read_image, write_json
-from .labeltransfer import shard
-from .preprocessing import preprocess
-from .translation_analysis import analyze_outputs, ct_window_of
+from ct2mr.checks import check_input_image, prepare_output_dir
+from ct2mr.io.images import ImageReadError, OutputWriteError, image_suffix, list_images, read_image, write_json
+from ct2mr.inference.labeltransfer import shard
+from ct2mr.preprocessing.pipeline import preprocess
+from ct2mr.evaluation.translation_analysis import analyze_outputs, ct_window_of
 
 __all__ = [
     "LIST_SUFFIXES",
@@ -68,7 +68,6 @@ __all__ = [
     "is_single_input",
     "collect_cases",
     "case_ids",
-    "cluster_device",
     "summary_path",
     "translate_batch",
 ]
@@ -231,7 +230,7 @@ def is_single_input(inputs: Sequence[str | os.PathLike]) -> bool:
     """Whether ``inputs`` is one volume (single mode) rather than a batch.
 
     Single: exactly one path that is not a list file and is either not a folder (a CT file, or a path that does not
-    exist, left to :func:`ct2mr.inference.translate_file` to report) or a folder that is itself one DICOM series.
+    exist, left to :func:`ct2mr.inference.translate.translate_file` to report) or a folder that is itself one DICOM series.
 
     Args:
         inputs: the command line's input paths.
@@ -287,7 +286,7 @@ def case_ids(paths: Sequence[Path]) -> list[str]:
 def collect_cases(inputs: Iterable[str | os.PathLike]) -> list[Case]:
     """Expand files, folders and list files into the sorted, de-duplicated case list of a batch.
 
-    Folders are expanded with :func:`ct2mr.io.list_images` (image files and DICOM series sub-folders, not
+    Folders are expanded with :func:`ct2mr.io.images.list_images` (image files and DICOM series sub-folders, not
     recursively; a folder that is a DICOM series is one case); list files with :func:`read_list_file`, whose entries
     may again be files or folders. An entry that does not exist, or a folder that holds no volume, becomes a case
     that fails (``Case.error``) instead of stopping the batch.
@@ -323,23 +322,6 @@ def collect_cases(inputs: Iterable[str | os.PathLike]) -> list[Case]:
     return [Case(case, path, error) for case, (path, error) in zip(ids, ordered)]
 
 
-def cluster_device(device: str = "auto") -> str:
-    """The device of this process: ``cuda:LOCAL_RANK`` under ``torchrun`` when CUDA is available.
-
-    Args:
-        device: the requested device (``auto``, ``cpu``, ``cuda`` or ``cuda:N``). Only ``auto`` and ``cuda`` are
-            mapped; an explicit ``cuda:N`` or ``cpu`` is kept.
-
-    Returns:
-        ``cuda:{LOCAL_RANK mod GPU count}`` when ``LOCAL_RANK`` is set, CUDA is available and ``device`` is ``auto``
-        or ``cuda``; otherwise ``device`` unchanged.
-    """
-    local = os.environ.get("LOCAL_RANK")
-    if local is not None and device in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{int(local) % torch.cuda.device_count()}"
-    return device
-
-
 def summary_path(out_dir: str | os.PathLike, rank: int = 0, world_size: int = 1) -> Path:
     """``OUT_DIR/translate_summary.json``, or ``OUT_DIR/translate_summary.rank{R}.json`` when ``world_size > 1``."""
     name = SUMMARY_NAME if world_size == 1 else SUMMARY_NAME.replace(".json", f".rank{rank}.json")
@@ -347,7 +329,7 @@ def summary_path(out_dir: str | os.PathLike, rank: int = 0, world_size: int = 1)
 
 
 def _one_line(exc: BaseException) -> str:
-    from .checks import OutputCheckError
+    from ct2mr.checks import OutputCheckError
 
     text = " ".join(str(exc).split()) or type(exc).__name__
     if not isinstance(exc, (ImageReadError, FileNotFoundError, FileExistsError, ValueError, RuntimeError,
@@ -402,20 +384,20 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
 
     The checkpoint is loaded once (G and F stay on the device); while a case runs through G and F, a background
     thread reads and preprocesses the next one (``prefetch``). Each case is written by
-    :func:`ct2mr.inference.translate_file` (all or nothing, on the input's voxel grid), then its
+    :func:`ct2mr.inference.translate.translate_file` (all or nothing, on the input's voxel grid), then its
     :data:`DONE_MARKER`. See the module docstring for the layout.
 
     Args:
-        inputs: CT files, folders (:func:`ct2mr.io.list_images`) and list files (:func:`read_list_file`).
+        inputs: CT files, folders (:func:`ct2mr.io.images.list_images`) and list files (:func:`read_list_file`).
         out_dir: output folder, created when missing.
         model: a ct2mr checkpoint; ``None`` uses the bundled default model.
         settings: inference settings; ``device`` ``auto``/``cuda`` becomes ``cuda:LOCAL_RANK`` under ``torchrun``
-            (:func:`cluster_device`).
+            (:func:`ct2mr.inference.translate.cluster_device`).
         progress: ``callback(stage, fraction_of_stage, message)`` of the current case (stages preprocess, G, F,
             postprocess, write).
         on_case: :data:`CaseCallback`, for an overall display over cases.
         overwrite: recompute cases that are already done.
-        harmonize: post-hoc harmonisation of the synthetic MR (as :func:`ct2mr.inference.translate_file`); the
+        harmonize: post-hoc harmonisation of the synthetic MR (as :func:`ct2mr.inference.translate.translate_file`); the
             harmonizer is fitted once for the batch.
         reference_mr: reference MR file(s) or folder(s) for ``harmonize``.
         rank: this process's shard (default: ``RANK`` from the environment, else 0).
@@ -425,25 +407,25 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
         force: translate CTs that fail the HU plausibility check (:func:`ct2mr.checks.check_input_image`) with a
             warning instead of failing the case.
         analysis: also write ``OUT_DIR/<case_id>/analysis.json`` per case (``translate --analysis``: metrics table
-            and histograms, :func:`ct2mr.translation_analysis.analyze_outputs`, with ``reference_mr`` for the
+            and histograms, :func:`ct2mr.evaluation.translation_analysis.analyze_outputs`, with ``reference_mr`` for the
             reference histogram and W1), listed in the case's outputs and kept in ``CaseResult.info["analysis"]``;
             recorded in the done-marker, so a case done without it is recomputed. An incomplete analysis is a
             warning, not a failure.
-        **translate_options: further keyword arguments of :func:`ct2mr.inference.translate_file` (e.g.
+        **translate_options: further keyword arguments of :func:`ct2mr.inference.translate.translate_file` (e.g.
             ``warp_check=True``); recorded in the done-marker, so changing them recomputes.
 
     Returns:
         The :class:`BatchTranslation` of this process; failed cases are in it, not raised. A case whose outputs
-        cannot be written (a full disk) fails with the message of :class:`ct2mr.io.OutputWriteError` and leaves no
+        cannot be written (a full disk) fails with the message of :class:`ct2mr.io.images.OutputWriteError` and leaves no
         file under a final name; the summary records it. When the summary itself cannot be written,
         ``summary_error`` says why.
 
     Raises:
         ValueError: nothing to translate, bad settings, an unknown ``harmonize``, a rank outside the world size.
-        FileNotFoundError, ct2mr.checkpoint.CheckpointError: unusable model or references (before any case runs).
+        FileNotFoundError, ct2mr.models.checkpoint.CheckpointError: unusable model or references (before any case runs).
         ct2mr.checks.OutputCheckError: ``out_dir`` cannot be created or written (before the model is loaded).
     """
-    from .harmonization import HARMONIZATION_METHODS
+    from ct2mr.inference.harmonization import HARMONIZATION_METHODS
 
     start = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -34,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .preprocessing import PreprocessingConfig
+from ct2mr.preprocessing.pipeline import PreprocessingConfig
 
 __all__ = [
     "GeneratorConfig",
@@ -199,7 +199,7 @@ class RicianConfig:
 class LawConfig:
     """An intensity law fitted before training, where the generators' intensity curves start (issue 13).
 
-    :func:`ct2mr.intensity_law.fit_intensity_law` (unpaired, multi-scale sliced Wasserstein matching with random
+    :func:`ct2mr.training.intensity_law.fit_intensity_law` (unpaired, multi-scale sliced Wasserstein matching with random
     restarts) fits CT -> MR for G and MR -> CT for F on the training volumes; needs generators with
     ``extra: {law_knots: K}`` and the same ``knots``. The fit's time counts in ``train.max_minutes``.
 
@@ -308,7 +308,7 @@ class ModelConfig:
 class DataConfig:
     """Inputs, split and patch sampling (thesis sections 4 and 7.1).
 
-    Paths are files or folders (any format :func:`ct2mr.io.read_image` reads, or ``ct2mr preprocess`` HDF5 outputs);
+    Paths are files or folders (any format :func:`ct2mr.io.images.read_image` reads, or ``ct2mr preprocess`` HDF5 outputs);
     4D MR series are split into 3D volumes.
 
     Attributes:
@@ -319,7 +319,7 @@ class DataConfig:
         paired_ct: registered CT of paired mode (same order as ``paired_mr``; each pair on one voxel grid after
             preprocessing).
         paired_mr: registered MR of paired mode.
-        split_file: JSON or CSV file listing train/val/test inputs per modality (see :func:`ct2mr.data.read_split`);
+        split_file: JSON or CSV file listing train/val/test inputs per modality (see :func:`ct2mr.training.data.read_split`);
             replaces ``ct``/``mr``/``val_*`` when given.
         val_fraction: share of source files held out for validation when no split is given (thesis 7.1: 0.2);
             a modality keeps at least one training source.
@@ -331,7 +331,7 @@ class DataConfig:
         foreground_bias: probability of centring a patch on a random foreground voxel instead of uniformly.
         balance: volume drawing, one of :data:`BALANCE_MODES`.
         prefetch: batches prepared ahead by a background thread (0: in the training loop).
-        preprocessing: parameters of :class:`ct2mr.preprocessing.PreprocessingConfig`.
+        preprocessing: parameters of :class:`ct2mr.preprocessing.pipeline.PreprocessingConfig`.
     """
 
     ct: List[str] = field(default_factory=list)

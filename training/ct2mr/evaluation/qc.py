@@ -5,7 +5,7 @@ From folders of ``ct2mr preprocess`` outputs (CT and MR, in one folder or severa
 * the thesis's Table 2: clip percentiles, median P1 and P99 (MR, input units), flagged (flat) volumes;
 * the percentage of clipped voxels (below / above the CT window or the MR percentiles), from the counts stored at
   preprocessing time, so the raw data are not needed;
-* the left-right orientation check of :mod:`ct2mr.orientation` (heart side per volume, per modality majority);
+* the left-right orientation check of :mod:`ct2mr.preprocessing.orientation` (heart side per volume, per modality majority);
 
 and writes ``table2.csv``, ``table2.md``, ``volumes.csv`` (one row per volume), ``qc_report.md`` (everything) and the
 figures: ``<modality>_triplanar.png`` (raw vs preprocessed; the raw row re-reads the source when it is still
@@ -26,10 +26,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .batch import source_stamp, is_preprocessed, read_preprocessed
-from .io import HDF5_SUFFIXES, ImageReadError, image_suffix, read_volumes, write_text
-from .orientation import OrientationReport, SideIndicator, check_orientation, heart_side
-from .preprocessing import MODALITIES, reorient_to_ras
+from ct2mr.preprocessing.batch import source_stamp, is_preprocessed, read_preprocessed
+from ct2mr.io.images import HDF5_SUFFIXES, ImageReadError, image_suffix, read_volumes, write_text
+from ct2mr.preprocessing.orientation import OrientationReport, SideIndicator, check_orientation, heart_side
+from ct2mr.preprocessing.pipeline import MODALITIES, reorient_to_ras
 
 __all__ = ["HISTOGRAM_BINS", "TABLE2_COLUMNS", "VolumeQC", "Table2Row", "QCReport", "find_preprocessed", "measure_volume", "table2",
            "table2_markdown", "run_qc"]
@@ -56,7 +56,7 @@ class VolumeQC:
         voxels: voxels of the resampled volume (padding excluded).
         clipped_low: of those, voxels below the low bound.
         clipped_high: voxels above the high bound.
-        side: the left-right indicator (:func:`ct2mr.orientation.heart_side`).
+        side: the left-right indicator (:func:`ct2mr.preprocessing.orientation.heart_side`).
         histogram: counts over :data:`HISTOGRAM_BINS` bins of [-1, 1] of the normalised volume (padding excluded).
         raw_histogram: (counts, edges) of the raw input intensities stored at preprocessing time, or ``None``.
         attrs: every attribute of the file.
@@ -196,7 +196,7 @@ def measure_volume(path: str | os.PathLike) -> tuple[VolumeQC, np.ndarray]:
         ``(VolumeQC, unpadded volume)``; the volume is float32 (z, y, x) in [-1, 1] on the 1 mm RAS grid.
 
     Raises:
-        ct2mr.io.ImageReadError: not a preprocessing output.
+        ct2mr.io.images.ImageReadError: not a preprocessing output.
     """
     stored = read_preprocessed(path)
     record = stored.record
@@ -307,7 +307,7 @@ def _orientation_markdown(report: OrientationReport, volumes: Sequence[VolumeQC]
         lines.append("No left-right inconsistency found among the determinate volumes.")
     lines.append("")
     lines.append("Indicator: R-L offset of the mediastinal tissue between the lungs (heart on the patient's left -> "
-                 "negative), median over axial slices with both lungs; see ct2mr.orientation for what it measures "
+                 "negative), median over axial slices with both lungs; see ct2mr.preprocessing.orientation for what it measures "
                  "and its limits (cropped or heart-centred fields of view, abdominal volumes).")
     return "\n".join(lines)
 
@@ -330,7 +330,7 @@ def run_qc(dirs: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str |
         FileNotFoundError: a path does not exist.
         ValueError: no preprocessed volume found, or an example name that is not among them.
     """
-    from . import figures as fig
+    from ct2mr.evaluation.evaluate import figures as fig
 
     dirs = [dirs] if isinstance(dirs, (str, os.PathLike)) else list(dirs)
     paths = find_preprocessed(dirs)

@@ -13,9 +13,9 @@ Where models live:
   ``platformdirs.user_cache_dir("ct2mr")``. Never the install tree. A new version goes into its own folder: older
   versions stay until :func:`clear` removes them.
 
-Downloads go through :func:`ct2mr.sampledata.fetch` (temporary file, SHA-256 check, atomic rename: a bad or
+Downloads go through :func:`ct2mr.io.sampledata.fetch` (temporary file, SHA-256 check, atomic rename: a bad or
 interrupted download leaves nothing under the final name). Imported checkpoints are checked with
-:func:`ct2mr.checkpoint.read_metadata` (which needs torch) and copied with their SHA-256.
+:func:`ct2mr.models.checkpoint.read_metadata` (which needs torch) and copied with their SHA-256.
 
 This module itself imports neither torch nor anything of a front end: the Slicer module reads the list in its own
 process. The schema is enforced with ``jsonschema`` when it is installed, else by :func:`validate_document`, a small
@@ -33,9 +33,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from ct2mr.io.cache import cache_dir, sha256sum
+
 __all__ = [
     "MODELS_DIR",
     "MODELS_JSON",
+    "read_model_list",
     "SCHEMA_JSON",
     "REGISTRY_ENV",
     "RegistryError",
@@ -57,7 +60,7 @@ __all__ = [
     "models_table",
 ]
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
+MODELS_DIR = Path(__file__).resolve().parent
 #: The bundled model list.
 MODELS_JSON = MODELS_DIR / "models.json"
 #: JSON Schema (draft 2020-12) of model lists.
@@ -318,7 +321,16 @@ def validate_document(document: Any, schema: dict[str, Any] | None = None, use_j
         raise RegistryError("Invalid model list:\n" + "\n".join(problems))
 
 
-def _read_list(path: Path) -> dict[str, Any]:
+def read_model_list(path: str | os.PathLike = MODELS_JSON) -> dict[str, Any]:
+    """One model-list file as its JSON document (``{"default": ..., "models": [...]}``), validated against the schema.
+
+    Args:
+        path: the list (default: the bundled ``models/models.json``).
+
+    Raises:
+        RegistryError: the file is missing, not JSON, or against the schema.
+    """
+    path = Path(path)
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -356,7 +368,7 @@ def load_registry(extra: Sequence[str | os.PathLike] | None = None, include_env:
         paths += [Path(p) for p in os.environ[REGISTRY_ENV].split(os.pathsep) if p]
     registry: Registry | None = None
     for path in dict.fromkeys(Path(p).resolve() for p in paths):
-        document = _read_list(path)
+        document = read_model_list(path)
         if registry is None:
             registry = Registry(default=document.get("default") or document["models"][0]["name"])
         for item in document["models"]:
@@ -381,26 +393,13 @@ def version_key(version: str) -> tuple:
 
 def models_cache_dir() -> Path:
     """``$CT2MR_CACHE/models``, else ``platformdirs.user_cache_dir("ct2mr")/models`` (never the install tree)."""
-    root = os.environ.get("CT2MR_CACHE")
-    if not root:
-        from platformdirs import user_cache_dir
-
-        root = user_cache_dir("ct2mr", appauthor=False)
-    return Path(root) / "models"
+    return cache_dir("models")
 
 
 def _safe(part: str, what: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", part or ""):
         raise RegistryError(f"Invalid model {what} {part!r}: use letters, digits, '.', '_', '+' and '-'.")
     return part
-
-
-def sha256sum(path: str | os.PathLike) -> str:
-    """:func:`ct2mr.io.sha256sum`, imported when first needed: the Slicer module reads the model list in its own
-    process, which must stay free of NumPy and SimpleITK (``ct2mr.io``)."""
-    from .io import sha256sum as file_sha256
-
-    return file_sha256(path)
 
 
 def model_dir(name: str, version: str) -> Path:
@@ -412,7 +411,7 @@ def _write_sidecar(folder: Path, entry: ModelEntry, origin: str, imported_from: 
     data = {"entry": entry.to_dict(), "origin": origin, "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if imported_from:
         data["imported_from"] = imported_from
-    from .io import write_json
+    from ct2mr.io.images import write_json
 
     write_json(folder / SIDECAR, data)
 
@@ -464,7 +463,7 @@ def model_path(name: str | None = None, version: str | None = None, registry: Re
     Raises:
         RegistryError: unknown model, a damaged bundled file, or not available locally and ``download_missing`` is
             false (the message says how to download or import it).
-        OSError, ct2mr.sampledata.ChecksumError: the download failed.
+        OSError, ct2mr.io.sampledata.ChecksumError: the download failed.
     """
     registry = registry or load_registry()
     name = name or registry.default
@@ -509,10 +508,10 @@ def download(entry: ModelEntry, progress: ProgressCallback | None = None, timeou
 
     Raises:
         RegistryError: the entry has neither a URL nor a bundled file.
-        ct2mr.sampledata.ChecksumError: the bytes do not match the SHA-256 (nothing is kept).
+        ct2mr.io.sampledata.ChecksumError: the bytes do not match the SHA-256 (nothing is kept).
         OSError: the server cannot be reached (nothing is kept).
     """
-    from .sampledata import fetch
+    from ct2mr.io.sampledata import fetch
 
     if entry.local_path is not None:
         return entry.local_path
@@ -541,9 +540,9 @@ def import_checkpoint(path: str | os.PathLike, name: str | None = None, version:
                       description: str | None = None) -> CachedModel:
     """Copy a local checkpoint into the cache, for machines that cannot download.
 
-    The file is validated with :func:`ct2mr.checkpoint.verify_checkpoint` (a ct2mr safetensors checkpoint of a
+    The file is validated with :func:`ct2mr.models.checkpoint.verify_checkpoint` (a ct2mr safetensors checkpoint of a
     format this version understands, valid inference settings, and every tensor its architecture needs present with
-    the right shape; needs torch), hashed, and copied atomically (:func:`ct2mr.io.atomic_write`: fsynced, header and
+    the right shape; needs torch), hashed, and copied atomically (:func:`ct2mr.io.images.atomic_write`: fsynced, header and
     size read back, SHA-256 compared). A file whose SHA-256 is listed takes that
     entry's name and version (an offline copy of a published model); otherwise the name comes from ``name``, the
     checkpoint's training name or the file stem, and the version from ``version`` or ``local-<first 12 hex digits
@@ -560,12 +559,12 @@ def import_checkpoint(path: str | os.PathLike, name: str | None = None, version:
 
     Raises:
         FileNotFoundError: no such file.
-        ct2mr.checkpoint.CheckpointError: not a usable ct2mr checkpoint (e.g. a missing tensor, named).
+        ct2mr.models.checkpoint.CheckpointError: not a usable ct2mr checkpoint (e.g. a missing tensor, named).
         RegistryError: invalid name or version, or that name/version already holds a different file.
-        ct2mr.io.OutputWriteError: the cache's disk is full (nothing left under the final name).
+        ct2mr.io.images.OutputWriteError: the cache's disk is full (nothing left under the final name).
     """
-    from .checkpoint import verify_checkpoint
-    from .io import atomic_write
+    from ct2mr.models.checkpoint import verify_checkpoint
+    from ct2mr.io.images import atomic_write
 
     source = Path(path)
     metadata = verify_checkpoint(source)

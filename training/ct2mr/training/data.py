@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from .batch import is_preprocessed, read_preprocessed
-from .checks import check_input_image, input_checks_mode
-from .io import list_images, read_volumes, write_json
-from .preprocessing import FlatVolumeWarning, PreprocessingConfig, PreprocessRecord, preprocess
+from ct2mr.preprocessing.batch import is_preprocessed, read_preprocessed
+from ct2mr.checks import check_input_image, input_checks_mode
+from ct2mr.io.images import list_images, read_volumes, write_json
+from ct2mr.preprocessing.pipeline import FlatVolumeWarning, PreprocessingConfig, PreprocessRecord, preprocess
 
 __all__ = [
     "DomainVolume",
@@ -93,7 +93,7 @@ def load_domain(inputs: str | Path | Iterable[str | Path], modality: str, config
                 progress: Callable[[int, int, str], None] | None = None) -> list[DomainVolume]:
     """Read and preprocess every volume of one domain; 4D series are split into 3D volumes, flat MRs skipped.
 
-    Outputs of ``ct2mr preprocess`` (:func:`ct2mr.batch.is_preprocessed`) are used as they are, not preprocessed a
+    Outputs of ``ct2mr preprocess`` (:func:`ct2mr.preprocessing.batch.is_preprocessed`) are used as they are, not preprocessed a
     second time; flagged (flat) ones are skipped, and parameters that differ from ``config`` are logged as a warning.
     Raw volumes are checked first (:func:`ct2mr.checks.check_input_image`): a spacing outside 0.1-20 mm is refused
     and NaN/inf voxels are replaced (CT -1024 HU, MR 0) with a warning; inside :func:`ct2mr.checks.input_checks`
@@ -101,7 +101,7 @@ def load_domain(inputs: str | Path | Iterable[str | Path], modality: str, config
     refused too (with ``force``: a warning).
 
     Args:
-        inputs: files and folders (see :func:`ct2mr.io.list_images`), raw or preprocessed by ``ct2mr preprocess``.
+        inputs: files and folders (see :func:`ct2mr.io.images.list_images`), raw or preprocessed by ``ct2mr preprocess``.
         modality: ``"ct"`` or ``"mr"``.
         config: preprocessing parameters (thesis defaults when ``None``).
         progress: ``callback(done, total, name)`` after each file.
@@ -110,7 +110,7 @@ def load_domain(inputs: str | Path | Iterable[str | Path], modality: str, config
         The volumes, in sorted path order.
 
     Raises:
-        FileNotFoundError, ct2mr.io.ImageReadError: a path is missing or unreadable.
+        FileNotFoundError, ct2mr.io.images.ImageReadError: a path is missing or unreadable.
         ct2mr.checks.InputCheckError: a raw volume refused by the input checks (the message names the file).
         ValueError: nothing usable was found, or a preprocessed file of the other modality.
     """
@@ -298,7 +298,7 @@ class _SlotSampler:
 
     def __init__(self, patch_size: Sequence[int], batch_size: int, seed: int, foreground: float,
                  slots: Sequence[int] | None, foreground_tries: int, foreground_bias: float, balance: str) -> None:
-        from .config import BALANCE_MODES
+        from ct2mr.training.config import BALANCE_MODES
 
         if balance not in BALANCE_MODES:
             raise ValueError(f"balance must be one of {', '.join(BALANCE_MODES)}; got {balance!r}.")
@@ -357,7 +357,7 @@ class UnpairedPatchSampler(_SlotSampler):
         slots: global batch slots this process draws (see the module docstring).
         foreground_tries: see :func:`random_patch`.
         foreground_bias: see :func:`random_patch`.
-        balance: ``"none"``, ``"volume"`` or ``"source"`` (see :data:`ct2mr.config.BALANCE_MODES`).
+        balance: ``"none"``, ``"volume"`` or ``"source"`` (see :data:`ct2mr.training.config.BALANCE_MODES`).
 
     Raises:
         ValueError: no CT or no MR volume; an unknown ``balance``.
@@ -529,13 +529,13 @@ def source_groups(inputs: str | Path | Iterable[str | Path]) -> dict[str, list[s
     made from (the phases of a 4D series land in one group).
 
     Args:
-        inputs: files and folders (see :func:`ct2mr.io.list_images`).
+        inputs: files and folders (see :func:`ct2mr.io.images.list_images`).
 
     Returns:
         ``{group: [path, ...]}`` in sorted order.
 
     Raises:
-        FileNotFoundError, ct2mr.io.ImageReadError: as :func:`ct2mr.io.list_images`.
+        FileNotFoundError, ct2mr.io.images.ImageReadError: as :func:`ct2mr.io.images.list_images`.
     """
     groups: dict[str, list[str]] = {}
     for path in list_images(inputs):
@@ -645,5 +645,5 @@ def read_split(path: str | Path) -> dict[str, dict[str, list[str]]]:
 
 def write_split(path: str | Path, split: Mapping[str, Mapping[str, Sequence[str]]], **info: Any) -> Path:
     """Write a split (``{"ct": {"train": ...}, "mr": ...}``) as JSON, atomically and verified
-    (:func:`ct2mr.io.write_json`); ``info`` fields are added."""
+    (:func:`ct2mr.io.images.write_json`); ``info`` fields are added."""
     return write_json(path, {**{m: {s: list(v) for s, v in d.items()} for m, d in split.items()}, **info})

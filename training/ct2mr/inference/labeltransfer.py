@@ -4,7 +4,7 @@ Because ``ct2mr translate`` keeps the CT's voxel grid exactly (size, spacing, or
 also the label map of its synthetic MR G(x). :func:`synthesize_dataset` pairs CTs and label maps by case id,
 translates every CT with one loaded model, copies each label map unchanged (bit-identical when it is already
 ``.nii.gz``, voxel-identical otherwise) and writes an nnU-Net v2 raw dataset or a MONAI datalist
-(:mod:`ct2mr.nnunet`). It is resumable (finished cases are skipped), shards cases over ``torchrun`` processes
+(:mod:`ct2mr.io.nnunet`). It is resumable (finished cases are skipped), shards cases over ``torchrun`` processes
 (``RANK``/``WORLD_SIZE``), and records the model's name, version and SHA-256, the preprocessing and inference
 parameters and the software version in ``ct2mr_dataset.json``.
 
@@ -27,10 +27,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__
-from .checks import prepare_output_dir, replace_nonfinite
-from .io import ImageReadError, atomic_write, image_suffix, list_images, read_image, write_image
-from .nnunet import FORMATS, case_id, image_name, label_name, parse_label_names, write_json_atomic, write_layout_index
+from ct2mr import __version__
+from ct2mr.checks import prepare_output_dir, replace_nonfinite
+from ct2mr.io.images import ImageReadError, atomic_write, image_suffix, list_images, read_image, write_image
+from ct2mr.io.nnunet import FORMATS, case_id, image_name, label_name, parse_label_names, write_json_atomic, write_layout_index
 
 __all__ = [
     "GridMismatchError",
@@ -102,10 +102,10 @@ class SynthesisReport:
 
 def pair_cases(images: str | os.PathLike | Iterable, labels: str | os.PathLike | Iterable
                ) -> tuple[list[tuple[str, Path, Path]], list[Path], list[Path]]:
-    """Pair CTs and label maps by case id (:func:`ct2mr.nnunet.case_id`).
+    """Pair CTs and label maps by case id (:func:`ct2mr.io.nnunet.case_id`).
 
     Args:
-        images: CT files or folders (:func:`ct2mr.io.list_images`).
+        images: CT files or folders (:func:`ct2mr.io.images.list_images`).
         labels: label-map files or folders.
 
     Returns:
@@ -237,15 +237,15 @@ def synthesize_dataset(images: str | os.PathLike | Iterable, labels: str | os.Pa
     """Translate a labelled CT collection into a synthetic-MR training set with the same labels.
 
     Args:
-        images: CT files or folders (HU), any format :func:`ct2mr.io.read_image` reads.
+        images: CT files or folders (HU), any format :func:`ct2mr.io.images.read_image` reads.
         labels: label-map files or folders, paired with the CTs by case id.
         out: dataset folder (``imagesTr``, ``labelsTr``, ``dataset.json`` or ``datalist.json``,
             ``ct2mr_dataset.json``).
         model: ct2mr checkpoint; ``None`` uses the default model.
         fmt: ``"nnunet"`` or ``"monai"``.
-        label_names: JSON file or mapping of label names (:func:`ct2mr.nnunet.parse_label_names`); ``None`` names
+        label_names: JSON file or mapping of label names (:func:`ct2mr.io.nnunet.parse_label_names`); ``None`` names
             the values found ``label_<value>``.
-        settings: :class:`ct2mr.inference.InferenceSettings`.
+        settings: :class:`ct2mr.inference.translate.InferenceSettings`.
         augment: extra synthetic MRs per CT with :func:`augment_synthetic_mr` (cases ``<case>_augN``).
         name: dataset name.
         progress: ``callback(done, total, case)`` after each case.
@@ -258,8 +258,8 @@ def synthesize_dataset(images: str | os.PathLike | Iterable, labels: str | os.Pa
         ValueError: unknown format, negative ``augment``, or no pair at all.
         FileNotFoundError, CheckpointError: missing inputs or an unusable model (before anything is written).
     """
-    from .checkpoint import load_checkpoint, registry_entry
-    from .inference import InferenceSettings, translate_image
+    from ct2mr.models.checkpoint import load_checkpoint, registry_entry
+    from ct2mr.inference.translate import InferenceSettings, translate_image
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}.")

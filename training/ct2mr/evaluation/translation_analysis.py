@@ -2,17 +2,17 @@
 
 ``ct2mr translate --analysis`` computes them in the engine process (front ends such as the 3D Slicer module never
 import torch or compute a metric themselves) on the input's own grid, inside the CT's body mask
-(:func:`ct2mr.masks.body_mask` of x in HU with the model's CT window), writes ``OUT_DIR/analysis.json`` and puts the
+(:func:`ct2mr.preprocessing.masks.body_mask` of x in HU with the model's CT window), writes ``OUT_DIR/analysis.json`` and puts the
 same object in the ``done`` event:
 
 - **metrics** (thesis section 5, E2, self-consistency; section 7, W1 of eq. 7.2): ``SSIM_cyc``, ``PSNR_cyc`` (dB),
   ``MAE_cyc`` and ``MAE_cyc (HU)`` of x against F(G(x)), both mapped to [-1, 1] through the model's CT window (data
-  range 2), as ``ct2mr evaluate`` computes them on its 1 mm grid (:func:`ct2mr.evaluation.ssim3d`, ``psnr``,
+  range 2), as ``ct2mr evaluate`` computes them on its 1 mm grid (:func:`ct2mr.evaluation.evaluate.ssim3d`, ``psnr``,
   ``mae``); above :data:`MAX_SSIM_VOXELS` voxels SSIM is taken on every s-th voxel. With a reference MR, ``W1``
   between the synthetic MR's histogram (in the body mask) and the reference's (normalised like the engine's MR
-  preprocessing, thesis eq. 4.4, inside its own body mask) on :data:`ct2mr.evaluation.HISTOGRAM_BINS` bins.
+  preprocessing, thesis eq. 4.4, inside its own body mask) on :data:`ct2mr.evaluation.evaluate.HISTOGRAM_BINS` bins.
 - **anatomy** (thesis section 5, P1/E2: G changes appearance, not anatomy): ``Edge correlation``, ``GMS`` and
-  ``NMI`` of x and G(x) in the body mask (:func:`ct2mr.anatomy.anatomy_metrics`); with the warp check, its values
+  ``NMI`` of x and G(x) in the body mask (:func:`ct2mr.evaluation.anatomy.anatomy_metrics`); with the warp check, its values
   (``anatomy.json``) and ``Displacement mean (mm)``/``Displacement p95 (mm)``.
 - **histogram**: :data:`HISTOGRAM_BINS` bins of [-1, 1], the percentage of voxels per bin of the synthetic MR (body
   mask) and of the reference MR.
@@ -59,7 +59,7 @@ ANALYSIS_VERSION = 1
 """Version of the analysis JSON layout."""
 
 HISTOGRAM_BINS = 128
-"""Bins of [-1, 1] of the displayed histograms (W1 uses :data:`ct2mr.evaluation.HISTOGRAM_BINS`)."""
+"""Bins of [-1, 1] of the displayed histograms (W1 uses :data:`ct2mr.evaluation.evaluate.HISTOGRAM_BINS`)."""
 
 MAX_SSIM_VOXELS = 8_000_000
 """Above this many voxels (the body mask's bounding box), SSIM is computed on every s-th voxel along each axis (the
@@ -120,9 +120,9 @@ def _reference_values(paths: Sequence[str | os.PathLike], percentiles: Sequence[
     """The reference MRs' voxels inside their body masks, normalised like the engine's MR preprocessing."""
     import SimpleITK as sitk
 
-    from .io import read_image
-    from .masks import body_mask
-    from .preprocessing import normalize_mr
+    from ct2mr.io.images import read_image
+    from ct2mr.preprocessing.masks import body_mask
+    from ct2mr.preprocessing.pipeline import normalize_mr
 
     values = []
     for path in paths:
@@ -148,8 +148,8 @@ def _strided(arrays: Sequence[np.ndarray], mask: np.ndarray, max_voxels: int
 
 def _cycle_metrics(ct: np.ndarray, roundtrip: np.ndarray, mask: np.ndarray, window: Sequence[float],
                    max_ssim_voxels: int) -> dict[str, float]:
-    from .evaluation import mae, psnr, ssim3d
-    from .preprocessing import normalize_ct
+    from ct2mr.evaluation.evaluate import mae, psnr, ssim3d
+    from ct2mr.preprocessing.pipeline import normalize_ct
 
     x, y = normalize_ct(ct, window), normalize_ct(roundtrip, window)
     metrics = {"voxels": float(mask.sum())}
@@ -171,7 +171,7 @@ def _anatomy(ct: np.ndarray, synthetic: np.ndarray, mask: np.ndarray, spacing_zy
     whole grid, less memory)."""
     import SimpleITK as sitk
 
-    from .anatomy import anatomy_metrics
+    from ct2mr.evaluation.anatomy import anatomy_metrics
 
     spacing = np.asarray(spacing_zyx, float)
     margin = np.ceil(3.0 * _ANATOMY_SIGMA_MM / spacing).astype(int) + 2
@@ -220,9 +220,9 @@ def analyze_translation(ct, synthetic_mr, roundtrip_ct, ct_window: Sequence[floa
     """
     import SimpleITK as sitk
 
-    from .evaluation import HISTOGRAM_BINS as W1_BINS
-    from .evaluation import histogram_w1, intensity_histogram
-    from .masks import body_mask
+    from ct2mr.evaluation.evaluate import HISTOGRAM_BINS as W1_BINS
+    from ct2mr.evaluation.evaluate import histogram_w1, intensity_histogram
+    from ct2mr.preprocessing.masks import body_mask
 
     report = progress or (lambda fraction, message: None)
     window = [float(ct_window[0]), float(ct_window[1])]
@@ -317,7 +317,7 @@ def write_analysis(analysis: Mapping[str, Any], out_dir: str | os.PathLike) -> P
     Returns:
         The file's path.
     """
-    from .io import atomic_path
+    from ct2mr.io.images import atomic_path
 
     final = Path(out_dir) / ANALYSIS_FILE
     tmp = atomic_path(final)

@@ -155,9 +155,9 @@ def _batched(net: nn.Module, patches: torch.Tensor, device: torch.device, batch_
 
 def weights_cache_dir() -> Path:
     """Folder of downloaded feature-extractor weights: ``$CT2MR_CACHE/weights`` or the platform's user cache."""
-    from .sampledata import cache_dir
+    from ct2mr.io.cache import cache_dir
 
-    return cache_dir().parent / "weights"
+    return cache_dir("weights")
 
 
 def resolve_weights(source: str | os.PathLike | None, sha256: str | None = None, name: str = "MedicalNet ResNet-10",
@@ -176,11 +176,11 @@ def resolve_weights(source: str | os.PathLike | None, sha256: str | None = None,
     Raises:
         FileNotFoundError: no source or a missing file; the message says how to get the weights.
         ValueError: a URL without ``sha256``.
-        ct2mr.sampledata.ChecksumError: the file does not have ``sha256`` (a failed download keeps nothing).
+        ct2mr.io.sampledata.ChecksumError: the file does not have ``sha256`` (a failed download keeps nothing).
         OSError: the server cannot be reached.
     """
-    from .checkpoint import sha256sum
-    from .sampledata import ChecksumError, fetch
+    from ct2mr.io.cache import sha256sum
+    from ct2mr.io.sampledata import ChecksumError, fetch
 
     how = (f"Download {name} weights (e.g. {url_hint}) and pass the file with --feature-weights PATH, or pass "
            "--feature-weights URL --feature-sha256 HEX to download it once into the cache; or use the default "
@@ -233,7 +233,7 @@ class MedicalNetFeatures:
         batch_size: patches per forward pass.
 
     Raises:
-        FileNotFoundError, ValueError, ct2mr.sampledata.ChecksumError: see :func:`resolve_weights`; also weights that
+        FileNotFoundError, ValueError, ct2mr.io.sampledata.ChecksumError: see :func:`resolve_weights`; also weights that
         do not fit the architecture.
     """
 
@@ -241,7 +241,7 @@ class MedicalNetFeatures:
                  device: str | torch.device = "cpu", batch_size: int = 16) -> None:
         from monai.networks.nets import resnet10
 
-        from .checkpoint import sha256sum
+        from ct2mr.io.cache import sha256sum
 
         path = resolve_weights(weights, sha256)
         self.name = "medicalnet"

@@ -49,7 +49,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -63,16 +62,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoint import CheckpointError, load_training_state, save_checkpoint, save_training_state
-from .config import RunConfig, load_config, to_yaml
-from .data import (DomainVolume, PairedPatchSampler, PatchPrefetcher, TrainingBatches, UnpairedPatchSampler,
+from ct2mr.models.checkpoint import CheckpointError, load_training_state, save_checkpoint, save_training_state
+from ct2mr.training.config import RunConfig, load_config, to_yaml
+from ct2mr.training.data import (DomainVolume, PairedPatchSampler, PatchPrefetcher, TrainingBatches, UnpairedPatchSampler,
                    load_domain, make_split, pair_volumes, read_split, write_split)
-from .inference import InferenceSettings, resolve_device, resolve_precision, sliding_window
-from .io import verify_file, write_json, write_text
-from .networks import build_discriminator, build_generator
-from .ood import training_ct_statistics
-from .preprocessing import PreprocessingConfig
+from ct2mr.inference.translate import (InferenceSettings, cluster_device, resolve_device, resolve_precision,
+                                       sliding_window)
+from ct2mr.io.images import verify_file, write_json, write_text
+from ct2mr.networks import build_discriminator, build_generator
+from ct2mr.provenance import software_versions
+from ct2mr.inference.ood import training_ct_statistics
+from ct2mr.preprocessing.pipeline import PreprocessingConfig
 
 __all__ = [
     "RunConfig",
@@ -142,15 +142,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _versions() -> dict[str, str]:
-    import monai
-    import SimpleITK
-
-    return {"ct2mr": __version__, "torch": torch.__version__, "monai": monai.__version__,
-            "SimpleITK": SimpleITK.Version_VersionString(), "numpy": np.__version__,
-            "python": platform.python_version()}
 
 
 # ---- distributed --------------------------------------------------------------------------------------------
@@ -225,7 +216,7 @@ def init_distributed(device_name: str = "auto") -> tuple[DistContext, torch.devi
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if use_cuda:
-        device = torch.device(f"cuda:{local}" if device_name in ("auto", "cuda") else device_name)
+        device = torch.device(cluster_device(device_name))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -241,7 +232,7 @@ class ImagePool:
 
     For each generated volume of a batch: while the pool fills up it is stored and returned; afterwards, with
     probability 1/2 a random stored volume is returned and replaced by the new one, otherwise the new one is
-    returned. The pool is sharded by global batch slot (see :mod:`ct2mr.data`), each shard with its own generator
+    returned. The pool is sharded by global batch slot (see :mod:`ct2mr.training.data`), each shard with its own generator
     and ``ceil(size / global_batch)`` places, so that a run on N processes sees what one process with the same
     global batch sees; with batch 1 it is exactly CycleGAN's pool.
 
@@ -390,7 +381,7 @@ class _Missing(NotImplementedError):
 
 
 def _require_losses(*names: str) -> list[Any]:
-    from . import losses
+    from ct2mr import losses
 
     missing = [n for n in names if not hasattr(losses, n)]
     if missing:
@@ -419,7 +410,7 @@ class CycleGANTrainer:
 
     def __init__(self, config: RunConfig, device: torch.device | None = None, dist: DistContext | None = None
                  ) -> None:
-        from . import losses
+        from ct2mr import losses
 
         self.config = config
         self.dist = dist or DistContext()
@@ -467,7 +458,7 @@ class CycleGANTrainer:
             self.discriminators.update(D_MR_pair=self.D_MR_pair, D_CT_pair=self.D_CT_pair)
         self.heads: dict[str, nn.Module] = {}
         if m.lambda_nce:
-            from .losses import PatchSampleHead, default_nce_layers, encoder_features
+            from ct2mr.losses import PatchSampleHead, default_nce_layers, encoder_features
 
             self.nce_layers = default_nce_layers(self.G)
             with torch.no_grad():
@@ -523,7 +514,7 @@ class CycleGANTrainer:
 
     # -- construction helpers --
     def _build(self, builder: Callable[[dict], nn.Module], spec: dict[str, Any], key: str) -> nn.Module:
-        from .networks import factory, norm
+        from ct2mr.networks import factory, norm
 
         name = spec.get("name")
         known = factory.GENERATORS if builder is build_generator else factory.DISCRIMINATORS
@@ -582,7 +573,7 @@ class CycleGANTrainer:
         r = self.config.model.rician
         if not r.corrupt_d:
             return volumes
-        from .losses import rician_corrupt
+        from ct2mr.losses import rician_corrupt
 
         return torch.cat([rician_corrupt(volumes[i:i + 1], tuple(r.sigma_range), generator=self.noise[s])
                           for i, s in enumerate(self.slots)])
@@ -591,7 +582,7 @@ class CycleGANTrainer:
         """One cycle leg: L1 (eq. 6.6), Mix(L1, SSIM-3D) with alpha (6.2.1), Rician-mixed on the MR leg (8.5)."""
         m = self.config.model
         if mr and m.rician.tau > 0:
-            from .losses import rician_mixed_loss, ssim3d
+            from ct2mr.losses import rician_mixed_loss, ssim3d
 
             base = rician_mixed_loss(recon.float(), target.float(), m.rician.sigma, m.rician.tau)
             if m.alpha == 0:
@@ -599,14 +590,14 @@ class CycleGANTrainer:
             return (1 - m.alpha) * base + m.alpha * (1 - ssim3d(recon, target))
         if m.alpha == 0:
             return (recon - target).abs().mean()
-        from .losses import structural_cycle_loss
+        from ct2mr.losses import structural_cycle_loss
 
         return structural_cycle_loss(target, recon, m.alpha)
 
     def _identity(self, target: torch.Tensor, output: torch.Tensor, mr: bool) -> torch.Tensor:
         r = self.config.model.rician
         if mr and r.tau > 0:
-            from .losses import rician_mixed_loss
+            from ct2mr.losses import rician_mixed_loss
 
             return rician_mixed_loss(output.float(), target.float(), r.sigma, r.tau)
         return (output - target).abs().mean()
@@ -615,7 +606,7 @@ class CycleGANTrainer:
                    ) -> torch.Tensor:
         """PatchNCE between the encoder features of ``source`` and of its translation (Park et al. 2020, eq. 5):
         the same generator encodes both; the same locations are sampled in both; summed over layers."""
-        from .losses import encoder_features, patch_nce_loss
+        from ct2mr.losses import encoder_features, patch_nce_loss
 
         m = self.config.model
         feat_k = encoder_features(net, source, self.nce_layers)
@@ -681,7 +672,7 @@ class CycleGANTrainer:
                 terms["identity_CT"] = self._identity(x, F(x), mr=False)
                 total = total + m.lambda_id * (terms["identity_MR"] + terms["identity_CT"])
             if m.lambda_hist > 0:
-                from .losses import histogram_loss
+                from ct2mr.losses import histogram_loss
 
                 masks = ((x > _FOREGROUND).float(), (y > _FOREGROUND).float()) if m.hist_mask else (None, None)
                 terms["hist_MR"] = histogram_loss(fake_mr.float(), y.float(), m.hist_bins, m.hist_distance,
@@ -692,12 +683,12 @@ class CycleGANTrainer:
                                                       mask=masks[1], real_mask=masks[0])
                     total = total + m.lambda_hist * terms["hist_CT"]
             if m.lambda_mi > 0:
-                from .losses import mutual_information_loss
+                from ct2mr.losses import mutual_information_loss
 
                 terms["mi"] = mutual_information_loss(x.float(), fake_mr.float())
                 total = total + m.lambda_mi * terms["mi"]
             if m.lambda_mind > 0:
-                from .losses import mind_loss
+                from ct2mr.losses import mind_loss
 
                 terms["mind_MR"] = mind_loss(x, fake_mr, m.mind_dilation)
                 terms["mind_CT"] = mind_loss(y, fake_ct, m.mind_dilation)
@@ -731,7 +722,7 @@ class CycleGANTrainer:
                 terms["D_CT"] = self.adv.discriminator(D["D_CT"](x), D["D_CT"](pooled_ct))
                 d_total = terms["D_MR"] + terms["D_CT"]
                 if m.beta > 0:
-                    from .losses import dual_contrast_loss
+                    from ct2mr.losses import dual_contrast_loss
 
                     terms["DC_MR"] = dual_contrast_loss(self.adv, D["D_MR"](self._rician(x)))
                     terms["DC_CT"] = dual_contrast_loss(self.adv, D["D_CT"](y))
@@ -899,7 +890,7 @@ def validate(trainer: CycleGANTrainer, val_ct: Sequence[DomainVolume], val_mr: S
         ``hist_w1`` (means over volumes; absent when there is nothing to measure) and tri-planar panels
         (CT | G(x) | F(G(x)) | |F(G(x)) - x|) of the first CT (and MR) volume.
     """
-    from .losses import histogram_loss, ssim3d
+    from ct2mr.losses import histogram_loss, ssim3d
 
     cfg = trainer.config
     t = cfg.train
@@ -1119,7 +1110,7 @@ def train_run(config: RunConfig, out_dir: str | Path, resume: bool = False,
         Path of the final checkpoint ``out_dir/model.safetensors`` (G and F).
 
     Raises:
-        FileNotFoundError, ct2mr.io.ImageReadError: unusable inputs.
+        FileNotFoundError, ct2mr.io.images.ImageReadError: unusable inputs.
         ValueError: a bad configuration, a run folder that already holds a run (without ``resume``), or a
             checkpoint that does not match the configuration.
         NotImplementedError: a configured piece this install lacks.
@@ -1139,7 +1130,7 @@ def start_intensity_laws(trainer: "CycleGANTrainer", config: RunConfig, ct_volum
                          mr_volumes: Sequence[DomainVolume], out_dir: Path | None = None) -> float:
     """Fit the CT -> MR and MR -> CT intensity laws and start G's and F's intensity curves there (issue 13).
 
-    :func:`ct2mr.intensity_law.fit_intensity_law` on the preprocessed training volumes, with ``model.law``'s
+    :func:`ct2mr.training.intensity_law.fit_intensity_law` on the preprocessed training volumes, with ``model.law``'s
     settings and ``train.seed`` (every process computes the same laws). With ``out_dir``, writes
     ``intensity_law.json`` (both laws, their distances per restart) and ``intensity_law.png`` (the curves).
 
@@ -1149,7 +1140,7 @@ def start_intensity_laws(trainer: "CycleGANTrainer", config: RunConfig, ct_volum
     Raises:
         ValueError: a generator without an intensity curve of ``model.law.knots`` knots.
     """
-    from .intensity_law import fit_intensity_law
+    from ct2mr.training.intensity_law import fit_intensity_law
 
     law, prep = config.model.law, PreprocessingConfig.from_dict(config.data.preprocessing)
     start = time.perf_counter()
@@ -1292,7 +1283,7 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
         return {"name": config.name, "preset": config.preset, "steps": step, "config": portable_config(config.to_dict()),
                 "command": command, "ct_volumes": [v.name for v in ct_volumes],
                 "mr_volumes": [v.name for v in mr_volumes], "ct_statistics": ct_statistics,
-                "last_losses": last, "software": _versions(),
+                "last_losses": last, "software": software_versions("torch", "monai", "SimpleITK", "numpy"),
                 "device": str(device), "world_size": dist.world_size, "global_batch": trainer.global_batch}
 
     def save_state(step: int, last: dict[str, float]) -> None:

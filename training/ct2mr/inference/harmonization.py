@@ -34,7 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 
 if TYPE_CHECKING:
-    from .preprocessing import PreprocessingConfig
+    from ct2mr.preprocessing.pipeline import PreprocessingConfig
 
 __all__ = [
     "HARMONIZATION_METHODS",
@@ -367,24 +367,24 @@ def load_reference_mrs(paths: Sequence[str] | str, config: PreprocessingConfig |
                        ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """Read reference MR volumes and bring them into the network's normalised MR intensity.
 
-    Every volume goes through the thesis's preprocessing chain (:func:`ct2mr.preprocessing.preprocess`, modality
+    Every volume goes through the thesis's preprocessing chain (:func:`ct2mr.preprocessing.pipeline.preprocess`, modality
     ``"mr"``, 4D series split; outputs of ``ct2mr preprocess`` are used as they are), so that its intensities are
     those the synthetic MR is compared with: [-1, 1] after clipping to its own P1-P99.
 
     Args:
         paths: MR files or folders.
-        config: the :class:`ct2mr.preprocessing.PreprocessingConfig` of the model (``None``: thesis defaults).
-        mask: ``"body"`` (MR body mask, :func:`ct2mr.masks.body_mask`) or ``"none"`` (every non-padding voxel).
+        config: the :class:`ct2mr.preprocessing.pipeline.PreprocessingConfig` of the model (``None``: thesis defaults).
+        mask: ``"body"`` (MR body mask, :func:`ct2mr.preprocessing.masks.body_mask`) or ``"none"`` (every non-padding voxel).
 
     Returns:
         ``(volumes, masks, names)``: (z, y, x) float32 arrays in [-1, 1] on their 1 mm RAS grids, boolean masks,
         volume names.
 
     Raises:
-        FileNotFoundError, ct2mr.io.ImageReadError, ValueError: unreadable or unusable references.
+        FileNotFoundError, ct2mr.io.images.ImageReadError, ValueError: unreadable or unusable references.
     """
-    from .data import load_domain
-    from .masks import evaluation_mask
+    from ct2mr.training.data import load_domain
+    from ct2mr.preprocessing.masks import evaluation_mask
 
     volumes = load_domain(paths, "mr", config)
     arrays = [v.array for v in volumes]

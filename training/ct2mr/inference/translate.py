@@ -1,8 +1,8 @@
 """Sliding-window translation of a CT: synthetic MR G(x), round trip F(G(x)) in HU and error map, on the input grid.
 
-The path (DESIGN.md, thesis sections 4 and 5): read -> :func:`ct2mr.preprocessing.preprocess` (CT) -> G over the
+The path (DESIGN.md, thesis sections 4 and 5): read -> :func:`ct2mr.preprocessing.pipeline.preprocess` (CT) -> G over the
 padded 1 mm RAS volume with MONAI's sliding-window inferer (gaussian blending, autocast) -> F over G(x) without
-re-reading or re-preprocessing -> :func:`ct2mr.preprocessing.restore_to_input_grid` for both. The error map is
+re-reading or re-preprocessing -> :func:`ct2mr.preprocessing.pipeline.restore_to_input_grid` for both. The error map is
 ``|F(G(x)) - clip(x, HU_min, HU_max)|`` in HU on the input grid: the input CT clipped to the window the networks saw,
 so voxels outside the window do not count as errors.
 
@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .checkpoint import Checkpoint
-from .preprocessing import denormalize_ct, preprocess, restore_to_input_grid
+from ct2mr.models.checkpoint import Checkpoint
+from ct2mr.preprocessing.pipeline import denormalize_ct, preprocess, restore_to_input_grid
 
 __all__ = [
     "PRECISIONS",
@@ -33,6 +34,7 @@ __all__ = [
     "TranslationResult",
     "ProgressCallback",
     "resolve_device",
+    "cluster_device",
     "resolve_precision",
     "sliding_window",
     "MemoryPlan",
@@ -75,7 +77,7 @@ class InferenceSettings:
             ``"bf16"`` or ``"fp16"``.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         blend: MONAI blend mode, ``"gaussian"`` or ``"constant"``.
-        fast: the fast path (:mod:`ct2mr.fastpath` generators, memory plan, out-of-memory fallbacks); ``False``
+        fast: the fast path (:mod:`ct2mr.inference.fastpath` generators, memory plan, out-of-memory fallbacks); ``False``
             runs the modules as trained with a fixed window batch (the fp32 reference with ``precision="fp32"``).
         gpu_memory_gb: cap on the GPU memory this process may use (GiB), enforced through PyTorch's allocator;
             ``None``: all that is free.
@@ -91,7 +93,7 @@ class InferenceSettings:
     gpu_memory_gb: float | None = None
 
     def __post_init__(self) -> None:
-        from .checks import validate_overlap, validate_roi_size
+        from ct2mr.checks import validate_overlap, validate_roi_size
 
         self.overlap = validate_overlap(self.overlap)
         if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
@@ -152,6 +154,23 @@ def resolve_device(name: str = "auto") -> torch.device:
             raise ValueError(f"{name} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s).")
         return device
     raise ValueError(f"Unknown device {name!r}; choose auto, cpu, cuda or cuda:N.")
+
+
+def cluster_device(device: str = "auto") -> str:
+    """The device of this process: ``cuda:LOCAL_RANK`` under ``torchrun`` when CUDA is available.
+
+    Args:
+        device: the requested device (``auto``, ``cpu``, ``cuda`` or ``cuda:N``). Only ``auto`` and ``cuda`` are
+            mapped; an explicit ``cuda:N`` or ``cpu`` is kept.
+
+    Returns:
+        ``cuda:{LOCAL_RANK mod GPU count}`` when ``LOCAL_RANK`` is set, CUDA is available and ``device`` is ``auto``
+        or ``cuda``; otherwise ``device`` unchanged.
+    """
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(local) % torch.cuda.device_count()}"
+    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -314,7 +333,7 @@ def _fast_networks(checkpoint: Checkpoint, device: torch.device, fast: bool) -> 
     """G and F ready on ``device``: the fast-path copies (cached on the checkpoint) or the plain modules."""
     if not fast:
         return {"G": checkpoint.G.to(device).eval(), "F": checkpoint.F.to(device).eval()}
-    from .fastpath import optimize_for_inference
+    from ct2mr.inference.fastpath import optimize_for_inference
 
     cache = checkpoint.__dict__.setdefault("_fast_networks", {})
     key = str(device)
@@ -363,13 +382,13 @@ def translate_volume(volume: np.ndarray, checkpoint: Checkpoint, direction: str 
     :func:`sliding_window` with the same settings; the second pass runs on the first's output where it already is
     (on the GPU when stitching there), without re-reading, re-normalising or a trip through the CPU.
 
-    With ``settings.fast`` (default) the generators are the :func:`ct2mr.fastpath.optimize_for_inference` copies,
+    With ``settings.fast`` (default) the generators are the :func:`ct2mr.inference.fastpath.optimize_for_inference` copies,
     the window batch and stitching device come from :func:`plan_memory`, and out-of-memory errors fall back to a
     smaller window batch, then to CPU stitching, with a warning each. ``fast=False`` with ``precision="fp32"`` is
     the plain fp32 reference path (the module as trained, MONAI's inferer, one window per pass).
 
     Args:
-        volume: (z, y, x) float32 array in [-1, 1] on the 1 mm RAS padded grid (:func:`ct2mr.preprocessing.preprocess`
+        volume: (z, y, x) float32 array in [-1, 1] on the 1 mm RAS padded grid (:func:`ct2mr.preprocessing.pipeline.preprocess`
             with modality ``"ct"`` for ``"ct2mr"``, ``"mr"`` for ``"mr2ct"``).
         checkpoint: a loaded checkpoint; its generators are moved to the settings' device.
         direction: one of :data:`DIRECTIONS`.
@@ -470,10 +489,10 @@ def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceS
         checkpoint: a loaded checkpoint; its G and F are moved to the settings' device.
         settings: inference settings; ``None`` uses the defaults.
         progress: ``callback(stage, fraction_of_stage, message)``.
-        harmonizer: a fitted :class:`ct2mr.harmonization.Harmonizer` applied to the synthetic MR on the input grid,
+        harmonizer: a fitted :class:`ct2mr.inference.harmonization.Harmonizer` applied to the synthetic MR on the input grid,
             with its statistics inside the CT's body mask (thesis 7.6, post-hoc harmonisation); ``None`` (default)
             leaves G(x) as it is. The round trip and error map always use the unharmonised G(x).
-        preprocessed: the :class:`ct2mr.preprocessing.PreprocessedVolume` of ``preprocess(ct, "ct",
+        preprocessed: the :class:`ct2mr.preprocessing.pipeline.PreprocessedVolume` of ``preprocess(ct, "ct",
             checkpoint.preprocessing)`` when the caller already computed it (batch mode prepares the next volume
             while this one runs); ``None`` computes it here.
         keep_network: keep the network-grid G(x) in ``result.network_outputs["synthetic_mr"]`` (the uncertainty
@@ -519,7 +538,7 @@ def translate_image(ct: sitk.Image, checkpoint: Checkpoint, settings: InferenceS
     error_map.CopyInformation(ct)
     harmonization = None
     if harmonizer is not None and harmonizer.method != "none":
-        from .masks import body_mask
+        from ct2mr.preprocessing.masks import body_mask
 
         report("postprocess", 0.5, f"Harmonising the synthetic MR ({harmonizer.method})")
         x = sitk.GetArrayViewFromImage(ct).astype(np.float32)
@@ -564,26 +583,26 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
         settings: inference settings.
         progress: ``callback(stage, fraction_of_stage, message)``; the stage ``write`` is added here.
         harmonize: post-hoc harmonisation of the synthetic MR, one of
-            :data:`ct2mr.harmonization.HARMONIZATION_METHODS` (thesis 7.6): ``"none"`` (default), ``"histogram"``
+            :data:`ct2mr.inference.harmonization.HARMONIZATION_METHODS` (thesis 7.6): ``"none"`` (default), ``"histogram"``
             (quantile mapping to the reference MR), ``"nyul"`` (landmarks learned from the reference MRs) or
             ``"zscore"`` (median/MAD in the CT's body mask, matched to the reference's median/MAD; without a
             reference: robust z-scores, no longer in [-1, 1]).
         reference_mr: reference MR file(s) or folder(s) for ``harmonize``; they go through the model's MR
             preprocessing, so the harmonised synthetic MR is in the same normalised intensity, in [-1, 1].
         checkpoint: an already loaded checkpoint, used instead of loading ``model`` (batch mode keeps one loaded,
-            with G and F on the device, across volumes: :mod:`ct2mr.translate_batch`).
+            with G and F on the device, across volumes: :mod:`ct2mr.inference.batch`).
         image: the CT already read from ``input_path`` and checked (``None``: read and check it here).
         preprocessed: ``preprocess(image, "ct", checkpoint.preprocessing)`` already computed (``None``: here).
         harmonizer: an already fitted harmonizer (:func:`fit_harmonizer_for`), used instead of fitting one from
             ``harmonize`` and ``reference_mr``.
-        warp_check: also run the anatomy checks (:func:`ct2mr.anatomy.translation_anatomy`: edge correlation, GMS,
+        warp_check: also run the anatomy checks (:func:`ct2mr.evaluation.anatomy.translation_anatomy`: edge correlation, GMS,
             NMI, a B-spline registration of G(x) onto x) and write ``displacement_mm.nii.gz`` (float32, mm, on the
             input's grid) and ``anatomy.json`` with the other outputs; the metrics go to ``info["anatomy"]``.
         overwrite: replace outputs already in ``out_dir`` (``False``: refuse such a folder before any work; the
             single-file ``ct2mr translate`` without ``--overwrite``).
         force: translate a CT that fails the HU plausibility check (an MR, a constant volume), with a warning.
         extensions: further steps whose files join the same all-or-nothing write (issue 16:
-            :class:`ct2mr.uncertainty.UncertaintyOutput`, :class:`ct2mr.ood.OodCheck`). Each has ``key`` (its
+            :class:`ct2mr.inference.uncertainty.UncertaintyOutput`, :class:`ct2mr.inference.ood.OodCheck`). Each has ``key`` (its
             entry in ``info``), ``names`` (the files it writes, refused like the others without ``overwrite``),
             ``before(image, checkpoint, preprocessed, progress)`` (after the checks and the preprocessing, before
             the networks run) and ``after(image, checkpoint, preprocessed, result, progress) -> (info, {file name:
@@ -595,18 +614,18 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
         estimates.
 
     Raises:
-        FileNotFoundError, ct2mr.io.ImageReadError, ct2mr.checkpoint.CheckpointError, ValueError, RuntimeError:
+        FileNotFoundError, ct2mr.io.images.ImageReadError, ct2mr.models.checkpoint.CheckpointError, ValueError, RuntimeError:
             bad input, checkpoint or settings, or out of memory; nothing is written then.
         FileExistsError: ``overwrite=False`` and ``out_dir`` already holds outputs.
         ct2mr.checks.InputCheckError: the input is refused (spacing, not a CT, too thin).
         ct2mr.checks.OutputCheckError: ``out_dir`` cannot be created or written.
         ct2mr.checks.ResourceCheckError: not enough memory or disk space for this CT.
-        ct2mr.io.OutputWriteError: an output could not be written completely (nothing left under its name).
+        ct2mr.io.images.OutputWriteError: an output could not be written completely (nothing left under its name).
     """
-    from .anatomy import ANATOMY_NAME, DISPLACEMENT_NAME
-    from .checkpoint import load_checkpoint
-    from .checks import check_input_image, check_translation_resources, existing_outputs, prepare_output_dir
-    from .io import read_image
+    from ct2mr.evaluation.anatomy import ANATOMY_NAME, DISPLACEMENT_NAME
+    from ct2mr.models.checkpoint import load_checkpoint
+    from ct2mr.checks import check_input_image, check_translation_resources, existing_outputs, prepare_output_dir
+    from ct2mr.io.images import read_image
 
     input_path, out_dir = Path(input_path), Path(out_dir)
     names = list(OUTPUT_NAMES.values()) + ([DISPLACEMENT_NAME, ANATOMY_NAME] if warp_check else [])
@@ -616,7 +635,7 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
     if any((out_dir / name).resolve() == resolved_input for name in names):
         raise ValueError(f"The output folder {out_dir} would overwrite the input {input_path}; choose another -o.")
     settings = settings or InferenceSettings()
-    from .harmonization import HARMONIZATION_METHODS
+    from ct2mr.inference.harmonization import HARMONIZATION_METHODS
 
     if harmonize not in HARMONIZATION_METHODS:
         raise ValueError(f"harmonize must be one of {HARMONIZATION_METHODS}, got {harmonize!r}.")
@@ -654,7 +673,7 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
         result.info["seconds"]["preprocess"] = result.info["seconds"].get("preprocess", 0.0) + prep_seconds
         extra = None
         if warp_check:  # anatomy checks (thesis 5, P1/E2): two more files in the same all-or-nothing write
-            from .anatomy import translation_anatomy
+            from ct2mr.evaluation.anatomy import translation_anatomy
 
             result.info["anatomy"], extra = translation_anatomy(image, result.synthetic_mr, progress)
         for ext in extensions:
@@ -678,19 +697,19 @@ def fit_harmonizer_for(harmonize: str, reference_mr: str | Path | Sequence[str |
     """The harmonizer ``translate_file`` applies for ``--harmonize`` / ``--reference-mr`` (thesis 7.6).
 
     Args:
-        harmonize: one of :data:`ct2mr.harmonization.HARMONIZATION_METHODS`.
+        harmonize: one of :data:`ct2mr.inference.harmonization.HARMONIZATION_METHODS`.
         reference_mr: reference MR file(s) or folder(s), read through ``checkpoint``'s MR preprocessing.
         checkpoint: the loaded checkpoint (its preprocessing parameters).
 
     Returns:
-        A fitted :class:`ct2mr.harmonization.Harmonizer`, or ``None`` for ``"none"`` without references.
+        A fitted :class:`ct2mr.inference.harmonization.Harmonizer`, or ``None`` for ``"none"`` without references.
 
     Raises:
-        ValueError, FileNotFoundError, ct2mr.io.ImageReadError: an unknown method or unreadable references.
+        ValueError, FileNotFoundError, ct2mr.io.images.ImageReadError: an unknown method or unreadable references.
     """
     if harmonize == "none" and not reference_mr:
         return None
-    from .harmonization import fit_harmonizer, load_reference_mrs
+    from ct2mr.inference.harmonization import fit_harmonizer, load_reference_mrs
 
     references: list = []
     masks: list = []
@@ -706,7 +725,7 @@ def write_outputs(result: TranslationResult, out_dir: str | Path, progress: Prog
     """Write a translation's outputs into ``out_dir``, all or nothing.
 
     Every file goes to a temporary name in ``out_dir`` first and is fsynced and read back
-    (:func:`ct2mr.io.atomic_writes`); only when all are complete are they renamed to their final names. On any error
+    (:func:`ct2mr.io.images.atomic_writes`); only when all are complete are they renamed to their final names. On any error
     or interruption the temporary files are removed, and an ``out_dir`` this call created is removed again when it
     stayed empty.
 
@@ -721,10 +740,10 @@ def write_outputs(result: TranslationResult, out_dir: str | Path, progress: Prog
         ``{key: final path}`` for :data:`OUTPUT_NAMES` and ``extra``.
 
     Raises:
-        ct2mr.io.OutputWriteError: the folder or a file cannot be written completely (a full disk, a file-size limit,
+        ct2mr.io.images.OutputWriteError: the folder or a file cannot be written completely (a full disk, a file-size limit,
             a read-only folder), naming the folder and its free space; nothing is left behind then.
     """
-    from .io import atomic_writes, image_suffix
+    from ct2mr.io.images import atomic_writes, image_suffix
 
     out_dir = Path(out_dir)
     report = progress or (lambda stage, fraction, message: None)

@@ -1,7 +1,7 @@
 """Evaluation without pairs (thesis section 5, E1-E2; section 7, Tables 6, 7, 9) and with pairs (Wolterink et al.).
 
 ``ct2mr evaluate`` (:func:`evaluate`) runs G and F over held-out CT volumes x and MR volumes y with the same
-sliding-window path as ``ct2mr translate`` (:func:`ct2mr.inference.translate_volume`) and measures, on the 1 mm RAS
+sliding-window path as ``ct2mr translate`` (:func:`ct2mr.inference.translate.translate_volume`) and measures, on the 1 mm RAS
 network grid of each volume (intensities in the network's normalised [-1, 1]):
 
 * **Distribution realism (E1)**, CT -> MR: {G(x_i)} against {y_j}; MR -> CT: {F(y_j)} against {x_i}:
@@ -18,7 +18,7 @@ network grid of each volume (intensities in the network's normalised [-1, 1]):
   at random, without replacement, among the voxels of the evaluation mask whose ``patch_size``^3 patch lies inside
   the padded grid, with ``numpy.random.default_rng([seed, domain, index])`` (domain 0 for CT, 1 for MR). The same
   positions are used for a volume and its translation (x and G(x); y and F(y)). Features come from a
-  :class:`ct2mr.features.FeatureExtractor` (default: the fixed-seed random 3D network, see :mod:`ct2mr.features`).
+  :class:`ct2mr.evaluation.features.FeatureExtractor` (default: the fixed-seed random 3D network, see :mod:`ct2mr.evaluation.features`).
 
 * **Self-consistency (E2)**: x against F(G(x)) and y against G(F(y)) inside the evaluation mask: SSIM-3D
   (:func:`ssim3d`; Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03, data range 2), PSNR in dB on the [-1, 1]
@@ -30,10 +30,10 @@ network grid of each volume (intensities in the network's normalised [-1, 1]):
   the CT's mask and the MR's footprint: MAE (in HU for MR -> CT, as Wolterink et al. 2017 report), PSNR, SSIM; per
   volume, with mean +- std, and paired t-tests between models in ``ct2mr compare`` (:func:`paired_ttest`).
 
-* **Harmonisation** (thesis 7.6): the post-hoc methods of :mod:`ct2mr.harmonization` applied to G(x), and the
+* **Harmonisation** (thesis 7.6): the post-hoc methods of :mod:`ct2mr.inference.harmonization` applied to G(x), and the
   baseline "copy CT" (G = identity) with and without them, scored for realism like the model.
 
-The evaluation mask (:mod:`ct2mr.masks`) is the body mask by default (``mask="none"``: every voxel but the padding).
+The evaluation mask (:mod:`ct2mr.preprocessing.masks`) is the body mask by default (``mask="none"``: every voxel but the padding).
 Outputs (:func:`evaluate`): ``table.csv``/``table.md`` (thesis Table 6/7/9 columns, aggregated: FID, KID (%),
 SSIM_cyc, PSNR_cyc (dB), MAE, MAE (HU), W1 with mean +- std over volumes), ``per_volume.csv``/``.md``,
 ``paired.csv``/``.md``, ``metrics.json`` (everything, with the extractor's identity and the sampling rule),
@@ -49,7 +49,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,8 +57,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from ct2mr.provenance import software_versions
+
 if TYPE_CHECKING:
-    from .inference import InferenceSettings
+    from ct2mr.inference.translate import InferenceSettings
 
 __all__ = [
     "HISTOGRAM_BINS",
@@ -100,7 +101,7 @@ TABLE_COLUMNS = ["Model", "Direction", "FID↓", "KID↓ (%)", "SSIM_cyc↑", "P
 PER_VOLUME_COLUMNS = ["model", "variant", "direction", "volume", "ssim_cyc", "psnr_cyc_db", "mae", "mae_hu", "w1",
                       "patches", "edge_correlation", "gradient_magnitude_similarity", "gmsd", "nmi",
                       "displacement_mean_mm", "displacement_p95_mm"]
-#: Anatomy metrics of the CT→MR model rows (:mod:`ct2mr.anatomy`; the displacements only with ``warp_check``).
+#: Anatomy metrics of the CT→MR model rows (:mod:`ct2mr.evaluation.anatomy`; the displacements only with ``warp_check``).
 ANATOMY_COLUMNS = ["edge_correlation", "gradient_magnitude_similarity", "gmsd", "nmi", "displacement_mean_mm",
                    "displacement_p95_mm"]
 #: Paired rows (CSV keys).
@@ -233,20 +234,6 @@ def kid(features_a: np.ndarray, features_b: np.ndarray, n_subsets: int = 100, su
     return float(np.mean(values)), float(np.std(values))
 
 
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    dist = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    window = torch.exp(-0.5 * (dist / sigma) ** 2)
-    return window / window.sum()
-
-
-def _filter3d(volume: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """Separable 'valid' filtering of a (1, 1, D, H, W) tensor."""
-    k = window.numel()
-    out = torch.nn.functional.conv3d(volume, window.view(1, 1, k, 1, 1))
-    out = torch.nn.functional.conv3d(out, window.view(1, 1, 1, k, 1))
-    return torch.nn.functional.conv3d(out, window.view(1, 1, 1, 1, k))
-
-
 def ssim3d(a: np.ndarray, b: np.ndarray, data_range: float = 2.0, mask: np.ndarray | None = None,
            win_size: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> float:
     """3D SSIM with a Gaussian window (Wang et al. 2004), as MONAI's ``SSIMMetric(spatial_dims=3)`` computes it.
@@ -287,22 +274,17 @@ def ssim3d(a: np.ndarray, b: np.ndarray, data_range: float = 2.0, mask: np.ndarr
         a, b, mask = a[box], b[box], mask[box]
     if min(a.shape) < win_size:
         raise ValueError(f"Volume {a.shape} is smaller than the SSIM window ({win_size}).")
-    window = _gaussian_window(win_size, sigma).float()
+    from ct2mr.losses.ssim import ssim_map
+
     x, y = torch.from_numpy(np.ascontiguousarray(a))[None, None], torch.from_numpy(np.ascontiguousarray(b))[None, None]
-    mu_x, mu_y = _filter3d(x, window), _filter3d(y, window)
-    sigma_x = _filter3d(x * x, window) - mu_x ** 2
-    sigma_y = _filter3d(y * y, window) - mu_y ** 2
-    sigma_xy = _filter3d(x * y, window) - mu_x * mu_y
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)) / (
-        (mu_x ** 2 + mu_y ** 2 + c1) * (sigma_x + sigma_y + c2))
-    ssim_map = ssim_map[0, 0].numpy()
+    with torch.inference_mode():
+        local = ssim_map(x, y, data_range, win_size, sigma, k1, k2)[0, 0].numpy()
     if mask is None:
-        return float(ssim_map.mean(dtype=np.float64))
+        return float(local.mean(dtype=np.float64))
     inner = mask[tuple(slice(half, n - half) for n in mask.shape)]
     if not inner.any():
-        return float(ssim_map.mean(dtype=np.float64))
-    return float(ssim_map[inner].mean(dtype=np.float64))
+        return float(local.mean(dtype=np.float64))
+    return float(local[inner].mean(dtype=np.float64))
 
 
 def _masked_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -480,12 +462,12 @@ class EvaluationConfig:
         patch_size: side of the cubic patches for FID/KID, voxels of the 1 mm grid (>= 8).
         patches_per_volume: patches drawn per volume (>= 1).
         seed: seed of patch sampling, KID subsets and the random feature extractor.
-        features: feature extractor, one of :data:`ct2mr.features.FEATURE_EXTRACTORS`.
+        features: feature extractor, one of :data:`ct2mr.evaluation.features.FEATURE_EXTRACTORS`.
         feature_weights: ``"medicalnet"``: local file or URL of the weights.
         feature_sha256: their SHA-256 (required for a URL).
         kid_subsets: KID subsets.
         kid_subset_size: samples per KID subset (capped by the set sizes).
-        mask: ``"body"`` or ``"none"`` (:data:`ct2mr.masks.MASK_MODES`).
+        mask: ``"body"`` or ``"none"`` (:data:`ct2mr.preprocessing.masks.MASK_MODES`).
         harmonize: post-hoc harmonisation methods evaluated on G(x) (subset of ``histogram``, ``nyul``, ``zscore``).
         reference_mr: reference MR paths for harmonisation; empty: the evaluation MR set itself (optimistic).
         baselines: also score "copy CT" (G = identity) and copy CT + each harmonisation.
@@ -493,7 +475,7 @@ class EvaluationConfig:
         figures: write PNG figures.
         figure_volumes: CT volumes that get tri-planar and round-trip figures.
         tensorboard: also write scalars and figures as TensorBoard events (when ``tensorboard`` is installed).
-        warp_check: also run the anatomy warp check (B-spline registration of G(x) onto x, :mod:`ct2mr.anatomy`) per
+        warp_check: also run the anatomy warp check (B-spline registration of G(x) onto x, :mod:`ct2mr.evaluation.anatomy`) per
             CT volume and report its mean and p95 displacement (mm); slower (seconds to a minute per volume).
     """
 
@@ -516,9 +498,9 @@ class EvaluationConfig:
     warp_check: bool = False
 
     def __post_init__(self) -> None:
-        from .features import FEATURE_EXTRACTORS
-        from .harmonization import HARMONIZATION_METHODS
-        from .masks import MASK_MODES
+        from ct2mr.evaluation.features import FEATURE_EXTRACTORS
+        from ct2mr.inference.harmonization import HARMONIZATION_METHODS
+        from ct2mr.preprocessing.masks import MASK_MODES
 
         if int(self.patch_size) < 8:
             raise ValueError(f"patch_size must be >= 8 voxels, got {self.patch_size}.")
@@ -596,7 +578,7 @@ def _aggregate_cells(row: dict[str, Any]) -> list[str]:
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Path:
     import io
 
-    from .io import write_text
+    from ct2mr.io.images import write_text
 
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
@@ -607,7 +589,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str
 
 
 def _write_text(path: Path, text: str) -> Path:
-    from .io import write_text
+    from ct2mr.io.images import write_text
 
     return write_text(path, text)
 
@@ -648,7 +630,7 @@ def _resample_between(array: np.ndarray, source_grid: dict, target_grid: dict) -
     """Resample a network-grid array onto another grid by physical coordinates (trilinear; NaN outside)."""
     import SimpleITK as sitk
 
-    from .preprocessing import grid_image
+    from ct2mr.preprocessing.pipeline import grid_image
 
     image = grid_image(np.asarray(array, np.float32), source_grid)
     out = sitk.Resample(image, [int(v) for v in target_grid["size"]], sitk.Transform(), sitk.sitkLinear,
@@ -663,7 +645,7 @@ def _crop_to(volume: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def _slices(volume: np.ndarray, valid: np.ndarray, mask: np.ndarray) -> list[tuple[str, np.ndarray, float]]:
-    from .figures import triplanar_slices
+    from ct2mr.evaluation.figures import triplanar_slices
 
     cropped, cropped_mask = _crop_to(volume, valid), _crop_to(mask, valid)
     centre = [int(round(c.mean())) for c in np.nonzero(cropped_mask)] if cropped_mask.any() else None
@@ -688,16 +670,6 @@ def _log_figure(writer, tag: str, path: Path) -> None:
 
     image = mpimg.imread(str(path))
     writer.add_image(tag, image[..., :3], 0, dataformats="HWC")
-
-
-def _software() -> dict[str, str]:
-    import monai
-    import scipy
-
-    from . import __version__
-
-    return {"ct2mr": __version__, "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__, "python": platform.python_version()}
 
 
 def _json_default(value: Any) -> Any:
@@ -733,7 +705,7 @@ def evaluate(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathL
         mr_inputs: MR files or folders (4D series split into 3D volumes).
         out_dir: output folder (created).
         config: evaluation settings.
-        settings: :class:`ct2mr.inference.InferenceSettings` of the sliding window.
+        settings: :class:`ct2mr.inference.translate.InferenceSettings` of the sliding window.
         progress: ``callback(stage, fraction, message)`` with stage ``"evaluate"`` and the overall fraction.
         name: model name in the tables (default: the checkpoint's name).
 
@@ -741,23 +713,23 @@ def evaluate(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathL
         The :class:`EvaluationResult`.
 
     Raises:
-        FileNotFoundError, ct2mr.io.ImageReadError, ct2mr.checkpoint.CheckpointError, ValueError, RuntimeError:
+        FileNotFoundError, ct2mr.io.images.ImageReadError, ct2mr.models.checkpoint.CheckpointError, ValueError, RuntimeError:
         unreadable inputs, bad settings (e.g. ``paired`` with different numbers of CT and MR volumes), missing
         feature weights, or out of memory.
     """
-    from .checkpoint import load_checkpoint
-    from .data import load_domain
-    from .features import build_feature_extractor
-    from .harmonization import fit_harmonizer, load_reference_mrs
-    from .inference import InferenceSettings, resolve_device, translate_volume
-    from .masks import evaluation_mask
+    from ct2mr.models.checkpoint import load_checkpoint
+    from ct2mr.training.data import load_domain
+    from ct2mr.evaluation.features import build_feature_extractor
+    from ct2mr.inference.harmonization import fit_harmonizer, load_reference_mrs
+    from ct2mr.inference.translate import InferenceSettings, resolve_device, translate_volume
+    from ct2mr.preprocessing.masks import evaluation_mask
 
     config = config or EvaluationConfig()
     settings = settings or InferenceSettings()
     report = progress or (lambda stage, fraction, message: None)
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    from .checks import prepare_output_dir
+    from ct2mr.checks import prepare_output_dir
 
     prepare_output_dir(out_dir, "output folder (--out)")  # before any work: created and proved writable
     report("evaluate", 0.0, "Loading the model and the volumes")
@@ -954,7 +926,7 @@ def evaluate(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathL
             "w1": f"Delta sum |CDF_a - CDF_b|, {HISTOGRAM_BINS} bins on [-1, 1], per volume vs the pooled real set",
             "w1_pooled": "W1 of the pooled synthetic set vs the pooled real set",
             "edge_correlation": "Pearson correlation of the gradient magnitudes (Gaussian derivatives, sigma 1 mm) "
-                                "of x (HU through [-1000, 1000] to [-1, 1]) and G(x) in the mask (ct2mr.anatomy)",
+                                "of x (HU through [-1000, 1000] to [-1, 1]) and G(x) in the mask (ct2mr.evaluation.anatomy)",
             "gradient_magnitude_similarity": "mean GMS (Xue et al. 2014), c = 170 (2/255)^2, in the mask; gmsd: "
                                              "its std",
             "nmi": "(H(x) + H(G(x))) / H(x, G(x)), 64 x 64 bins, in the mask (Studholme et al. 1999), in [1, 2]",
@@ -964,7 +936,8 @@ def evaluate(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathL
         "mask": config.mask, "harmonization": {m: h.to_dict() for m, h in harmonizers.items()},
         "harmonization_reference": reference_note,
         "aggregate": aggregate, "per_volume": per_volume, "paired": paired_rows,
-        "seconds": round(time.perf_counter() - started, 3), "software": _software()})
+        "seconds": round(time.perf_counter() - started, 3),
+        "software": software_versions("torch", "monai", "numpy", "scipy")})
     files.append(_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default)))
     report("evaluate", 1.0, f"Wrote {out_dir}")
     return EvaluationResult(out_dir, metrics["aggregate"], metrics["per_volume"], metrics["paired"], metrics, files,
@@ -972,7 +945,7 @@ def evaluate(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathL
 
 
 def _valid(volume) -> np.ndarray:
-    from .masks import valid_mask
+    from ct2mr.preprocessing.masks import valid_mask
 
     return valid_mask(volume.array.shape, volume.record.pad_before, volume.record.pad_after)
 
@@ -1000,15 +973,15 @@ def _aggregate_row(label: str, variant: str, direction: str, scores: dict[str, A
 
 def _anatomy_row(x: np.ndarray, fake_mr: np.ndarray, mask: np.ndarray, record, window: Sequence[float],
                  warp: bool) -> dict[str, Any]:
-    """Anatomy metrics of x and G(x) on the 1 mm network grid (:func:`ct2mr.anatomy.anatomy_metrics`).
+    """Anatomy metrics of x and G(x) on the 1 mm network grid (:func:`ct2mr.evaluation.anatomy.anatomy_metrics`).
 
     x goes back to HU through the model's CT window; both are cropped to the mask's bounding box plus 20 mm (more than
     the gradients' support, and the warp check's 15 mm margin), which leaves the metrics unchanged.
     """
     import SimpleITK as sitk
 
-    from .anatomy import anatomy_metrics
-    from .preprocessing import denormalize_ct
+    from ct2mr.evaluation.anatomy import anatomy_metrics
+    from ct2mr.preprocessing.pipeline import denormalize_ct
 
     idx = np.nonzero(mask)
     box = tuple(slice(max(0, int(i.min()) - 20), min(n, int(i.max()) + 21)) for i, n in zip(idx, mask.shape))
@@ -1059,7 +1032,7 @@ def _per_volume_markdown(rows: list[dict[str, Any]]) -> str:
               _fmt(r.get("gradient_magnitude_similarity"), 3), _fmt(r.get("nmi"), 3),
               _fmt(r.get("displacement_mean_mm"), 2), _fmt(r.get("displacement_p95_mm"), 2)] for r in rows]
     return ("# Per-volume metrics\n\n" + markdown_table(header, cells)
-            + "\nAnatomy (CT→MR model rows, thesis 5 P1/E2; :mod:`ct2mr.anatomy`): edge correlation and GMS of the "
+            + "\nAnatomy (CT→MR model rows, thesis 5 P1/E2; :mod:`ct2mr.evaluation.anatomy`): edge correlation and GMS of the "
               "gradient magnitudes of x and G(x), NMI of x and G(x), in the mask on the 1 mm grid; displacement of a "
               "B-spline registration of G(x) onto x (only with --warp-check), ~0 mm when G moved no anatomy.\n")
 
@@ -1081,7 +1054,7 @@ def _paired_markdown(rows: list[dict[str, Any]]) -> str:
 
 def _evaluation_figures(out_dir: Path, model: str, figure_data: dict[str, Any], histograms: dict[str, np.ndarray],
                         aggregate: list[dict[str, Any]], reference_note: str, writer) -> list[Path]:
-    from .figures import plot_histogram_overlay, plot_triplanar_panels
+    from ct2mr.evaluation.figures import plot_histogram_overlay, plot_triplanar_panels
 
     figures = out_dir / "figures"
     figures.mkdir(exist_ok=True)
@@ -1144,7 +1117,7 @@ def _save_figure_data(path: Path, figure_data: dict[str, Any], histograms: dict[
                     arrays[f"{key}/{kind}/{plane}"] = np.asarray(image, np.float32)
                     arrays[f"{key}/{kind}/{plane}/aspect"] = np.asarray(aspect)
     arrays["names_json"] = np.asarray(json.dumps(names))
-    from .io import atomic_write
+    from ct2mr.io.images import atomic_write
 
     with atomic_write(path) as tmp:
         np.savez_compressed(tmp, **arrays)
@@ -1296,7 +1269,7 @@ def _ttests(labels: list[str], metrics: list[dict[str, Any]]) -> list[dict[str, 
 
 
 def _compare_figures(out_dir: Path, labels: list[str], run_dirs: list[Path], writer) -> list[Path]:
-    from .figures import plot_histogram_overlay, plot_triplanar_panels
+    from ct2mr.evaluation.figures import plot_histogram_overlay, plot_triplanar_panels
 
     figures = out_dir / "figures"
     figures.mkdir(exist_ok=True)

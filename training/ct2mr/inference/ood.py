@@ -5,12 +5,12 @@ This module gives a **cheap, documented** warning: a few summary statistics of a
 the training CTs in the checkpoint at training time (:func:`training_ct_statistics`), and the largest standardised
 deviation of the input from them (:func:`ood_score`).
 
-Features (:func:`ct_statistics`), all computed on the **network grid** of :func:`ct2mr.preprocessing.preprocess`
+Features (:func:`ct_statistics`), all computed on the **network grid** of :func:`ct2mr.preprocessing.pipeline.preprocess`
 (RAS, 1 mm, CT clipped to the model's window, [-600, 1000] HU by default), so that they are the same whether the
 trainer read raw CTs or ``ct2mr preprocess`` HDF5 files, and taken every :data:`STRIDE`-th voxel per axis (2 mm) so
 that a 512 x 512 x 600 CT costs about a second:
 
-* ``lung_fraction``: share of the voxels inside the body mask (:func:`ct2mr.masks.body_mask`: above -500 HU, axial
+* ``lung_fraction``: share of the voxels inside the body mask (:func:`ct2mr.preprocessing.masks.body_mask`: above -500 HU, axial
   holes filled, largest component; padding excluded) that lie below -500 HU: lungs, airways, bowel gas.
 * the body's other voxels ("tissue", >= -500 HU): ``fat_fraction`` (share in -200..-30 HU), ``dense_fraction``
   (share above 300 HU: bone, iodinated contrast, metal), ``tissue_mean_hu``, ``tissue_sd_hu`` and ``tissue_p95_hu``.
@@ -103,20 +103,20 @@ def ct_statistics(array: np.ndarray, record: Any, stride: int = STRIDE) -> dict[
     """The :data:`FEATURES` of one preprocessed CT.
 
     Args:
-        array: (z, y, x) float32 network-grid CT in [-1, 1] (:func:`ct2mr.preprocessing.preprocess`, modality
+        array: (z, y, x) float32 network-grid CT in [-1, 1] (:func:`ct2mr.preprocessing.pipeline.preprocess`, modality
             ``"ct"``; RAS, so z = inferior->superior, y = posterior->anterior, x = left->right).
-        record: its :class:`ct2mr.preprocessing.PreprocessRecord` (or the dict of one): the CT window
+        record: its :class:`ct2mr.preprocessing.pipeline.PreprocessRecord` (or the dict of one): the CT window
             (``intensity_range``), padding, target spacing and input grid.
         stride: take every ``stride``-th voxel per axis (2: 2 mm on the 1 mm grid).
 
     Returns:
         ``{feature: value}`` in HU, fractions in [0, 1], mm, cm^2. A volume without any body-mask voxel gives the
-        whole (unpadded) volume as its mask (:func:`ct2mr.masks.body_mask`).
+        whole (unpadded) volume as its mask (:func:`ct2mr.preprocessing.masks.body_mask`).
 
     Raises:
         ValueError: a non-3D array or a record of another modality.
     """
-    from .masks import body_mask, valid_mask
+    from ct2mr.preprocessing.masks import body_mask, valid_mask
 
     rec = record if isinstance(record, Mapping) else record.to_dict()
     if rec.get("modality", "ct") != "ct":
@@ -156,10 +156,10 @@ def _as_preprocessed(volume: Any, config: Any) -> tuple[str, np.ndarray, Any]:
 
     if hasattr(volume, "array") and hasattr(volume, "record"):
         return str(getattr(volume, "name", "") or ""), volume.array, volume.record
-    from .preprocessing import preprocess
+    from ct2mr.preprocessing.pipeline import preprocess
 
     if isinstance(volume, (str, os.PathLike)):
-        from .io import read_image
+        from ct2mr.io.images import read_image
 
         name = Path(volume).name
         volume = read_image(volume)
@@ -177,14 +177,14 @@ def training_ct_statistics(volumes: Iterable[Any], config: Any = None, stride: i
     """Summary statistics of the training CTs, for the checkpoint's training summary (``"ct_statistics"``).
 
     Call it once in the trainer on the CT volumes of the training split and store the result in the training summary
-    passed to :func:`ct2mr.checkpoint.save_checkpoint`; :func:`reference_for` reads it back at translation time.
+    passed to :func:`ct2mr.models.checkpoint.save_checkpoint`; :func:`reference_for` reads it back at translation time.
     About 0.5 s per chest CT on one CPU core (the strided 1 mm grid); above ``max_volumes`` an evenly spaced subset
     is used.
 
     Args:
-        volumes: the training CTs: :class:`ct2mr.data.DomainVolume` / :class:`ct2mr.preprocessing.PreprocessedVolume`
+        volumes: the training CTs: :class:`ct2mr.training.data.DomainVolume` / :class:`ct2mr.preprocessing.pipeline.PreprocessedVolume`
             (used as they are), or SimpleITK images in HU or paths (preprocessed here with ``config``).
-        config: :class:`ct2mr.preprocessing.PreprocessingConfig` for images and paths (``None``: thesis defaults).
+        config: :class:`ct2mr.preprocessing.pipeline.PreprocessingConfig` for images and paths (``None``: thesis defaults).
         stride: voxel stride of :func:`ct_statistics`.
         max_volumes: use at most this many volumes, evenly spaced over the sequence (``None``: all).
 
@@ -256,7 +256,7 @@ def ood_score(statistics: Mapping[str, float], reference: Mapping[str, Any], thr
 
 
 def _bundled_reference(sha256: str) -> tuple[dict[str, Any] | None, str]:
-    from .checkpoint import MODELS_DIR, registry_entry
+    from ct2mr.models.checkpoint import MODELS_DIR, registry_entry
 
     entry = registry_entry(sha256) if sha256 else None
     if entry and entry.get("file"):
@@ -272,7 +272,7 @@ def reference_for(checkpoint: Any) -> tuple[dict[str, Any] | None, str]:
     """The training-CT statistics to compare inputs with, and where they come from.
 
     Args:
-        checkpoint: a loaded :class:`ct2mr.checkpoint.Checkpoint`.
+        checkpoint: a loaded :class:`ct2mr.models.checkpoint.Checkpoint`.
 
     Returns:
         ``(statistics or None, note)``: the checkpoint's own ``training["ct_statistics"]``; else, for a listed model
@@ -293,7 +293,7 @@ def assess(array: np.ndarray, record: Any, checkpoint: Any, threshold: float = O
     """Statistics and score of one preprocessed input CT against ``checkpoint``'s training CTs.
 
     Args:
-        array: (z, y, x) network-grid CT in [-1, 1] (:func:`ct2mr.preprocessing.preprocess` with the checkpoint's
+        array: (z, y, x) network-grid CT in [-1, 1] (:func:`ct2mr.preprocessing.pipeline.preprocess` with the checkpoint's
             preprocessing).
         record: its preprocessing record.
         checkpoint: the loaded checkpoint (:func:`reference_for`).
@@ -315,7 +315,7 @@ def assess(array: np.ndarray, record: Any, checkpoint: Any, threshold: float = O
     result.update({"statistics": {k: round(v, 4) for k, v in stats.items()}, "reference": note,
                    "reference_volumes": (reference or {}).get("volumes"),
                    "definition": ("score = max over features of |x - mean| / sqrt(std^2 + tolerance^2), features of "
-                                  "the 1 mm network-grid CT (body mask, every 2nd voxel), ct2mr.ood; warning above "
+                                  "the 1 mm network-grid CT (body mask, every 2nd voxel), ct2mr.inference.ood; warning above "
                                   f"{threshold:g}")})
     return result
 
@@ -331,7 +331,7 @@ def describe(result: Mapping[str, Any]) -> str:
 
 
 class OodCheck:
-    """The ``--ood`` step of :func:`ct2mr.inference.translate_file` (its ``extensions``).
+    """The ``--ood`` step of :func:`ct2mr.inference.translate.translate_file` (its ``extensions``).
 
     Before the networks run, computes the input's statistics on the network grid already prepared for them and
     scores them against the checkpoint's training CTs (:func:`assess`), so that the score is known (and reported

@@ -307,7 +307,7 @@ def plot_translation_overview(path: str | os.PathLike, ct, synthetic_mr, roundtr
     Returns:
         The PNG path.
     """
-    from .preprocessing import reorient_to_ras
+    from ct2mr.preprocessing.pipeline import reorient_to_ras
     import SimpleITK as sitk
 
     arrays = [sitk.GetArrayFromImage(reorient_to_ras(image)).astype(np.float32)

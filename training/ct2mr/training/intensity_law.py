@@ -38,7 +38,6 @@ Arrays are NumPy (z, y, x) in the network's normalised [-1, 1] units, on an isot
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -204,7 +203,7 @@ def fit_intensity_law(sources: Sequence[np.ndarray], targets: Sequence[np.ndarra
     """
     import torch
 
-    from .masks import body_mask
+    from ct2mr.preprocessing.masks import body_mask
 
     if not sources or not targets:
         raise ValueError("fit_intensity_law needs at least one source and one target volume.")

@@ -1,0 +1,9 @@
+"""Preprocessing (thesis section 4.2): the chain from a scanner image to the network's [-1, 1] grid and back.
+
+Modules:
+    pipeline: orientation to a standard frame, resampling to an isotropic grid, CT windowing and MR percentile
+        normalisation, padding to a multiple of the network's down-sampling factor, and the inverse to the input grid.
+    orientation: direction cosines and the canonical RAS/LPS frame.
+    masks: body, valid-region and evaluation masks.
+    batch: ``ct2mr preprocess``: many volumes in parallel into the preprocessed-file format (resumable).
+"""
