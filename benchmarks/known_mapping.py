@@ -68,6 +68,9 @@ RECIPES = {
     "sc-no-mind": ["--preset", "sc", "model.lambda_mind=0.0"],
     "law": ["--preset", "law"],
     "law-thesis-window": ["--preset", "law", "data.preprocessing.ct_window=[-600.0,1000.0]"],
+    "law-frozen": ["--preset", "law", "model.law.lr_scale=0.0"],
+    "law-slow": ["--preset", "law", "model.law.lr_scale=0.1"],
+    "law-trainable": ["--preset", "law", "model.law.lr_scale=1.0"],
 }
 HU_BINS = np.arange(-1030.0, 3010.0, 10.0)
 
@@ -109,7 +112,7 @@ def _body(ct_hu: np.ndarray) -> np.ndarray:
 
 def scores(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     """Paired MAE, PSNR (data range 2) and SSIM inside ``mask``; arrays (z, y, x) on the [-1, 1] scale."""
-    from ct2mr.evaluation.evaluate import mae, psnr, ssim3d
+    from ct2mr.evaluation.metrics import mae, psnr, ssim3d
 
     pred = np.clip(pred.astype(np.float32), -1.0, 1.0)
     return {"mae": mae(pred, truth, mask), "psnr": psnr(pred, truth, 2.0, mask),
@@ -149,6 +152,7 @@ def train_recipe(recipe: str, train: list[tuple[Path, Path]], run_dir: Path, arg
          "train.snapshot_minutes=" + str(args.snapshot_minutes)]
     extra = [*budget, "--threads", str(args.threads),
              "--seed", str(args.seed), "--val-every", "0", "--checkpoint-every", "50", "--progress", "none"]
+    extra += list(args.override)
     if args.tiny:
         extra += ["--patch-size", "32", "--width", "4", "model.discriminator.n_layers=2"]
     if (run_dir / "state.json").exists():
@@ -237,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of training and translation")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="a config override "
+                        "for every recipe trained (repeatable), e.g. model.law.file=runs/.../intensity_law.json to "
+                        "start from an earlier run's laws")
     parser.add_argument("--score-only", action="store_true", help="score existing runs, train nothing")
     parser.add_argument("--tiny", action="store_true", help="smoke run: 64^3 crops, 20 steps, tiny networks")
     args = parser.parse_args(argv)

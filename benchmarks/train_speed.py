@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _volumes(data: Path | None, patch: int):  # noqa: ANN202
     import numpy as np
 
-    from ct2mr.training.data import DomainVolume, load_domain
+    from ct2mr.preprocessing.collections import DomainVolume, load_domain
 
     ct, mr = (data / "ct" / "thorax_cta_heart_crop_1p5mm.nii.gz", data / "mr" / "upper_abdomen_mr_3mm.nii.gz") \
         if data else (None, None)

@@ -4,7 +4,7 @@ Everything here runs before any computing, in seconds, and fails with one messag
 to do (issue 15: "nothing lost, nothing silently wrong").
 
 **Inputs** (:func:`check_input_image`; ``ct2mr translate`` for its CT, ``ct2mr train`` for ``--ct`` and ``--mr``
-through :func:`ct2mr.training.data.load_domain` inside :func:`input_checks`; other readers of training data, e.g.
+through :func:`ct2mr.preprocessing.collections.load_domain` inside :func:`input_checks`; other readers of training data, e.g.
 ``ct2mr evaluate``, get rules 1 and 2 only). Arrays are (z, y, x) NumPy views of SimpleITK images; CT
 intensities in HU, MR in arbitrary units, spacing in mm.
 
@@ -108,6 +108,7 @@ __all__ = [
     "TrainingMemory",
     "TRAINING_BASE_BYTES",
     "estimate_training_memory",
+    "training_device",
     "check_training_memory",
     "check_training_inputs",
     "human_bytes",
@@ -369,7 +370,7 @@ def _summary(stats: IntensityStats) -> str:
 def input_checks(force: bool = False) -> contextlib.AbstractContextManager[None]:
     """Inside the block, the training data loader checks the plausibility of every raw volume it reads.
 
-    ``ct2mr train`` runs :func:`ct2mr.training.trainer.train_run` inside it: :func:`ct2mr.training.data.load_domain` then refuses a
+    ``ct2mr train`` runs :func:`ct2mr.training.trainer.train_run` inside it: :func:`ct2mr.preprocessing.collections.load_domain` then refuses a
     ``--ct`` volume that is not a plausible CT and an ``--mr`` volume that is a CT in HU (:func:`check_input_image`),
     or only warns with ``force=True`` (``--force``). Outside it, the loader applies the spacing rule and replaces
     non-finite voxels only, as other readers of training data (``ct2mr evaluate``, harmonisation references) want.
@@ -901,7 +902,13 @@ def estimate_training_memory(config: Any, device: Any = "cpu", patch_size: Seque
     return probe.estimate(patch_size or config.patch_size)
 
 
-def _training_device(config: Any) -> Any:
+def training_device(config: Any) -> Any:
+    """The ``torch.device`` a run of ``config`` trains on: ``config.train.device`` (under ``torchrun`` ``auto`` and
+    ``cuda`` are ``cuda:LOCAL_RANK``), ``auto`` CUDA when available, CUDA falling back to the CPU when missing.
+
+    Raises:
+        RuntimeError: ``config.train.device`` is not a device name torch knows.
+    """
     import torch
 
     from ct2mr.inference.translate import cluster_device
@@ -932,7 +939,7 @@ def check_training_memory(config: Any, device: Any = None) -> TrainingMemory:
     """
     import torch
 
-    device = torch.device(device) if device is not None else _training_device(config)
+    device = torch.device(device) if device is not None else training_device(config)
     probe = _TrainingProbe(config, device)
     try:
         estimate = probe.estimate(config.patch_size)
@@ -965,7 +972,7 @@ def check_training_inputs(config: Any) -> None:
 
     Compares the resolved paths of ``data.ct``, ``data.val_ct``, ``data.paired_ct`` with those of ``data.mr``,
     ``data.val_mr``, ``data.paired_mr`` (folders expanded with :func:`ct2mr.io.images.list_images`). The intensities of each
-    volume are checked when it is loaded (:func:`check_input_image` through :func:`ct2mr.training.data.load_domain`).
+    volume are checked when it is loaded (:func:`check_input_image` through :func:`ct2mr.preprocessing.collections.load_domain`).
 
     Args:
         config: a :class:`ct2mr.training.config.RunConfig`.

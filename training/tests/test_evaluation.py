@@ -13,8 +13,9 @@ import SimpleITK as sitk
 import torch
 
 from ct2mr.evaluation.evaluate import (PER_VOLUME_COLUMNS, TABLE_COLUMNS, EvaluationConfig, compare, evaluate, extract_patches,
-                              fid, frechet_distance, histogram_w1, intensity_histogram, kid, mae, mmd2_unbiased,
-                              paired_ttest, psnr, sample_patch_corners, ssim3d)
+                              sample_patch_corners)
+from ct2mr.evaluation.metrics import (fid, frechet_distance, histogram_w1, intensity_histogram, kid, mae, mmd2_unbiased,
+                                      paired_ttest, psnr, ssim3d)
 from ct2mr.evaluation.features import MedicalNetFeatures, RandomConv3DFeatures, build_feature_extractor, resolve_weights
 from ct2mr.io.sampledata import ChecksumError
 

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ct2mr.evaluation.evaluate import histogram_w1, intensity_histogram
+from ct2mr.evaluation.metrics import histogram_w1, intensity_histogram
 from ct2mr.inference.harmonization import (HARMONIZATION_METHODS, MAD_TO_STD, NYUL_PERCENTILES, Harmonizer, fit_harmonizer,
                                  histogram_match, nyul_apply, nyul_fit, nyul_landmarks, robust_standardize)
 

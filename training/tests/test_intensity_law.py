@@ -10,9 +10,9 @@ import torch
 
 from ct2mr.models.checkpoint import load_checkpoint
 from ct2mr.training.config import load_config
-from ct2mr.training.intensity_law import fit_intensity_law, hat_basis, law_knots
+from ct2mr.training.intensity_law import fit_intensity_law, hat_basis, law_knots, read_intensity_laws
 from ct2mr.networks.resnet import IntensityCurve, ResnetGenerator3D
-from ct2mr.training.trainer import train_run
+from ct2mr.training.trainer import CycleGANTrainer, seed_everything, train_run
 from ct2mr_testdata import ABDOMEN_MR, HEART_CT, need
 
 #: Phantom tissue intensities on the normalised source scale and the non-monotone law a target modality applies:
@@ -112,3 +112,60 @@ def test_training_starts_the_curves_at_the_fitted_laws(tmp_path):
     assert state["elapsed_s"] >= record["G"]["seconds"] + record["F"]["seconds"]  # the fit counts in the budget
     with torch.no_grad():
         assert load_checkpoint(path).G(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
+
+
+TINY_LAW = ["model.generator.base_channels=2", "model.discriminator.base_channels=2", "model.generator.n_blocks=1",
+            "data.patch_size=[32,32,32]", "train.device=cpu", "train.val_every=0"]
+
+
+def test_curve_learning_rate_scale_keeps_or_slows_the_fitted_law():
+    """model.law.lr_scale=0: GAN steps leave the curve at its law while the ResNet branch learns; 0.1: the curve's
+    group runs at a tenth of lr_G, also under the wall-clock schedule."""
+    seed_everything(0)
+    frozen = CycleGANTrainer(load_config("law", TINY_LAW + ["model.law.lr_scale=0"]), torch.device("cpu"))
+    frozen.G.set_intensity_law(np.linspace(1.0, -1.0, 41))  # an inverted law, far from the identity start
+    curve = frozen.G.law.values.detach().clone()
+    rest = {n: p.detach().clone() for n, p in frozen.G.named_parameters() if not n.startswith("law.")}
+    g = torch.Generator().manual_seed(0)
+    frozen.train_step({"ct": torch.rand(1, 1, 32, 32, 32, generator=g) * 2 - 1,
+                       "mr": torch.rand(1, 1, 32, 32, 32, generator=g) * 2 - 1})
+    assert torch.equal(frozen.G.law.values, curve)
+    assert any(not torch.equal(p, rest[n]) for n, p in frozen.G.named_parameters() if n in rest)
+    slow = CycleGANTrainer(load_config("law", TINY_LAW + ["model.law.lr_scale=0.1"]), torch.device("cpu"))
+    groups = slow.opt_g.param_groups
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(0.1 * groups[0]["lr"])
+    assert sum(p.numel() for p in groups[1]["params"]) == 2 * 41  # G's and F's curves, nothing else
+    slow.follow_clock(0.9)
+    assert groups[1]["lr"] == pytest.approx(0.1 * groups[0]["lr"]) and groups[0]["lr"] < slow.config.train.lr_g
+    one = load_config("law", TINY_LAW + ["model.law.lr_scale=1"])  # the curves train with everything else
+    assert len(CycleGANTrainer(one, torch.device("cpu")).opt_g.param_groups) == 1
+
+
+def test_law_settings_are_checked():
+    with pytest.raises(ValueError, match="lr_scale"):
+        load_config("law", ["model.law.lr_scale=-1"])
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config("law", ["model.law.file=/nonexistent/intensity_law.json"])
+
+
+def test_a_run_can_start_from_an_earlier_runs_laws(tmp_path):
+    """model.law.file: the laws are read, not fitted (no fit time), recorded again, and the curves start there."""
+    need(HEART_CT, ABDOMEN_MR)
+    knots = law_knots(41)
+    given = {"G": {"source": "ct", "target": "mr", "knots": knots.tolist(), "values": (-knots).tolist(),
+                   "distance": 0.5, "restarts": [], "seconds": 0.0},
+             "F": {"source": "mr", "target": "ct", "knots": knots.tolist(), "values": (0.5 * knots).tolist(),
+                   "distance": 0.5, "restarts": [], "seconds": 0.0}}
+    (tmp_path / "laws.json").write_text(json.dumps(given))
+    assert read_intensity_laws(tmp_path / "laws.json")["F"].values[-1] == pytest.approx(0.5)
+    config = load_config("law", TINY_LAW + [f'data.ct=["{HEART_CT}"]', f'data.mr=["{ABDOMEN_MR}"]', "train.steps=1",
+                                            "train.threads=1", "train.snapshot_every=1",
+                                            f"model.law.file={tmp_path / 'laws.json'}"])
+    train_run(config, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "intensity_law.json").read_text())
+    np.testing.assert_allclose(record["G"]["values"], -knots, atol=1e-5)
+    step0 = load_checkpoint(tmp_path / "run" / "snapshots" / "step_00000000.safetensors")
+    np.testing.assert_allclose(torch.tanh(step0.F.law.values.detach()).numpy(), 0.5 * knots, atol=1e-4)
+    (tmp_path / "bad.json").write_text(json.dumps({"G": given["G"]}))
+    with pytest.raises(ValueError, match="'G' and 'F'"):
+        read_intensity_laws(tmp_path / "bad.json")

@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from ct2mr.inference.translate import InferenceSettings
-from ct2mr.inference.labeltransfer import augment_synthetic_mr, pair_cases, shard, synthesize_dataset
+from ct2mr.inference.cluster import shard
+from ct2mr.inference.labeltransfer import augment_synthetic_mr, pair_cases, synthesize_dataset
 from ct2mr.io.nnunet import case_id, parse_label_names, validate_dataset_json, write_layout_index
 
 from ct2mr_testdata import HEART_CT, THORAX_CT, need, run_ct2mr

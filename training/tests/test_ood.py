@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from ct2mr.models.checkpoint import MODELS_DIR, load_checkpoint, save_checkpoint
-from ct2mr.training.data import load_domain
+from ct2mr.preprocessing.collections import load_domain
 from ct2mr.inference.ood import (FEATURES, OOD_NAME, OOD_THRESHOLD, STATISTICS_VERSION, TOLERANCES, assess, ct_statistics,
                        ood_score, reference_for, training_ct_statistics)
 from ct2mr.preprocessing.pipeline import preprocess

@@ -15,10 +15,10 @@ import pytest
 import SimpleITK as sitk
 
 from ct2mr.cli import main
-from ct2mr.preprocessing.batch import (LOG_NAME, PREPROCESSED_ATTR, is_preprocessed, output_name, preprocess_batch,
-                                       read_preprocessed)
+from ct2mr.io.preprocessed import PREPROCESSED_ATTR, is_preprocessed, output_name, read_preprocessed
+from ct2mr.preprocessing.batch import LOG_NAME, preprocess_batch
 from ct2mr.provenance import git_commit
-from ct2mr.training.data import load_domain
+from ct2mr.preprocessing.collections import load_domain
 from ct2mr.io.images import read_image
 from ct2mr.preprocessing.pipeline import (FlatVolumeWarning, PreprocessingConfig, n4_bias_correction, reorient_to_ras,
                                  resample_isotropic, robust_background)

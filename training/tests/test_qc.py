@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ct2mr.preprocessing.batch import preprocess_batch, read_preprocessed
+from ct2mr.io.preprocessed import read_preprocessed
+from ct2mr.preprocessing.batch import preprocess_batch
 from ct2mr.cli import main
 from ct2mr.io.images import read_image
 from ct2mr.preprocessing.orientation import SideIndicator, check_orientation, heart_side

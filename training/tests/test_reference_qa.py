@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from ct2mr.evaluation.evaluate import ssim3d
+from ct2mr.evaluation.metrics import ssim3d
 from ct2mr.evaluation.reference_qa import (MS_SSIM_WEIGHTS, QA_FILES, ms_ssim3d, normalise_reference, paired_metrics,
                                 same_grid)
 

@@ -18,8 +18,9 @@ import torch
 
 from ct2mr.models.checkpoint import load_checkpoint, read_metadata
 from ct2mr.training.config import list_presets, load_config
-from ct2mr.training.data import (DomainVolume, PairedPatchSampler, PatchPrefetcher, TrainingBatches, UnpairedPatchSampler,
-                        load_domain, make_split, pair_volumes, random_patch, read_split)
+from ct2mr.preprocessing.collections import DomainVolume, load_domain
+from ct2mr.training.data import (PairedPatchSampler, PatchPrefetcher, TrainingBatches, UnpairedPatchSampler, make_split,
+                                 pair_volumes, random_patch, read_split)
 from ct2mr.training.trainer import (CycleGANTrainer, ImagePool, d_frozen, enable_gradient_checkpointing, lr_factor,
                             seed_everything, train_run)
 from ct2mr_testdata import ABDOMEN_MR, DATA, HEART_CT, need

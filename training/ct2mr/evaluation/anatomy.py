@@ -52,6 +52,8 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from ct2mr.evaluation.metrics import checked_mask
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -93,6 +95,7 @@ DEFAULT_CT_WINDOW = (-1000.0, 1000.0)
 
 
 def _as_spacing(spacing: Sequence[float] | float, ndim: int = 3) -> tuple[float, ...]:
+    """A spacing as ``ndim`` positive floats (mm, (z, y, x)); a scalar is repeated."""
     values = [float(spacing)] * ndim if np.isscalar(spacing) else [float(s) for s in spacing]
     if len(values) != ndim or any(not (s > 0) for s in values):
         raise ValueError(f"spacing must be {ndim} positive values in mm (z, y, x order), got {spacing}.")
@@ -106,15 +109,12 @@ def _check_pair(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None, volumes: 
     if a.shape != b.shape or (volumes and a.ndim != 3):
         what = "(z, y, x) volumes" if volumes else "arrays"
         raise ValueError(f"Need two {what} of the same shape, got {a.shape} and {b.shape}.")
-    mask = np.ones(a.shape, bool) if mask is None else np.asarray(mask, bool)
-    if mask.shape != a.shape:
-        raise ValueError(f"mask shape {mask.shape} does not match the volume shape {a.shape}.")
-    if not mask.any():
-        raise ValueError("The mask is empty.")
-    return a, b, mask
+    mask = np.ones(a.shape, bool) if mask is None else mask
+    return a, b, checked_mask(mask, a.shape)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two flat arrays (NaN when either is constant)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     a, b = a - a.mean(), b - b.mean()
     denom = math.sqrt(float(a @ a) * float(b @ b))
@@ -122,6 +122,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _gms(ma: np.ndarray, mb: np.ndarray, c: float) -> tuple[float, float]:
+    """Mean and std of the gradient-magnitude similarity map of two magnitude arrays (Xue et al. 2014)."""
     ma, mb = np.asarray(ma, np.float64), np.asarray(mb, np.float64)
     gms = (2.0 * ma * mb + c) / (ma * ma + mb * mb + c)
     return float(gms.mean()), float(gms.std())
@@ -359,6 +360,10 @@ class WarpCheckSettings:
             than x is compared with an equally blurry x. Mutual information is biased towards deforming a sharp image
             onto a blurry one (measured: a 4 mm blur of the remap control, which moves nothing, read 3.6 mm mean
             without this matching). ``(0.0,)``: no matching.
+
+    Raises:
+        ValueError: on construction, a non-positive spacing, iterations < 1, shrink factors and smoothing sigmas of
+            different (or zero) lengths, seed < 1, samples < 100 or a negative match_resolution_mm.
     """
 
     working_spacing_mm: float = 3.0
@@ -374,6 +379,7 @@ class WarpCheckSettings:
     match_resolution_mm: tuple[float, ...] = (0.0, 1.5, 3.0, 4.5, 6.0)
 
     def __post_init__(self) -> None:
+        """Check the settings (see Raises) and normalise the sequences to tuples of numbers."""
         if not (self.working_spacing_mm > 0 and self.mesh_spacing_mm > 0):
             raise ValueError("working_spacing_mm and mesh_spacing_mm must be > 0.")
         if int(self.iterations) < 1:
@@ -421,17 +427,13 @@ def _to_working(image: sitk.Image, reference: sitk.Image, spacing_mm: float, def
 
 
 def _body_or_default(ct: sitk.Image, body: np.ndarray | None) -> np.ndarray:
+    """The given (z, y, x) body mask, checked against the CT, or the CT's own body mask when ``None``."""
     from ct2mr.preprocessing.masks import body_mask
 
     shape = sitk.GetArrayViewFromImage(ct).shape
     if body is None:
         body = body_mask(sitk.GetArrayFromImage(ct).astype(np.float32), "ct", normalised=False)
-    body = np.asarray(body, bool)
-    if body.shape != shape:
-        raise ValueError(f"body mask shape {body.shape} does not match the CT's (z, y, x) shape {shape}.")
-    if not body.any():
-        raise ValueError("The body mask is empty.")
-    return body
+    return checked_mask(body, shape, "body mask", "the CT's (z, y, x) shape", "The body mask is empty.")
 
 
 #: Bound (mm) of every B-spline coefficient: keeps a poorly constrained registration (small crops, a G(x) with little

@@ -2,16 +2,18 @@
 
 ``ct2mr evaluate`` (:func:`evaluate`) runs G and F over held-out CT volumes x and MR volumes y with the same
 sliding-window path as ``ct2mr translate`` (:func:`ct2mr.inference.translate.translate_volume`) and measures, on the 1 mm RAS
-network grid of each volume (intensities in the network's normalised [-1, 1]):
+network grid of each volume (intensities in the network's normalised [-1, 1]). The metric functions themselves
+(pure functions of NumPy arrays) are in :mod:`ct2mr.evaluation.metrics`; this module loads, translates, samples
+patches and writes the tables, figures and reports.
 
 * **Distribution realism (E1)**, CT -> MR: {G(x_i)} against {y_j}; MR -> CT: {F(y_j)} against {x_i}:
 
-  - FID (:func:`fid`): Frechet distance between Gaussian fits of patch features (Heusel et al. 2017), with
+  - FID (:func:`~ct2mr.evaluation.metrics.fid`): Frechet distance between Gaussian fits of patch features (Heusel et al. 2017), with
     ``scipy.linalg.sqrtm``;
-  - KID (:func:`kid`): unbiased MMD^2 with the cubic polynomial kernel ``k(a, b) = (a.b / d + 1)^3``, averaged over
+  - KID (:func:`~ct2mr.evaluation.metrics.kid`): unbiased MMD^2 with the cubic polynomial kernel ``k(a, b) = (a.b / d + 1)^3``, averaged over
     random subsets (Binkowski et al. 2018), reported x 100 as the thesis's "KID (%)";
-  - W1 (:func:`histogram_w1`): the thesis's eq. 7.2 on hard histograms, ``Delta * sum_k |H_a(k) - H_b(k)|`` with
-    the CDFs ``H`` over :data:`HISTOGRAM_BINS` bins of [-1, 1] (``Delta = 2 / bins``): the 1-Wasserstein distance
+  - W1 (:func:`~ct2mr.evaluation.metrics.histogram_w1`): the thesis's eq. 7.2 on hard histograms, ``Delta * sum_k |H_a(k) - H_b(k)|`` with
+    the CDFs ``H`` over :data:`~ct2mr.evaluation.metrics.HISTOGRAM_BINS` bins of [-1, 1] (``Delta = 2 / bins``): the 1-Wasserstein distance
     between intensity distributions inside the masks, in normalised intensity units.
 
   Patches (:func:`sample_patch_corners`): for each volume, ``patches_per_volume`` patch centres are drawn uniformly
@@ -21,14 +23,14 @@ network grid of each volume (intensities in the network's normalised [-1, 1]):
   :class:`ct2mr.evaluation.features.FeatureExtractor` (default: the fixed-seed random 3D network, see :mod:`ct2mr.evaluation.features`).
 
 * **Self-consistency (E2)**: x against F(G(x)) and y against G(F(y)) inside the evaluation mask: SSIM-3D
-  (:func:`ssim3d`; Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03, data range 2), PSNR in dB on the [-1, 1]
-  range (:func:`psnr`, data range 2, so for CT it equals PSNR in HU with the window width 1600 HU as peak) and MAE
-  (:func:`mae`) in normalised units; for CT also in HU (MAE x (HU_max - HU_min) / 2).
+  (:func:`~ct2mr.evaluation.metrics.ssim3d`; Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03, data range 2), PSNR in dB on the [-1, 1]
+  range (:func:`~ct2mr.evaluation.metrics.psnr`, data range 2, so for CT it equals PSNR in HU with the window width 1600 HU as peak) and MAE
+  (:func:`~ct2mr.evaluation.metrics.mae`) in normalised units; for CT also in HU (MAE x (HU_max - HU_min) / 2).
 
 * **Paired** (``--paired``: the i-th CT and the i-th MR are registered scans of one patient): the synthetic volume
   against the real target, on the CT's grid (the MR resampled there by its physical coordinates, trilinear), inside
   the CT's mask and the MR's footprint: MAE (in HU for MR -> CT, as Wolterink et al. 2017 report), PSNR, SSIM; per
-  volume, with mean +- std, and paired t-tests between models in ``ct2mr compare`` (:func:`paired_ttest`).
+  volume, with mean +- std, and paired t-tests between models in ``ct2mr compare`` (:func:`~ct2mr.evaluation.metrics.paired_ttest`).
 
 * **Harmonisation** (thesis 7.6): the post-hoc methods of :mod:`ct2mr.inference.harmonization` applied to G(x), and the
   baseline "copy CT" (G = identity) with and without them, scored for realism like the model.
@@ -57,27 +59,18 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from ct2mr.evaluation.metrics import (HISTOGRAM_BINS, HISTOGRAM_RANGE, fid, histogram_w1, intensity_histogram, kid,
+                                      mae, paired_ttest, psnr, ssim3d)
 from ct2mr.provenance import software_versions
 
 if TYPE_CHECKING:
     from ct2mr.inference.translate import InferenceSettings
 
 __all__ = [
-    "HISTOGRAM_BINS",
     "TABLE_COLUMNS",
     "PER_VOLUME_COLUMNS",
     "PAIRED_COLUMNS",
     "ANATOMY_COLUMNS",
-    "frechet_distance",
-    "fid",
-    "mmd2_unbiased",
-    "kid",
-    "ssim3d",
-    "psnr",
-    "mae",
-    "intensity_histogram",
-    "histogram_w1",
-    "paired_ttest",
     "sample_patch_corners",
     "extract_patches",
     "EvaluationConfig",
@@ -90,9 +83,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Bins of the intensity histograms over [-1, 1] (W1 and the histogram figures).
-HISTOGRAM_BINS = 256
-HISTOGRAM_RANGE = (-1.0, 1.0)
 
 #: Aggregated table (thesis Tables 6, 7, 9, plus MAE in HU and the histogram distance): Markdown header.
 TABLE_COLUMNS = ["Model", "Direction", "FID↓", "KID↓ (%)", "SSIM_cyc↑", "PSNR_cyc↑ (dB)", "MAE↓", "MAE (HU)↓", "W1↓",
@@ -113,291 +103,6 @@ SAMPLING_RULE = ("For each volume, N = patches_per_volume patch centres are draw
                  "numpy.random.default_rng([seed, domain, index]) with domain 0 for CT and 1 for MR and index the "
                  "volume's position in sorted path order. A volume and its translation share the positions (x and "
                  "G(x); y and F(y)). Patches are in the network's normalised intensity [-1, 1].")
-
-
-# --- Metrics ------------------------------------------------------------------------------------------------------
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Frechet distance between two Gaussians: ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
-
-    The matrix square root is ``scipy.linalg.sqrtm``; when it is not finite (near-singular covariances), ``1e-6``
-    is added to both diagonals, as in the reference FID implementation (pytorch-fid); a negligible imaginary part is
-    dropped.
-
-    Args:
-        mu1, mu2: means, shape (d,).
-        sigma1, sigma2: covariances, shape (d, d).
-
-    Returns:
-        The distance (>= 0 up to rounding), in squared feature units.
-
-    Raises:
-        ValueError: mismatching shapes, or an imaginary part that is not negligible.
-    """
-    from scipy import linalg
-
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"Shapes do not match: mu {mu1.shape}/{mu2.shape}, sigma {sigma1.shape}/{sigma2.shape}.")
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3 * max(1.0, float(np.abs(covmean).max()))):
-            raise ValueError(f"sqrtm(S1 S2) has a large imaginary part ({np.abs(covmean.imag).max():g}).")
-        covmean = covmean.real
-    return float(max(0.0, diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)))
-
-
-def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Frechet distance between Gaussian fits (mean, unbiased covariance) of two feature sets (FID).
-
-    Args:
-        features_a: (N_a, d) features, e.g. of synthetic patches.
-        features_b: (N_b, d) features, e.g. of real patches.
-
-    Returns:
-        The FID, or NaN when a set has fewer than 2 samples.
-
-    Raises:
-        ValueError: different feature dimensions.
-    """
-    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"Feature sets must be (N, d) with the same d, got {a.shape} and {b.shape}.")
-    if len(a) < 2 or len(b) < 2:
-        return float("nan")
-    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
-
-
-def _polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a @ b.T / a.shape[1] + 1.0) ** 3
-
-
-def mmd2_unbiased(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Unbiased MMD^2 with the cubic polynomial kernel ``k(a, b) = (a.b / d + 1)^3`` (Binkowski et al. 2018).
-
-    ``MMD^2_u = 1/(m(m-1)) sum_{i!=j} k(a_i, a_j) + 1/(n(n-1)) sum_{i!=j} k(b_i, b_j) - 2/(mn) sum_{i,j} k(a_i, b_j)``.
-
-    Args:
-        features_a: (m, d), m >= 2.
-        features_b: (n, d), n >= 2.
-
-    Returns:
-        The estimate (may be slightly negative: it is unbiased).
-    """
-    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    m, n = len(a), len(b)
-    kaa, kbb, kab = _polynomial_kernel(a, a), _polynomial_kernel(b, b), _polynomial_kernel(a, b)
-    return float((kaa.sum() - np.trace(kaa)) / (m * (m - 1)) + (kbb.sum() - np.trace(kbb)) / (n * (n - 1))
-                 - 2.0 * kab.mean())
-
-
-def kid(features_a: np.ndarray, features_b: np.ndarray, n_subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
-    """Kernel Inception Distance: :func:`mmd2_unbiased` averaged over random subsets (Binkowski et al. 2018).
-
-    Each of ``n_subsets`` draws takes ``min(subset_size, N_a, N_b)`` samples of each set without replacement
-    (``numpy.random.default_rng(seed)``). When the subset covers both sets entirely, one draw is made (every draw
-    would give the same value).
-
-    Args:
-        features_a: (N_a, d) features.
-        features_b: (N_b, d) features.
-        n_subsets: number of subsets (>= 1).
-        subset_size: samples per subset.
-        seed: subset sampling seed.
-
-    Returns:
-        ``(mean, std)`` over subsets (the thesis reports the mean x 100 as "KID (%)"); NaN when a set has < 2 samples,
-        and a NaN std when a single draw covers both sets.
-
-    Raises:
-        ValueError: different feature dimensions or ``n_subsets`` < 1.
-    """
-    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"Feature sets must be (N, d) with the same d, got {a.shape} and {b.shape}.")
-    if n_subsets < 1:
-        raise ValueError(f"n_subsets must be >= 1, got {n_subsets}.")
-    size = min(int(subset_size), len(a), len(b))
-    if size < 2:
-        return float("nan"), float("nan")
-    if size == len(a) == len(b):
-        return mmd2_unbiased(a, b), float("nan")
-    rng = np.random.default_rng(seed)
-    values = [mmd2_unbiased(a[rng.choice(len(a), size, replace=False)], b[rng.choice(len(b), size, replace=False)])
-              for _ in range(int(n_subsets))]
-    return float(np.mean(values)), float(np.std(values))
-
-
-def ssim3d(a: np.ndarray, b: np.ndarray, data_range: float = 2.0, mask: np.ndarray | None = None,
-           win_size: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> float:
-    """3D SSIM with a Gaussian window (Wang et al. 2004), as MONAI's ``SSIMMetric(spatial_dims=3)`` computes it.
-
-    Local means, variances and covariance come from a separable Gaussian filter (``win_size`` taps, ``sigma``
-    voxels) applied in 'valid' mode, so the SSIM map covers the voxels at least ``win_size // 2`` from the border;
-    ``C1 = (k1 R)^2``, ``C2 = (k2 R)^2`` with ``R = data_range``. The score is the map's mean, or its mean over the
-    voxels of ``mask`` (cropped like the map). Computed in float32 (as MONAI) on the mask's bounding box plus a
-    margin, which keeps a whole-thorax volume within a few GB.
-
-    Args:
-        a: (z, y, x) volume, e.g. the input x in [-1, 1].
-        b: (z, y, x) volume of the same shape, e.g. the round trip F(G(x)).
-        data_range: ``R``, the intensity range (2 for [-1, 1]).
-        mask: boolean (z, y, x) mask; ``None``: every voxel of the map.
-        win_size: window taps per axis (odd).
-        sigma: Gaussian standard deviation in voxels.
-        k1, k2: SSIM constants.
-
-    Returns:
-        SSIM in [-1, 1]; 1 for identical volumes.
-
-    Raises:
-        ValueError: mismatching shapes, a volume smaller than the window, or an empty mask.
-    """
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    if a.shape != b.shape or a.ndim != 3:
-        raise ValueError(f"ssim3d needs two (z, y, x) volumes of the same shape, got {a.shape} and {b.shape}.")
-    half = win_size // 2
-    if mask is not None:
-        mask = np.asarray(mask, bool)
-        if mask.shape != a.shape:
-            raise ValueError(f"mask shape {mask.shape} does not match the volume shape {a.shape}.")
-        if not mask.any():
-            raise ValueError("The SSIM mask is empty.")
-        idx = np.nonzero(mask)
-        box = tuple(slice(max(0, int(i.min()) - half), min(n, int(i.max()) + half + 1)) for i, n in zip(idx, a.shape))
-        a, b, mask = a[box], b[box], mask[box]
-    if min(a.shape) < win_size:
-        raise ValueError(f"Volume {a.shape} is smaller than the SSIM window ({win_size}).")
-    from ct2mr.losses.ssim import ssim_map
-
-    x, y = torch.from_numpy(np.ascontiguousarray(a))[None, None], torch.from_numpy(np.ascontiguousarray(b))[None, None]
-    with torch.inference_mode():
-        local = ssim_map(x, y, data_range, win_size, sigma, k1, k2)[0, 0].numpy()
-    if mask is None:
-        return float(local.mean(dtype=np.float64))
-    inner = mask[tuple(slice(half, n - half) for n in mask.shape)]
-    if not inner.any():
-        return float(local.mean(dtype=np.float64))
-    return float(local[inner].mean(dtype=np.float64))
-
-
-def _masked_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"Shapes differ: {a.shape} and {b.shape}.")
-    diff = a - b
-    if mask is not None:
-        mask = np.asarray(mask, bool)
-        if mask.shape != a.shape:
-            raise ValueError(f"mask shape {mask.shape} does not match the volume shape {a.shape}.")
-        diff = diff[mask]
-    if diff.size == 0:
-        raise ValueError("The mask is empty.")
-    return diff
-
-
-def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 2.0, mask: np.ndarray | None = None) -> float:
-    """Peak signal-to-noise ratio ``10 log10(R^2 / MSE)`` in dB, inside ``mask``.
-
-    Args:
-        a, b: arrays of the same shape (e.g. (z, y, x) in [-1, 1]).
-        data_range: ``R`` (2 for [-1, 1]; 1600 for HU in the thesis's CT window gives the same number).
-        mask: boolean mask of the voxels to use; ``None``: all.
-
-    Returns:
-        PSNR in dB (``inf`` for identical inputs).
-    """
-    mse = float(np.mean(_masked_diff(a, b, mask) ** 2))
-    return float("inf") if mse == 0 else float(10.0 * math.log10(data_range ** 2 / mse))
-
-
-def mae(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Mean absolute error inside ``mask``, in the inputs' units (Wolterink et al. 2017, eq. 4).
-
-    Args:
-        a, b: arrays of the same shape.
-        mask: boolean mask of the voxels to use; ``None``: all.
-
-    Returns:
-        The MAE.
-    """
-    return float(np.mean(np.abs(_masked_diff(a, b, mask))))
-
-
-def intensity_histogram(values: np.ndarray, bins: int = HISTOGRAM_BINS,
-                        value_range: tuple[float, float] = HISTOGRAM_RANGE) -> np.ndarray:
-    """Counts of ``values`` over ``bins`` equal bins of ``value_range``; values outside are clipped into the end bins.
-
-    Args:
-        values: any array (flattened).
-        bins: number of bins.
-        value_range: (low, high).
-
-    Returns:
-        int64 counts, shape (bins,).
-    """
-    values = np.clip(np.asarray(values, np.float64).ravel(), value_range[0], value_range[1])
-    return np.histogram(values, bins=bins, range=value_range)[0].astype(np.int64)
-
-
-def histogram_w1(counts_a: np.ndarray, counts_b: np.ndarray, value_range: tuple[float, float] = HISTOGRAM_RANGE
-                 ) -> float:
-    """1-Wasserstein distance between two histograms on the same bins (thesis eq. 7.2 with hard counts).
-
-    ``W1 = Delta * sum_k |H_a(k) - H_b(k)|`` with ``H`` the normalised cumulative counts and ``Delta`` the bin width
-    in intensity units; for distributions on bin centres it is exact.
-
-    Args:
-        counts_a, counts_b: counts over the same bins of ``value_range``.
-        value_range: (low, high) of the bins.
-
-    Returns:
-        W1 in intensity units (normalised [-1, 1] units by default: at most 2); NaN when a histogram is empty.
-
-    Raises:
-        ValueError: different numbers of bins.
-    """
-    a, b = np.asarray(counts_a, np.float64), np.asarray(counts_b, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"Histograms have different bins: {a.shape} and {b.shape}.")
-    if a.sum() <= 0 or b.sum() <= 0:
-        return float("nan")
-    delta = (value_range[1] - value_range[0]) / a.size
-    return float(delta * np.abs(np.cumsum(a) / a.sum() - np.cumsum(b) / b.sum()).sum())
-
-
-def paired_ttest(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Paired two-sided t-test of ``a`` against ``b`` (``scipy.stats.ttest_rel``), as Wolterink et al. report.
-
-    ``t = mean(d) / (std(d, ddof=1) / sqrt(n))`` with ``d = a - b``, ``n - 1`` degrees of freedom.
-
-    Args:
-        a, b: per-volume values of two models on the same volumes, in the same order.
-
-    Returns:
-        ``{"n", "mean_a", "mean_b", "mean_diff", "t", "p"}`` (NaN t and p with fewer than 2 pairs).
-
-    Raises:
-        ValueError: different lengths.
-    """
-    from scipy import stats
-
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired_ttest needs two sequences of the same length, got {a.size} and {b.size}.")
-    out = {"n": int(a.size), "mean_a": float(np.mean(a)) if a.size else float("nan"),
-           "mean_b": float(np.mean(b)) if b.size else float("nan"),
-           "mean_diff": float(np.mean(a - b)) if a.size else float("nan"), "t": float("nan"), "p": float("nan")}
-    if a.size >= 2:
-        result = stats.ttest_rel(a, b)
-        out["t"], out["p"] = float(result.statistic), float(result.pvalue)
-    return out
 
 
 # --- Patches ------------------------------------------------------------------------------------------------------
@@ -448,6 +153,7 @@ def extract_patches(volume: np.ndarray, corners: np.ndarray, size: int) -> torch
 
 
 def _pad_to_patch(volume: np.ndarray, size: int, value: float) -> np.ndarray:
+    """Pad a (z, y, x) volume at the far end of each axis shorter than ``size`` with ``value``."""
     pads = [(0, max(0, size - s)) for s in volume.shape]
     return np.pad(volume, pads, constant_values=value) if any(p[1] for p in pads) else volume
 
@@ -477,6 +183,10 @@ class EvaluationConfig:
         tensorboard: also write scalars and figures as TensorBoard events (when ``tensorboard`` is installed).
         warp_check: also run the anatomy warp check (B-spline registration of G(x) onto x, :mod:`ct2mr.evaluation.anatomy`) per
             CT volume and report its mean and p95 displacement (mm); slower (seconds to a minute per volume).
+
+    Raises:
+        ValueError: on construction, a patch size < 8, patches_per_volume < 1, an unknown feature extractor, mask
+            mode or harmonisation method, kid_subsets < 1 or kid_subset_size < 2.
     """
 
     patch_size: int = 32
@@ -498,6 +208,7 @@ class EvaluationConfig:
     warp_check: bool = False
 
     def __post_init__(self) -> None:
+        """Check the settings (see Raises) and normalise ``harmonize`` and ``reference_mr`` to tuples."""
         from ct2mr.evaluation.features import FEATURE_EXTRACTORS
         from ct2mr.inference.harmonization import HARMONIZATION_METHODS
         from ct2mr.preprocessing.masks import MASK_MODES
@@ -546,6 +257,7 @@ class EvaluationResult:
 # --- Tables -------------------------------------------------------------------------------------------------------
 
 def _fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: ``digits`` decimals, "—" for None/NaN, "inf" for infinities."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     if isinstance(value, float):
@@ -554,6 +266,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def _pm(mean: Any, std: Any, digits: int = 4) -> str:
+    """A "mean ± std" table cell (the mean alone without a std, "—" without a mean)."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "—"
     if std is None or (isinstance(std, float) and math.isnan(std)):
@@ -569,6 +282,7 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def _aggregate_cells(row: dict[str, Any]) -> list[str]:
+    """The cells of one aggregated row in :data:`TABLE_COLUMNS` order."""
     return [row["model"], row["direction"], _fmt(row["fid"], 2), _pm(row["kid_percent"], row["kid_percent_std"], 4),
             _pm(row["ssim_cyc"], row["ssim_cyc_std"]), _pm(row["psnr_cyc_db"], row["psnr_cyc_db_std"], 2),
             _pm(row["mae"], row["mae_std"]), _pm(row["mae_hu"], row["mae_hu_std"], 1), _pm(row["w1"], row["w1_std"]),
@@ -576,6 +290,7 @@ def _aggregate_cells(row: dict[str, Any]) -> list[str]:
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Path:
+    """Write ``rows`` (dicts) as CSV with ``columns`` (None as empty cells); return the path."""
     import io
 
     from ct2mr.io.images import write_text
@@ -589,6 +304,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str
 
 
 def _write_text(path: Path, text: str) -> Path:
+    """Write a text file (:func:`ct2mr.io.images.write_text`); return the path."""
     from ct2mr.io.images import write_text
 
     return write_text(path, text)
@@ -600,6 +316,7 @@ AGGREGATE_KEYS = ["model", "variant", "direction", "fid", "kid_percent", "kid_pe
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample std (ddof 1) of the finite values; (None, None) without any, std None with one."""
     vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     if not vals:
         return None, None
@@ -616,13 +333,16 @@ class _Domain:
     histograms: dict[str, np.ndarray] = field(default_factory=dict)
 
     def add(self, name: str, features: np.ndarray, values: np.ndarray) -> None:
+        """Add one volume: its patch features (N, d) and the histogram of its masked intensities."""
         self.features.append(features)
         self.histograms[name] = intensity_histogram(values)
 
     def stacked(self) -> np.ndarray:
+        """All patch features, (sum N, d); (0, 1) when none."""
         return np.concatenate(self.features) if self.features else np.zeros((0, 1))
 
     def pooled(self) -> np.ndarray:
+        """The summed histogram of every volume, (HISTOGRAM_BINS,)."""
         return np.sum(list(self.histograms.values()), axis=0) if self.histograms else np.zeros(HISTOGRAM_BINS)
 
 
@@ -640,11 +360,13 @@ def _resample_between(array: np.ndarray, source_grid: dict, target_grid: dict) -
 
 
 def _crop_to(volume: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The (z, y, x) bounding box of ``valid`` cut out of ``volume``."""
     idx = np.nonzero(valid)
     return volume[tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)]
 
 
 def _slices(volume: np.ndarray, valid: np.ndarray, mask: np.ndarray) -> list[tuple[str, np.ndarray, float]]:
+    """Tri-planar slices of a volume without its padding, crossing at the mask's centroid."""
     from ct2mr.evaluation.figures import triplanar_slices
 
     cropped, cropped_mask = _crop_to(volume, valid), _crop_to(mask, valid)
@@ -653,6 +375,7 @@ def _slices(volume: np.ndarray, valid: np.ndarray, mask: np.ndarray) -> list[tup
 
 
 def _tensorboard(out_dir: Path, enabled: bool):
+    """A TensorBoard ``SummaryWriter`` into ``out_dir/tensorboard``, or None (disabled or not installed)."""
     if not enabled:
         return None
     try:
@@ -664,6 +387,7 @@ def _tensorboard(out_dir: Path, enabled: bool):
 
 
 def _log_figure(writer, tag: str, path: Path) -> None:
+    """Add a written PNG to TensorBoard (nothing without a writer)."""
     if writer is None:
         return
     import matplotlib.image as mpimg
@@ -673,6 +397,7 @@ def _log_figure(writer, tag: str, path: Path) -> None:
 
 
 def _json_default(value: Any) -> Any:
+    """JSON form of NumPy scalars and arrays, paths and anything else (as text)."""
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -693,11 +418,62 @@ def _clean(value: Any) -> Any:
     return value
 
 
+@dataclass
+class _Run:
+    """One :func:`evaluate` call: its loaded inputs and settings, and what its volume loops accumulate."""
+
+    checkpoint: Any
+    config: EvaluationConfig
+    settings: Any
+    extractor: Any
+    model_name: str
+    cts: list[Any]
+    mrs: list[Any]
+    ct_masks: list[np.ndarray]
+    mr_masks: list[np.ndarray]
+    harmonizers: dict[str, Any]
+    reference_note: str
+    report: Callable[[str, float, str], None]
+    variants: dict[str, _Domain] = field(default_factory=dict)
+    real_mr: _Domain = field(default_factory=_Domain)
+    real_ct: _Domain = field(default_factory=_Domain)
+    synthetic_ct: _Domain = field(default_factory=_Domain)
+    per_volume: list[dict[str, Any]] = field(default_factory=list)
+    paired_rows: list[dict[str, Any]] = field(default_factory=list)
+    figure_data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def window(self) -> tuple[float, ...]:
+        """The model's CT window (HU_min, HU_max), mapped to [-1, 1] by its preprocessing."""
+        return tuple(self.checkpoint.preprocessing.ct_window)
+
+    @property
+    def hu_per_unit(self) -> float:
+        """HU per normalised CT unit: (HU_max - HU_min) / 2."""
+        return (self.window[1] - self.window[0]) / 2.0
+
+    @property
+    def total(self) -> int:
+        """Volumes to translate (CT and MR), at least 1: the denominator of the progress."""
+        return max(1, len(self.cts) + len(self.mrs))
+
+    def stage_report(self, done: int, label: str, first: str) -> Callable[[str, float, str], None]:
+        """Map translate_volume's two passes (first, then the other) onto this volume's share of the progress."""
+        def inner(stage: str, fraction: float, message: str) -> None:
+            step = 0.5 * min(1.0, fraction) + (0.0 if stage == first else 0.5)
+            self.report("evaluate", 0.05 + 0.85 * (done + step) / self.total, f"{label}: {message}")
+        return inner
+
+
 def evaluate(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathLike],
              mr_inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
              config: EvaluationConfig | None = None, settings: InferenceSettings | None = None,
              progress: Callable[[str, float, str], None] | None = None, name: str | None = None) -> EvaluationResult:
     """Evaluate a checkpoint on held-out CT and MR volumes and write tables, figures and TensorBoard events.
+
+    Every metric is computed on each volume's 1 mm RAS network grid, NumPy (z, y, x), intensities in the network's
+    normalised [-1, 1] (see the module docstring for the definitions and sources, and
+    :mod:`ct2mr.evaluation.metrics` for the metric functions).
 
     Args:
         model: a ct2mr checkpoint; ``None``: the bundled default model.
@@ -717,26 +493,44 @@ def evaluate(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathL
         unreadable inputs, bad settings (e.g. ``paired`` with different numbers of CT and MR volumes), missing
         feature weights, or out of memory.
     """
-    from ct2mr.models.checkpoint import load_checkpoint
-    from ct2mr.training.data import load_domain
-    from ct2mr.evaluation.features import build_feature_extractor
-    from ct2mr.inference.harmonization import fit_harmonizer, load_reference_mrs
-    from ct2mr.inference.translate import InferenceSettings, resolve_device, translate_volume
-    from ct2mr.preprocessing.masks import evaluation_mask
+    from ct2mr.checks import prepare_output_dir
+    from ct2mr.inference.translate import InferenceSettings
 
     config = config or EvaluationConfig()
     settings = settings or InferenceSettings()
     report = progress or (lambda stage, fraction, message: None)
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    from ct2mr.checks import prepare_output_dir
-
     prepare_output_dir(out_dir, "output folder (--out)")  # before any work: created and proved writable
     report("evaluate", 0.0, "Loading the model and the volumes")
+    run = _load_run(model, ct_inputs, mr_inputs, config, settings, report, name)
+    writer = _tensorboard(out_dir, config.tensorboard)
+    for i in range(len(run.cts)):
+        _score_ct_volume(run, i)
+    for j in range(len(run.mrs)):
+        _score_mr_volume(run, j)
+    report("evaluate", 0.92, "FID, KID and histogram distances")
+    aggregate = _realism_rows(run)
+    report("evaluate", 0.95, "Writing tables and figures")
+    files, table_md = _write_evaluation_outputs(run, out_dir, aggregate, writer)
+    metrics = _metrics_record(run, aggregate, started)
+    files.append(_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default)))
+    report("evaluate", 1.0, f"Wrote {out_dir}")
+    return EvaluationResult(out_dir, metrics["aggregate"], metrics["per_volume"], metrics["paired"], metrics, files,
+                            table_md)
+
+
+def _load_run(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathLike],
+              mr_inputs: Sequence[str | os.PathLike], config: EvaluationConfig, settings: InferenceSettings,
+              report: Callable[[str, float, str], None], name: str | None) -> _Run:
+    """Load the checkpoint, the volumes and their evaluation masks, the feature extractor and the harmonisers."""
+    from ct2mr.evaluation.features import build_feature_extractor
+    from ct2mr.inference.translate import resolve_device
+    from ct2mr.models.checkpoint import load_checkpoint
+    from ct2mr.preprocessing.masks import evaluation_mask
+    from ct2mr.preprocessing.collections import load_domain
+
     checkpoint = load_checkpoint(model)
-    model_name = name or checkpoint.name
-    window = tuple(checkpoint.preprocessing.ct_window)
-    hu_per_unit = (window[1] - window[0]) / 2.0
     cts = load_domain(ct_inputs, "ct", checkpoint.preprocessing)
     mrs = load_domain(mr_inputs, "mr", checkpoint.preprocessing)
     if config.paired and len(cts) != len(mrs):
@@ -746,126 +540,143 @@ def evaluate(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathL
                                         resolve_device(settings.device))
     ct_masks = [evaluation_mask(v.array, "ct", v.record, config.mask) for v in cts]
     mr_masks = [evaluation_mask(v.array, "mr", v.record, config.mask) for v in mrs]
+    harmonizers, reference_note = _fit_harmonizers(config, checkpoint.preprocessing, mrs, mr_masks)
+    return _Run(checkpoint, config, settings, extractor, name or checkpoint.name, cts, mrs, ct_masks, mr_masks,
+                harmonizers, reference_note, report, variants=_new_variants(harmonizers, config.baselines))
 
-    # harmonisation, fitted on the reference MRs (or the evaluation MR set)
+
+def _fit_harmonizers(config: EvaluationConfig, preprocessing: Any, mrs: list[Any], mr_masks: list[np.ndarray]
+                     ) -> tuple[dict[str, Any], str]:
+    """Harmonisers fitted on the reference MRs (or the evaluation MR set), and the note that says which."""
+    from ct2mr.inference.harmonization import fit_harmonizer, load_reference_mrs
+
     if config.reference_mr:
-        ref_arrays, ref_masks, ref_names = load_reference_mrs(list(config.reference_mr), checkpoint.preprocessing,
-                                                              config.mask)
+        ref_arrays, ref_masks, ref_names = load_reference_mrs(list(config.reference_mr), preprocessing, config.mask)
         reference_note = "reference MR: " + ", ".join(ref_names)
     else:
         ref_arrays, ref_masks, ref_names = [v.array for v in mrs], mr_masks, [v.name for v in mrs]
         reference_note = "reference MR: the evaluation MR set itself (optimistic)"
-    harmonizers = {m: fit_harmonizer(m, ref_arrays, ref_masks, ref_names) for m in config.harmonize}
-    del ref_arrays
+    return {m: fit_harmonizer(m, ref_arrays, ref_masks, ref_names) for m in config.harmonize}, reference_note
 
-    size = int(config.patch_size)
-    n_patches = int(config.patches_per_volume)
+
+def _new_variants(harmonizers: dict[str, Any], baselines: bool) -> dict[str, _Domain]:
+    """Empty accumulators of the CT→MR variants: model, model + each method, and (baselines) copy CT with them."""
     variants: dict[str, _Domain] = {"model": _Domain()}
     for m in harmonizers:
         variants[f"model+{m}"] = _Domain()
-    if config.baselines:
+    if baselines:
         variants["identity"] = _Domain()
         for m in harmonizers:
             variants[f"identity+{m}"] = _Domain()
-    real_mr, real_ct, synthetic_ct = _Domain(), _Domain(), _Domain()
-    per_volume: list[dict[str, Any]] = []
-    paired_rows: list[dict[str, Any]] = []
-    figure_data: dict[str, Any] = {}
-    writer = _tensorboard(out_dir, config.tensorboard)
-    total = max(1, len(cts) + len(mrs))
+    return variants
 
-    def stage_report(done: int, label: str, first: str):
-        """Map translate_volume's two passes (first, then the other) onto this volume's share of the progress."""
-        def inner(stage: str, fraction: float, message: str) -> None:
-            step = 0.5 * min(1.0, fraction) + (0.0 if stage == first else 0.5)
-            report("evaluate", 0.05 + 0.85 * (done + step) / total, f"{label}: {message}")
-        return inner
 
-    # --- CT volumes: G(x), F(G(x)) -----------------------------------------------------------------------------
-    for i, (vol, mask) in enumerate(zip(cts, ct_masks)):
-        x = vol.array
-        fake_mr, rec_ct, _ = translate_volume(x, checkpoint, "ct2mr", settings, stage_report(i, f"CT {vol.name}", "G"))
-        valid = _valid(vol)
-        ssim_value = ssim3d(x, rec_ct, 2.0, mask)
-        mae_value = mae(x, rec_ct, mask)
-        row = {"model": model_name, "variant": "model", "direction": "CT→MR", "volume": vol.name,
-               "ssim_cyc": ssim_value, "psnr_cyc_db": psnr(x, rec_ct, 2.0, mask), "mae": mae_value,
-               "mae_hu": mae_value * hu_per_unit, "patches": n_patches}
-        row.update(_anatomy_row(x, fake_mr, mask, vol.record, window, config.warp_check))
-        per_volume.append(row)
-        rng = np.random.default_rng([config.seed, 0, i])
-        x_p, fake_p = _pad_to_patch(x, size, -1.0), _pad_to_patch(fake_mr, size, -1.0)
-        mask_p = _pad_to_patch(mask, size, False)
-        corners = sample_patch_corners(mask_p, n_patches, size, rng)
-        real_ct.add(vol.name, extractor(extract_patches(x_p, corners, size)), x[mask])
-        variants["model"].add(vol.name, extractor(extract_patches(fake_p, corners, size)), fake_mr[mask])
-        harmonised = {}
-        for m, harmonizer in harmonizers.items():
-            harmonised[m] = harmonizer.apply(fake_mr, mask)
-            variants[f"model+{m}"].add(vol.name, extractor(extract_patches(_pad_to_patch(harmonised[m], size, -1.0),
-                                                                           corners, size)), harmonised[m][mask])
-        if config.baselines:
-            variants["identity"].add(vol.name, real_ct.features[-1], x[mask])
-            for m, harmonizer in harmonizers.items():
-                copy = harmonizer.apply(x, mask)
-                variants[f"identity+{m}"].add(vol.name, extractor(extract_patches(_pad_to_patch(copy, size, -1.0),
-                                                                                  corners, size)), copy[mask])
-        if config.paired:
-            target = _resample_between(mrs[i].array, mrs[i].record.padded_grid, vol.record.padded_grid)
-            paired_rows.append(_paired_row(model_name, "CT→MR", vol.name, fake_mr, target, mask, None))
-        if config.figures and i < config.figure_volumes:
-            error_hu = np.abs(rec_ct - x) * hu_per_unit
-            figure_data[f"ct{i}"] = {"name": vol.name, "ct": _slices(x, valid, mask),
+def _score_ct_volume(run: _Run, i: int) -> None:
+    """CT volume i: G(x) and F(G(x)); cycle, anatomy and paired rows, patch features, figure slices into ``run``."""
+    from ct2mr.inference.translate import translate_volume
+
+    vol, mask, config = run.cts[i], run.ct_masks[i], run.config
+    x = vol.array
+    fake_mr, rec_ct, _ = translate_volume(x, run.checkpoint, "ct2mr", run.settings,
+                                          run.stage_report(i, f"CT {vol.name}", "G"))
+    valid = _valid(vol)
+    ssim_value = ssim3d(x, rec_ct, 2.0, mask)
+    mae_value = mae(x, rec_ct, mask)
+    row = {"model": run.model_name, "variant": "model", "direction": "CT→MR", "volume": vol.name,
+           "ssim_cyc": ssim_value, "psnr_cyc_db": psnr(x, rec_ct, 2.0, mask), "mae": mae_value,
+           "mae_hu": mae_value * run.hu_per_unit, "patches": int(config.patches_per_volume)}
+    row.update(_anatomy_row(x, fake_mr, mask, vol.record, run.window, config.warp_check))
+    run.per_volume.append(row)
+    harmonised = _add_ct_patches(run, i, x, fake_mr)
+    if config.paired:
+        target = _resample_between(run.mrs[i].array, run.mrs[i].record.padded_grid, vol.record.padded_grid)
+        run.paired_rows.append(_paired_row(run.model_name, "CT→MR", vol.name, fake_mr, target, mask, None))
+    if config.figures and i < config.figure_volumes:
+        error_hu = np.abs(rec_ct - x) * run.hu_per_unit
+        run.figure_data[f"ct{i}"] = {"name": vol.name, "ct": _slices(x, valid, mask),
                                      "synthetic_mr": _slices(fake_mr, valid, mask),
                                      "roundtrip_ct": _slices(rec_ct, valid, mask),
                                      "error_hu": _slices(error_hu, valid, mask),
                                      "harmonised": {m: _slices(h, valid, mask) for m, h in harmonised.items()},
                                      "error_max": float(max(1.0, np.percentile(error_hu[mask], 99)))}
-        report("evaluate", 0.05 + 0.85 * (i + 1) / total, f"CT {vol.name} done")
+    run.report("evaluate", 0.05 + 0.85 * (i + 1) / run.total, f"CT {vol.name} done")
 
-    # --- MR volumes: F(y), G(F(y)) -----------------------------------------------------------------------------
-    for j, (vol, mask) in enumerate(zip(mrs, mr_masks)):
-        y = vol.array
-        fake_ct, rec_mr, _ = translate_volume(y, checkpoint, "mr2ct", settings,
-                                              stage_report(len(cts) + j, f"MR {vol.name}", "F"))
-        per_volume.append({"model": model_name, "variant": "model", "direction": "MR→CT", "volume": vol.name,
+
+def _add_ct_patches(run: _Run, i: int, x: np.ndarray, fake_mr: np.ndarray) -> dict[str, np.ndarray]:
+    """Features and histograms of x, G(x), G(x) + each harmonisation and copy CT; returns the harmonised G(x)."""
+    vol, mask, config, extractor = run.cts[i], run.ct_masks[i], run.config, run.extractor
+    size = int(config.patch_size)
+    rng = np.random.default_rng([config.seed, 0, i])
+    x_p, fake_p = _pad_to_patch(x, size, -1.0), _pad_to_patch(fake_mr, size, -1.0)
+    mask_p = _pad_to_patch(mask, size, False)
+    corners = sample_patch_corners(mask_p, int(config.patches_per_volume), size, rng)
+    run.real_ct.add(vol.name, extractor(extract_patches(x_p, corners, size)), x[mask])
+    run.variants["model"].add(vol.name, extractor(extract_patches(fake_p, corners, size)), fake_mr[mask])
+    harmonised = {}
+    for m, harmonizer in run.harmonizers.items():
+        harmonised[m] = harmonizer.apply(fake_mr, mask)
+        run.variants[f"model+{m}"].add(vol.name, extractor(extract_patches(_pad_to_patch(harmonised[m], size, -1.0),
+                                                                           corners, size)), harmonised[m][mask])
+    if config.baselines:
+        run.variants["identity"].add(vol.name, run.real_ct.features[-1], x[mask])
+        for m, harmonizer in run.harmonizers.items():
+            copy = harmonizer.apply(x, mask)
+            run.variants[f"identity+{m}"].add(vol.name, extractor(extract_patches(_pad_to_patch(copy, size, -1.0),
+                                                                                  corners, size)), copy[mask])
+    return harmonised
+
+
+def _score_mr_volume(run: _Run, j: int) -> None:
+    """MR volume j: F(y) and G(F(y)); cycle and paired rows, patch features, figure slices into ``run``."""
+    from ct2mr.inference.translate import translate_volume
+
+    vol, mask, config = run.mrs[j], run.mr_masks[j], run.config
+    done = len(run.cts) + j
+    y = vol.array
+    fake_ct, rec_mr, _ = translate_volume(y, run.checkpoint, "mr2ct", run.settings,
+                                          run.stage_report(done, f"MR {vol.name}", "F"))
+    size, n_patches = int(config.patch_size), int(config.patches_per_volume)
+    run.per_volume.append({"model": run.model_name, "variant": "model", "direction": "MR→CT", "volume": vol.name,
                            "ssim_cyc": ssim3d(y, rec_mr, 2.0, mask), "psnr_cyc_db": psnr(y, rec_mr, 2.0, mask),
                            "mae": mae(y, rec_mr, mask), "mae_hu": None, "patches": n_patches})
-        rng = np.random.default_rng([config.seed, 1, j])
-        y_p, fake_p = _pad_to_patch(y, size, -1.0), _pad_to_patch(fake_ct, size, -1.0)
-        corners = sample_patch_corners(_pad_to_patch(mask, size, False), n_patches, size, rng)
-        real_mr.add(vol.name, extractor(extract_patches(y_p, corners, size)), y[mask])
-        synthetic_ct.add(vol.name, extractor(extract_patches(fake_p, corners, size)), fake_ct[mask])
-        if config.paired:
-            ct_vol = cts[j]
-            on_ct = _resample_between(fake_ct, vol.record.padded_grid, ct_vol.record.padded_grid)
-            paired_rows.append(_paired_row(model_name, "MR→CT", ct_vol.name, on_ct, ct_vol.array, ct_masks[j],
-                                           hu_per_unit))
-        if config.figures and j == 0:
-            valid = _valid(vol)
-            figure_data["mr0"] = {"name": vol.name, "mr": _slices(y, valid, mask)}
-        report("evaluate", 0.05 + 0.85 * (len(cts) + j + 1) / total, f"MR {vol.name} done")
+    rng = np.random.default_rng([config.seed, 1, j])
+    y_p, fake_p = _pad_to_patch(y, size, -1.0), _pad_to_patch(fake_ct, size, -1.0)
+    corners = sample_patch_corners(_pad_to_patch(mask, size, False), n_patches, size, rng)
+    run.real_mr.add(vol.name, run.extractor(extract_patches(y_p, corners, size)), y[mask])
+    run.synthetic_ct.add(vol.name, run.extractor(extract_patches(fake_p, corners, size)), fake_ct[mask])
+    if config.paired:
+        ct_vol = run.cts[j]
+        on_ct = _resample_between(fake_ct, vol.record.padded_grid, ct_vol.record.padded_grid)
+        run.paired_rows.append(_paired_row(run.model_name, "MR→CT", ct_vol.name, on_ct, ct_vol.array,
+                                           run.ct_masks[j], run.hu_per_unit))
+    if config.figures and j == 0:
+        valid = _valid(vol)
+        run.figure_data["mr0"] = {"name": vol.name, "mr": _slices(y, valid, mask)}
+    run.report("evaluate", 0.05 + 0.85 * (done + 1) / run.total, f"MR {vol.name} done")
 
-    # --- Distribution realism ------------------------------------------------------------------------------------
-    report("evaluate", 0.92, "FID, KID and histogram distances")
-    real_mr_features, real_ct_features = real_mr.stacked(), real_ct.stacked()
-    real_mr_hist, real_ct_hist = real_mr.pooled(), real_ct.pooled()
-    labels = {"model": model_name, "identity": "copy CT (identity)"}
+
+def _realism(domain: _Domain, real_features: np.ndarray, real_hist: np.ndarray, config: EvaluationConfig
+             ) -> dict[str, Any]:
+    """FID, KID (%) and W1 (per volume, mean ± std, pooled) of a synthetic set against the real target set."""
+    feats = domain.stacked()
+    k_mean, k_std = kid(feats, real_features, config.kid_subsets, config.kid_subset_size, config.seed)
+    w1s = {n: histogram_w1(h, real_hist) for n, h in domain.histograms.items()}
+    w1_mean, w1_std = _mean_std(list(w1s.values()))
+    return {"fid": fid(feats, real_features), "kid_percent": 100.0 * k_mean, "kid_percent_std": 100.0 * k_std,
+            "w1": w1_mean, "w1_std": w1_std, "w1_pooled": histogram_w1(domain.pooled(), real_hist),
+            "patches": int(len(feats)), "per_volume_w1": w1s}
+
+
+def _realism_rows(run: _Run) -> list[dict[str, Any]]:
+    """Aggregated rows of every CT→MR variant and of MR→CT; adds the per-volume W1 to ``run.per_volume`` and sorts it."""
+    per_volume, n_patches = run.per_volume, int(run.config.patches_per_volume)
+    real_mr_features, real_mr_hist = run.real_mr.stacked(), run.real_mr.pooled()
+    labels = {"model": run.model_name, "identity": "copy CT (identity)"}
     aggregate: list[dict[str, Any]] = []
-
-    def realism(domain: _Domain, real_features: np.ndarray, real_hist: np.ndarray) -> dict[str, Any]:
-        feats = domain.stacked()
-        k_mean, k_std = kid(feats, real_features, config.kid_subsets, config.kid_subset_size, config.seed)
-        w1s = {n: histogram_w1(h, real_hist) for n, h in domain.histograms.items()}
-        w1_mean, w1_std = _mean_std(list(w1s.values()))
-        return {"fid": fid(feats, real_features), "kid_percent": 100.0 * k_mean, "kid_percent_std": 100.0 * k_std,
-                "w1": w1_mean, "w1_std": w1_std, "w1_pooled": histogram_w1(domain.pooled(), real_hist),
-                "patches": int(len(feats)), "per_volume_w1": w1s}
-
-    for variant, domain in variants.items():
+    for variant, domain in run.variants.items():
         base, _, method = variant.partition("+")
         label = labels[base] + (f" + {method}" if method else "")
-        scores = realism(domain, real_mr_features, real_mr_hist)
+        scores = _realism(domain, real_mr_features, real_mr_hist, run.config)
         cyc = [r for r in per_volume if r["variant"] == variant and r["direction"] == "CT→MR"]
         aggregate.append(_aggregate_row(label, variant, "CT→MR", scores, cyc, len(domain.histograms)))
         if variant != "model":
@@ -876,31 +687,37 @@ def evaluate(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathL
         else:
             for r in cyc:
                 r["w1"] = scores["per_volume_w1"].get(r["volume"])
-    scores = realism(synthetic_ct, real_ct_features, real_ct_hist)
+    scores = _realism(run.synthetic_ct, run.real_ct.stacked(), run.real_ct.pooled(), run.config)
     cyc = [r for r in per_volume if r["variant"] == "model" and r["direction"] == "MR→CT"]
     for r in cyc:
         r["w1"] = scores["per_volume_w1"].get(r["volume"])
-    aggregate.append(_aggregate_row(model_name, "model", "MR→CT", scores, cyc, len(synthetic_ct.histograms)))
+    aggregate.append(_aggregate_row(run.model_name, "model", "MR→CT", scores, cyc, len(run.synthetic_ct.histograms)))
+    variants = run.variants
     per_volume.sort(key=lambda r: (r["direction"], list(variants).index(r["variant"]) if r["variant"] in variants
                                    else 0, r["volume"]))
+    return aggregate
 
-    # --- Outputs ---------------------------------------------------------------------------------------------------
-    report("evaluate", 0.95, "Writing tables and figures")
+
+def _write_evaluation_outputs(run: _Run, out_dir: Path, aggregate: list[dict[str, Any]], writer
+                              ) -> tuple[list[Path], str]:
+    """Tables (CSV, Markdown), figures, figure data and TensorBoard events; returns (files, table Markdown)."""
+    config = run.config
     files: list[Path] = []
-    table_md = _aggregate_markdown(aggregate, model_name, extractor.identity, config, reference_note)
+    table_md = _aggregate_markdown(aggregate, run.model_name, run.extractor.identity, config, run.reference_note)
     files.append(_write_csv(out_dir / "table.csv", aggregate, AGGREGATE_KEYS))
     files.append(_write_text(out_dir / "table.md", table_md))
-    files.append(_write_csv(out_dir / "per_volume.csv", per_volume, PER_VOLUME_COLUMNS))
-    files.append(_write_text(out_dir / "per_volume.md", _per_volume_markdown(per_volume)))
+    files.append(_write_csv(out_dir / "per_volume.csv", run.per_volume, PER_VOLUME_COLUMNS))
+    files.append(_write_text(out_dir / "per_volume.md", _per_volume_markdown(run.per_volume)))
     if config.paired:
-        files.append(_write_csv(out_dir / "paired.csv", paired_rows, PAIRED_COLUMNS))
-        files.append(_write_text(out_dir / "paired.md", _paired_markdown(paired_rows)))
-    histograms = {"edges": np.linspace(*HISTOGRAM_RANGE, HISTOGRAM_BINS + 1), "real_mr": real_mr_hist,
-                  "real_ct": real_ct_hist, "synthetic_ct": synthetic_ct.pooled(),
-                  **{f"synthetic_mr/{v}": d.pooled() for v, d in variants.items()}}
+        files.append(_write_csv(out_dir / "paired.csv", run.paired_rows, PAIRED_COLUMNS))
+        files.append(_write_text(out_dir / "paired.md", _paired_markdown(run.paired_rows)))
+    histograms = {"edges": np.linspace(*HISTOGRAM_RANGE, HISTOGRAM_BINS + 1), "real_mr": run.real_mr.pooled(),
+                  "real_ct": run.real_ct.pooled(), "synthetic_ct": run.synthetic_ct.pooled(),
+                  **{f"synthetic_mr/{v}": d.pooled() for v, d in run.variants.items()}}
     if config.figures:
-        files += _evaluation_figures(out_dir, model_name, figure_data, histograms, aggregate, reference_note, writer)
-        files.append(_save_figure_data(out_dir / "figure_data.npz", figure_data, histograms))
+        files += _evaluation_figures(out_dir, run.model_name, run.figure_data, histograms, aggregate,
+                                     run.reference_note, writer)
+        files.append(_save_figure_data(out_dir / "figure_data.npz", run.figure_data, histograms))
     if writer is not None:
         for row in aggregate:
             for key in ("fid", "kid_percent", "ssim_cyc", "psnr_cyc_db", "mae", "mae_hu", "w1"):
@@ -911,40 +728,48 @@ def evaluate(model: str | os.PathLike | None, ct_inputs: Sequence[str | os.PathL
         writer.flush()
         writer.close()
         files += sorted((out_dir / "tensorboard").glob("events.*"))
-    metrics = _clean({
-        "model": {"name": model_name, "path": str(checkpoint.path), "sha256": checkpoint.sha256},
-        "inputs": {"ct": [v.source for v in cts], "mr": [v.source for v in mrs]},
+    return files, table_md
+
+
+def _metric_definitions(hu_per_unit: float, window: Sequence[float]) -> dict[str, str]:
+    """The ``metric_definitions`` of ``metrics.json``: one line per metric key."""
+    return {
+        "fid": "Frechet distance of Gaussian fits of patch features (scipy.linalg.sqrtm)",
+        "kid_percent": "100 x unbiased MMD^2, kernel (a.b/d + 1)^3, mean (std) over subsets",
+        "ssim_cyc": "3D SSIM, Gaussian window 11 / sigma 1.5, data range 2, mean in the mask",
+        "psnr_cyc_db": "10 log10(2^2 / MSE) on [-1, 1] in the mask",
+        "mae": "mean |a - b| on [-1, 1] in the mask", "mae_hu": f"mae x {hu_per_unit:g} HU (CT window {window})",
+        "w1": f"Delta sum |CDF_a - CDF_b|, {HISTOGRAM_BINS} bins on [-1, 1], per volume vs the pooled real set",
+        "w1_pooled": "W1 of the pooled synthetic set vs the pooled real set",
+        "edge_correlation": "Pearson correlation of the gradient magnitudes (Gaussian derivatives, sigma 1 mm) "
+                            "of x (HU through [-1000, 1000] to [-1, 1]) and G(x) in the mask (ct2mr.evaluation.anatomy)",
+        "gradient_magnitude_similarity": "mean GMS (Xue et al. 2014), c = 170 (2/255)^2, in the mask; gmsd: "
+                                         "its std",
+        "nmi": "(H(x) + H(G(x))) / H(x, G(x)), 64 x 64 bins, in the mask (Studholme et al. 1999), in [1, 2]",
+        "displacement_mean_mm": "--warp-check: mean |T(p) - p| (mm) in the mask of a B-spline registration "
+                                "(Mattes MI, 50 mm control points, 3 mm working grid) of G(x) onto x",
+        "displacement_p95_mm": "95th percentile of that displacement (mm) in the mask"}
+
+
+def _metrics_record(run: _Run, aggregate: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    """The content of ``metrics.json``: inputs, settings, extractor, definitions and every row (NaN/inf as null)."""
+    checkpoint, config = run.checkpoint, run.config
+    return _clean({
+        "model": {"name": run.model_name, "path": str(checkpoint.path), "sha256": checkpoint.sha256},
+        "inputs": {"ct": [v.source for v in run.cts], "mr": [v.source for v in run.mrs]},
         "config": asdict(config), "inference": {k: (list(v) if isinstance(v, tuple) else v)
-                                               for k, v in asdict(settings).items()},
-        "feature_extractor": extractor.identity, "patch_sampling": SAMPLING_RULE,
-        "metric_definitions": {
-            "fid": "Frechet distance of Gaussian fits of patch features (scipy.linalg.sqrtm)",
-            "kid_percent": "100 x unbiased MMD^2, kernel (a.b/d + 1)^3, mean (std) over subsets",
-            "ssim_cyc": "3D SSIM, Gaussian window 11 / sigma 1.5, data range 2, mean in the mask",
-            "psnr_cyc_db": "10 log10(2^2 / MSE) on [-1, 1] in the mask",
-            "mae": "mean |a - b| on [-1, 1] in the mask", "mae_hu": f"mae x {hu_per_unit:g} HU (CT window {window})",
-            "w1": f"Delta sum |CDF_a - CDF_b|, {HISTOGRAM_BINS} bins on [-1, 1], per volume vs the pooled real set",
-            "w1_pooled": "W1 of the pooled synthetic set vs the pooled real set",
-            "edge_correlation": "Pearson correlation of the gradient magnitudes (Gaussian derivatives, sigma 1 mm) "
-                                "of x (HU through [-1000, 1000] to [-1, 1]) and G(x) in the mask (ct2mr.evaluation.anatomy)",
-            "gradient_magnitude_similarity": "mean GMS (Xue et al. 2014), c = 170 (2/255)^2, in the mask; gmsd: "
-                                             "its std",
-            "nmi": "(H(x) + H(G(x))) / H(x, G(x)), 64 x 64 bins, in the mask (Studholme et al. 1999), in [1, 2]",
-            "displacement_mean_mm": "--warp-check: mean |T(p) - p| (mm) in the mask of a B-spline registration "
-                                    "(Mattes MI, 50 mm control points, 3 mm working grid) of G(x) onto x",
-            "displacement_p95_mm": "95th percentile of that displacement (mm) in the mask"},
-        "mask": config.mask, "harmonization": {m: h.to_dict() for m, h in harmonizers.items()},
-        "harmonization_reference": reference_note,
-        "aggregate": aggregate, "per_volume": per_volume, "paired": paired_rows,
+                                               for k, v in asdict(run.settings).items()},
+        "feature_extractor": run.extractor.identity, "patch_sampling": SAMPLING_RULE,
+        "metric_definitions": _metric_definitions(run.hu_per_unit, run.window),
+        "mask": config.mask, "harmonization": {m: h.to_dict() for m, h in run.harmonizers.items()},
+        "harmonization_reference": run.reference_note,
+        "aggregate": aggregate, "per_volume": run.per_volume, "paired": run.paired_rows,
         "seconds": round(time.perf_counter() - started, 3),
         "software": software_versions("torch", "monai", "numpy", "scipy")})
-    files.append(_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default)))
-    report("evaluate", 1.0, f"Wrote {out_dir}")
-    return EvaluationResult(out_dir, metrics["aggregate"], metrics["per_volume"], metrics["paired"], metrics, files,
-                            table_md)
 
 
 def _valid(volume) -> np.ndarray:
+    """The (z, y, x) mask of a loaded volume's voxels that are not padding."""
     from ct2mr.preprocessing.masks import valid_mask
 
     return valid_mask(volume.array.shape, volume.record.pad_before, volume.record.pad_after)
@@ -952,6 +777,7 @@ def _valid(volume) -> np.ndarray:
 
 def _paired_row(model: str, direction: str, volume: str, synthetic: np.ndarray, target: np.ndarray,
                 mask: np.ndarray, hu_per_unit: float | None) -> dict[str, Any]:
+    """Paired MAE (and HU), PSNR and SSIM of a synthetic volume vs its registered target in mask and footprint."""
     footprint = mask & np.isfinite(synthetic) & np.isfinite(target)
     if not footprint.any():
         raise ValueError(f"--paired: {volume} and its MR do not overlap in space; are they registered?")
@@ -964,6 +790,7 @@ def _paired_row(model: str, direction: str, volume: str, synthetic: np.ndarray, 
 
 def _aggregate_row(label: str, variant: str, direction: str, scores: dict[str, Any], cyc: list[dict[str, Any]],
                    volumes: int) -> dict[str, Any]:
+    """One aggregated row: realism scores plus mean ± std of the per-volume cycle and anatomy metrics."""
     row = {"model": label, "variant": variant, "direction": direction, "volumes": volumes,
            **{k: scores[k] for k in ("fid", "kid_percent", "kid_percent_std", "w1", "w1_std", "w1_pooled", "patches")}}
     for key in ("ssim_cyc", "psnr_cyc_db", "mae", "mae_hu", *ANATOMY_COLUMNS):
@@ -997,6 +824,7 @@ def _anatomy_row(x: np.ndarray, fake_mr: np.ndarray, mask: np.ndarray, record, w
 
 def _aggregate_markdown(aggregate: list[dict[str, Any]], model: str, identity: dict[str, Any],
                         config: EvaluationConfig, reference_note: str) -> str:
+    """``table.md``: the aggregated table (thesis Tables 6, 7, 9), its notes, and the anatomy table."""
     text = f"# Evaluation of {model} (thesis Tables 6, 7, 9 layout)\n\n"
     text += markdown_table(TABLE_COLUMNS, [_aggregate_cells(r) for r in aggregate])
     text += (f"\nFID/KID: {config.patches_per_volume} patches of {config.patch_size}^3 voxels per volume inside the "
@@ -1025,6 +853,7 @@ def _aggregate_markdown(aggregate: list[dict[str, Any]], model: str, identity: d
 
 
 def _per_volume_markdown(rows: list[dict[str, Any]]) -> str:
+    """``per_volume.md``: one row per (variant, direction, volume)."""
     header = ["Model", "Direction", "Volume", "SSIM_cyc↑", "PSNR_cyc↑ (dB)", "MAE↓", "MAE (HU)↓", "W1↓",
               "Edge corr↑", "GMS↑", "NMI↑", "Disp. mean (mm)↓", "Disp. p95 (mm)↓"]
     cells = [[r["model"], r["direction"], r["volume"], _fmt(r.get("ssim_cyc")), _fmt(r.get("psnr_cyc_db"), 2),
@@ -1038,6 +867,7 @@ def _per_volume_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def _paired_markdown(rows: list[dict[str, Any]]) -> str:
+    """``paired.md``: the paired rows with mean ± SD per direction (Wolterink et al. 2017, Table 1)."""
     header = ["Model", "Direction", "Volume", "MAE↓", "MAE (HU)↓", "PSNR↑ (dB)", "SSIM↑"]
     cells = [[r["model"], r["direction"], r["volume"], _fmt(r["mae"]), _fmt(r.get("mae_hu"), 1),
               _fmt(r["psnr_db"], 2), _fmt(r["ssim"])] for r in rows]
@@ -1054,6 +884,7 @@ def _paired_markdown(rows: list[dict[str, Any]]) -> str:
 
 def _evaluation_figures(out_dir: Path, model: str, figure_data: dict[str, Any], histograms: dict[str, np.ndarray],
                         aggregate: list[dict[str, Any]], reference_note: str, writer) -> list[Path]:
+    """Tri-planar, round-trip and histogram figures of one evaluation (thesis figs. 5, 6, 8, 10, 11)."""
     from ct2mr.evaluation.figures import plot_histogram_overlay, plot_triplanar_panels
 
     figures = out_dir / "figures"
@@ -1142,6 +973,7 @@ def load_evaluation(run: str | os.PathLike) -> dict[str, Any]:
 
 
 def _load_slices(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The names and arrays of a run's ``figure_data.npz`` (empty without one)."""
     path = run_dir / "figure_data.npz"
     if not path.is_file():
         return {}, {}
@@ -1152,6 +984,7 @@ def _load_slices(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 
 def _planes(arrays: dict[str, np.ndarray], prefix: str) -> list[tuple[str, np.ndarray, float]] | None:
+    """The three (plane, image, aspect) slices stored under ``prefix``, or None when one is missing."""
     out = []
     for plane in ("axial", "coronal", "sagittal"):
         key = f"{prefix}/{plane}"
@@ -1169,8 +1002,9 @@ def compare(runs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, ct_in
 
     Each run is an ``ct2mr evaluate`` output folder, or a checkpoint (``.safetensors``) that is evaluated first into
     ``out_dir/runs/<stem>`` with ``ct_inputs``, ``mr_inputs`` and ``config``. Paired t-tests
-    (:func:`paired_ttest`) compare every run with the first on the per-volume metrics of the volumes both scored
-    (cycle SSIM, PSNR, MAE, W1 of the model rows, and the paired metrics when present).
+    (:func:`ct2mr.evaluation.metrics.paired_ttest`, as Wolterink et al. 2017) compare every run with the first on the
+    per-volume metrics of the volumes both scored (cycle SSIM, PSNR, MAE, W1 of the model rows, and the paired
+    metrics when present).
 
     Args:
         runs: two or more evaluation folders or checkpoints.
@@ -1193,40 +1027,16 @@ def compare(runs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, ct_in
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = progress or (lambda stage, fraction, message: None)
-    run_dirs: list[Path] = []
-    for k, run in enumerate(runs):
-        path = Path(run)
-        if path.is_file() and path.suffix == ".safetensors":
-            if not ct_inputs or not mr_inputs:
-                raise ValueError(f"{path} is a checkpoint: pass --ct and --mr so that compare can evaluate it, or "
-                                 "pass the folders written by `ct2mr evaluate`.")
-            target = out_dir / "runs" / f"{k}_{path.stem}"
-            report("compare", k / len(runs), f"Evaluating {path.name}")
-            evaluate(path, ct_inputs, mr_inputs, target, config, settings,
-                     lambda s, f, m, k=k: report("compare", (k + f) / len(runs), m))
-            run_dirs.append(target)
-        else:
-            run_dirs.append(path)
+    run_dirs = _compare_run_dirs(runs, out_dir, ct_inputs, mr_inputs, config, settings, report)
     metrics = [load_evaluation(d) for d in run_dirs]
-    labels = []
-    for d, m in zip(run_dirs, metrics):
-        label = m["model"]["name"]
-        labels.append(label if labels.count(label) == 0 else f"{label} ({d.name})")
+    labels = _run_labels(run_dirs, metrics)
     table = []
     for label, m in zip(labels, metrics):
         for row in m["aggregate"]:
             table.append({**row, "run": label, "model": row["model"] if row["variant"] != "model" else label})
     ttests = _ttests(labels, metrics)
+    md = _compare_markdown(table, ttests, metrics)
     files: list[Path] = []
-    md = "# Model comparison\n\n" + markdown_table(["Run"] + TABLE_COLUMNS, [[r["run"]] + _aggregate_cells(r)
-                                                                            for r in table])
-    extractors = {json.dumps(m["feature_extractor"], sort_keys=True) for m in metrics}
-    if len(extractors) > 1:
-        md += "\n**Warning**: the runs used different feature extractors; their FID/KID are not comparable.\n"
-    md += ("\nPaired t-tests (two-sided, each run vs the first, on the volumes both scored):\n\n"
-           + markdown_table(["Run", "vs", "Direction", "Metric", "n", "mean (run)", "mean (first)", "t", "p"],
-                            [[t["run"], t["reference"], t["direction"], t["metric"], t["n"], _fmt(t["mean_a"]),
-                              _fmt(t["mean_b"]), _fmt(t["t"], 3), _fmt(t["p"], 4)] for t in ttests]))
     files.append(_write_csv(out_dir / "compare.csv", table, ["run"] + AGGREGATE_KEYS))
     files.append(_write_text(out_dir / "compare.md", md))
     files.append(_write_csv(out_dir / "ttests.csv", ttests, ["run", "reference", "direction", "metric", "n", "mean_a",
@@ -1246,7 +1056,53 @@ def compare(runs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, ct_in
     return {"table": table, "ttests": ttests, "files": files, "markdown": md}
 
 
+def _compare_run_dirs(runs: Sequence[str | os.PathLike], out_dir: Path, ct_inputs: Sequence[str] | None,
+                      mr_inputs: Sequence[str] | None, config: EvaluationConfig | None,
+                      settings: InferenceSettings | None, report: Callable[[str, float, str], None]) -> list[Path]:
+    """The evaluation folder of each run: a folder as given, a checkpoint evaluated first into ``out_dir/runs``."""
+    run_dirs: list[Path] = []
+    for k, run in enumerate(runs):
+        path = Path(run)
+        if path.is_file() and path.suffix == ".safetensors":
+            if not ct_inputs or not mr_inputs:
+                raise ValueError(f"{path} is a checkpoint: pass --ct and --mr so that compare can evaluate it, or "
+                                 "pass the folders written by `ct2mr evaluate`.")
+            target = out_dir / "runs" / f"{k}_{path.stem}"
+            report("compare", k / len(runs), f"Evaluating {path.name}")
+            evaluate(path, ct_inputs, mr_inputs, target, config, settings,
+                     lambda s, f, m, k=k: report("compare", (k + f) / len(runs), m))
+            run_dirs.append(target)
+        else:
+            run_dirs.append(path)
+    return run_dirs
+
+
+def _run_labels(run_dirs: list[Path], metrics: list[dict[str, Any]]) -> list[str]:
+    """One label per run: its model's name, with the folder's name after a repeated one."""
+    labels: list[str] = []
+    for d, m in zip(run_dirs, metrics):
+        label = m["model"]["name"]
+        labels.append(label if labels.count(label) == 0 else f"{label} ({d.name})")
+    return labels
+
+
+def _compare_markdown(table: list[dict[str, Any]], ttests: list[dict[str, Any]], metrics: list[dict[str, Any]]
+                      ) -> str:
+    """``compare.md``: the side-by-side table, a warning when the extractors differ, and the paired t-tests."""
+    md = "# Model comparison\n\n" + markdown_table(["Run"] + TABLE_COLUMNS, [[r["run"]] + _aggregate_cells(r)
+                                                                            for r in table])
+    extractors = {json.dumps(m["feature_extractor"], sort_keys=True) for m in metrics}
+    if len(extractors) > 1:
+        md += "\n**Warning**: the runs used different feature extractors; their FID/KID are not comparable.\n"
+    md += ("\nPaired t-tests (two-sided, each run vs the first, on the volumes both scored):\n\n"
+           + markdown_table(["Run", "vs", "Direction", "Metric", "n", "mean (run)", "mean (first)", "t", "p"],
+                            [[t["run"], t["reference"], t["direction"], t["metric"], t["n"], _fmt(t["mean_a"]),
+                              _fmt(t["mean_b"]), _fmt(t["t"], 3), _fmt(t["p"], 4)] for t in ttests]))
+    return md
+
+
 def _ttests(labels: list[str], metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paired t-tests of every run against the first, per direction and per-volume metric."""
     def by_volume(m: dict[str, Any], rows_key: str, metric: str) -> dict[tuple[str, str], float]:
         rows = m.get(rows_key) or []
         return {(r["direction"], r["volume"]): r[metric] for r in rows
@@ -1269,6 +1125,7 @@ def _ttests(labels: list[str], metrics: list[dict[str, Any]]) -> list[dict[str, 
 
 
 def _compare_figures(out_dir: Path, labels: list[str], run_dirs: list[Path], writer) -> list[Path]:
+    """Side-by-side tri-planar and histogram figures of the runs that kept their figure data."""
     from ct2mr.evaluation.figures import plot_histogram_overlay, plot_triplanar_panels
 
     figures = out_dir / "figures"

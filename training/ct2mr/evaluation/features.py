@@ -78,6 +78,7 @@ class FeatureExtractor(Protocol):
 
 
 class _RandomConvNet(nn.Module):
+    """Stride-2 Conv3d + LeakyReLU(0.2) stages; the output concatenates each stage's spatial mean."""
     def __init__(self, channels: Sequence[int]) -> None:
         super().__init__()
         layers, previous = [], 1
@@ -88,6 +89,7 @@ class _RandomConvNet(nn.Module):
         self.act = nn.LeakyReLU(0.2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features (N, sum(channels)) of (N, 1, D, H, W) patches."""
         pooled = []
         for conv in self.convs:
             x = self.act(conv(x))
@@ -141,6 +143,7 @@ class RandomConv3DFeatures:
 
 
 def _batched(net: nn.Module, patches: torch.Tensor, device: torch.device, batch_size: int) -> np.ndarray:
+    """Features of (N, 1, D, H, W) patches by ``net`` in batches, as a float64 (N, dim) array."""
     if patches.ndim != 5 or patches.shape[1] != 1:
         raise ValueError(f"patches must be (N, 1, D, H, W), got {tuple(patches.shape)}.")
     out = []
@@ -206,6 +209,7 @@ def resolve_weights(source: str | os.PathLike | None, sha256: str | None = None,
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors or PyTorch weights file (``module.`` prefixes dropped), loaded safely."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

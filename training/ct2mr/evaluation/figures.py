@@ -35,6 +35,7 @@ Panel = tuple  # (str, list[tuple[str, np.ndarray, float]], tuple[float, float],
 
 
 def _pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)

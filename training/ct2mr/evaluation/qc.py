@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ct2mr.preprocessing.batch import source_stamp, is_preprocessed, read_preprocessed
+from ct2mr.io.preprocessed import source_stamp, is_preprocessed, read_preprocessed
 from ct2mr.io.images import HDF5_SUFFIXES, ImageReadError, image_suffix, read_volumes, write_text
 from ct2mr.preprocessing.orientation import OrientationReport, SideIndicator, check_orientation, heart_side
 from ct2mr.preprocessing.pipeline import MODALITIES, reorient_to_ras
@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 HISTOGRAM_BINS = 100
 #: Raw histograms drawn at most per figure (evenly sampled when a collection has more volumes).
 MAX_RAW_HISTOGRAMS = 20
+#: Modality names in the tables and figures.
+_LABELS = {"ct": "CT", "mr": "MRI"}
 
 
 @dataclass
@@ -181,6 +183,7 @@ def find_preprocessed(dirs: str | os.PathLike | Iterable[str | os.PathLike]) -> 
 
 
 def _unpadded(array: np.ndarray, record) -> np.ndarray:
+    """A stored (z, y, x) volume without its padding: the resampled grid only."""
     before = record.pad_before[::-1]
     size = record.resampled_grid["size"][::-1]
     return array[tuple(slice(b, b + n) for b, n in zip(before, size))]
@@ -218,6 +221,7 @@ def measure_volume(path: str | os.PathLike) -> tuple[VolumeQC, np.ndarray]:
 
 
 def _text_values(values: Sequence[float]) -> str:
+    """One value as text, or "mixed (...)" listing the distinct values."""
     unique = sorted(set(values))
     return f"{unique[0]:.1f}" if len(unique) == 1 else "mixed (" + ", ".join(f"{v:.1f}" for v in unique) + ")"
 
@@ -286,6 +290,7 @@ def _raw_volume(qc: VolumeQC) -> tuple[np.ndarray | None, tuple[float, float, fl
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write a header and rows as CSV; return the path."""
     import io
 
     buffer = io.StringIO(newline="")
@@ -296,6 +301,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]])
 
 
 def _orientation_markdown(report: OrientationReport, volumes: Sequence[VolumeQC]) -> str:
+    """The left-right check as Markdown: votes per modality, flagged volumes, the indicator's definition."""
     lines = ["| Modality | Heart left | Heart right | Indeterminate | Majority | Flag |", "|---|---|---|---|---|---|"]
     for label, votes in report.votes.items():
         flag = report.flagged_collections.get(label, "")
@@ -330,8 +336,6 @@ def run_qc(dirs: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str |
         FileNotFoundError: a path does not exist.
         ValueError: no preprocessed volume found, or an example name that is not among them.
     """
-    from ct2mr.evaluation.evaluate import figures as fig
-
     dirs = [dirs] if isinstance(dirs, (str, os.PathLike)) else list(dirs)
     paths = find_preprocessed(dirs)
     out_dir = Path(out_dir)
@@ -348,9 +352,35 @@ def run_qc(dirs: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str |
     if missing:
         raise ValueError(f"Example volume(s) {sorted(missing)} not found; available: {[v.name for v in volumes]}.")
     rows = table2(volumes)
-    labels = {"ct": "CT", "mr": "MRI"}
-    orientation = check_orientation({labels[m]: [(v.name, v.side) for v in volumes if v.modality == m]
+    orientation = check_orientation({_LABELS[m]: [(v.name, v.side) for v in volumes if v.modality == m]
                                      for m in MODALITIES if any(v.modality == m for v in volumes)})
+    files = _write_tables(out_dir, rows, volumes)
+    figure_lines = []
+    if figures:
+        for modality in MODALITIES:
+            group = [v for v in volumes if v.modality == modality]
+            if group:
+                written, note = _modality_figures(out_dir, modality, group, rows, unpadded, wanted)
+                files += written
+                if note:
+                    figure_lines.append(f"- {_LABELS[modality]}: {note}")
+        figure_lines = [f"- {p.name}" for p in files if p.suffix == ".png"] + figure_lines
+    markdown = "\n".join([
+        "# ct2mr preprocessing quality control", "",
+        f"{len(volumes)} volume(s) from {', '.join(str(Path(d)) for d in dirs)}.",
+        "", "## Table 2", "", table2_markdown(rows), "",
+        "Clipped voxels: share of the resampled voxels (padding excluded, full field of view) below / above the "
+        "clipping bounds (CT window, or each MR volume's percentiles); flat volumes excluded.", "",
+        "## Left-right orientation", "", _orientation_markdown(orientation, volumes), "",
+        *(["## Figures", "", *figure_lines, ""] if figures else []),
+    ])
+    write_text(out_dir / "qc_report.md", markdown)
+    files.append(out_dir / "qc_report.md")
+    return QCReport(out_dir, volumes, rows, orientation, files, markdown)
+
+
+def _write_tables(out_dir: Path, rows: Sequence[Table2Row], volumes: Sequence[VolumeQC]) -> list[Path]:
+    """Write ``table2.csv``, ``volumes.csv`` (one row per volume) and ``table2.md``; return their paths."""
     files = [
         _write_csv(out_dir / "table2.csv", TABLE2_COLUMNS, [row.cells() for row in rows]),
         _write_csv(out_dir / "volumes.csv",
@@ -363,62 +393,48 @@ def run_qc(dirs: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str |
                      "" if v.side.agreement is None else f"{v.side.agreement:.3f}", v.side.slices, v.side.reason,
                      v.attrs.get("source", ""), str(v.path)] for v in volumes]),
     ]
-    table = table2_markdown(rows)
     write_text(out_dir / "table2.md", "Table 2 - Quality control statistics after clipping (ct2mr qc).\n\n"
-               + table + "\n")
+               + table2_markdown(rows) + "\n")
     files.append(out_dir / "table2.md")
+    return files
 
-    figure_lines = []
-    if figures:
-        for modality in MODALITIES:
-            group = [v for v in volumes if v.modality == modality]
-            if not group:
-                continue
-            label, unit = labels[modality], "HU" if modality == "ct" else "a.u."
-            usable = [v for v in group if not v.flat] or group
-            pick = next((v for v in group if v.name in wanted), usable[0])
-            volume = unpadded.get(pick.path)
-            if volume is None:
-                stored = read_preprocessed(pick.path)
-                volume = _unpadded(stored.array, stored.record)
-            raw, raw_spacing, note = _raw_volume(pick)
-            bounds = (f"{pick.intensity_range[0]:g} HU", f"{pick.intensity_range[1]:g} HU") if modality == "ct" else \
-                (f"P{pick.percentiles[0]:g} = {pick.intensity_range[0]:.4g}",
-                 f"P{pick.percentiles[1]:g} = {pick.intensity_range[1]:.4g}")
-            files.append(fig.plot_triplanar(
-                out_dir / f"{modality}_triplanar.png", volume, raw, raw_spacing,
-                title=f"{label} {pick.name}: raw vs preprocessed (clipped to {bounds[0]} .. {bounds[1]} -> [-1, 1])",
-                raw_label=f"raw ({unit})", note=note))
-            sample = usable if len(usable) <= MAX_RAW_HISTOGRAMS else \
-                [usable[i] for i in np.linspace(0, len(usable) - 1, MAX_RAW_HISTOGRAMS).astype(int)]
-            histograms = [(v.name, *v.raw_histogram, v.intensity_range) for v in sample if v.raw_histogram]
-            if histograms:
-                windows = {v.intensity_range for v in sample}
-                files.append(fig.plot_raw_histograms(
-                    out_dir / f"{modality}_histogram_raw.png", histograms, unit,
-                    title=f"{label} intensities before preprocessing ({len(histograms)} of {len(group)} volumes)",
-                    window=next(iter(windows)) if modality == "ct" and len(windows) == 1 else None))
-            row = next(r for r in rows if r.modality == label)
-            total = np.sum([v.histogram for v in usable], axis=0)
-            edge_labels = (tuple(f"{b:g} HU" for b in usable[0].intensity_range) if modality == "ct"
-                           else (f"P{row.clip_low}", f"P{row.clip_high}"))
-            files.append(fig.plot_preprocessed_histogram(
-                out_dir / f"{modality}_histogram_preprocessed.png", total, np.linspace(-1.0, 1.0, HISTOGRAM_BINS + 1),
-                edge_labels, row.clipped_percent,
-                title=f"{label} intensities after preprocessing ({len(usable)} volumes; bounds at -1 and 1)"))
-            if note:
-                figure_lines.append(f"- {label}: {note}")
-        figure_lines = [f"- {p.name}" for p in files if p.suffix == ".png"] + figure_lines
 
-    markdown = "\n".join([
-        "# ct2mr preprocessing quality control", "",
-        f"{len(volumes)} volume(s) from {', '.join(str(Path(d)) for d in dirs)}.",
-        "", "## Table 2", "", table, "",
-        "Clipped voxels: share of the resampled voxels (padding excluded, full field of view) below / above the "
-        "clipping bounds (CT window, or each MR volume's percentiles); flat volumes excluded.", "",
-        "## Left-right orientation", "", _orientation_markdown(orientation, volumes), "",
-        *(["## Figures", "", *figure_lines, ""] if figures else []),
-    ])
-    write_text(out_dir / "qc_report.md", markdown)
-    files.append(out_dir / "qc_report.md")
-    return QCReport(out_dir, volumes, rows, orientation, files, markdown)
+def _modality_figures(out_dir: Path, modality: str, group: Sequence[VolumeQC], rows: Sequence[Table2Row],
+                      unpadded: dict[Path, np.ndarray], wanted: set[str]) -> tuple[list[Path], str]:
+    """Tri-planar, raw-histogram and preprocessed-histogram figures of one modality; (paths, raw-view note)."""
+    from ct2mr.evaluation import figures as fig
+
+    files = []
+    label, unit = _LABELS[modality], "HU" if modality == "ct" else "a.u."
+    usable = [v for v in group if not v.flat] or group
+    pick = next((v for v in group if v.name in wanted), usable[0])
+    volume = unpadded.get(pick.path)
+    if volume is None:
+        stored = read_preprocessed(pick.path)
+        volume = _unpadded(stored.array, stored.record)
+    raw, raw_spacing, note = _raw_volume(pick)
+    bounds = (f"{pick.intensity_range[0]:g} HU", f"{pick.intensity_range[1]:g} HU") if modality == "ct" else \
+        (f"P{pick.percentiles[0]:g} = {pick.intensity_range[0]:.4g}",
+         f"P{pick.percentiles[1]:g} = {pick.intensity_range[1]:.4g}")
+    files.append(fig.plot_triplanar(
+        out_dir / f"{modality}_triplanar.png", volume, raw, raw_spacing,
+        title=f"{label} {pick.name}: raw vs preprocessed (clipped to {bounds[0]} .. {bounds[1]} -> [-1, 1])",
+        raw_label=f"raw ({unit})", note=note))
+    sample = usable if len(usable) <= MAX_RAW_HISTOGRAMS else \
+        [usable[i] for i in np.linspace(0, len(usable) - 1, MAX_RAW_HISTOGRAMS).astype(int)]
+    histograms = [(v.name, *v.raw_histogram, v.intensity_range) for v in sample if v.raw_histogram]
+    if histograms:
+        windows = {v.intensity_range for v in sample}
+        files.append(fig.plot_raw_histograms(
+            out_dir / f"{modality}_histogram_raw.png", histograms, unit,
+            title=f"{label} intensities before preprocessing ({len(histograms)} of {len(group)} volumes)",
+            window=next(iter(windows)) if modality == "ct" and len(windows) == 1 else None))
+    row = next(r for r in rows if r.modality == label)
+    total = np.sum([v.histogram for v in usable], axis=0)
+    edge_labels = (tuple(f"{b:g} HU" for b in usable[0].intensity_range) if modality == "ct"
+                   else (f"P{row.clip_low}", f"P{row.clip_high}"))
+    files.append(fig.plot_preprocessed_histogram(
+        out_dir / f"{modality}_histogram_preprocessed.png", total, np.linspace(-1.0, 1.0, HISTOGRAM_BINS + 1),
+        edge_labels, row.clipped_percent,
+        title=f"{label} intensities after preprocessing ({len(usable)} volumes; bounds at -1 and 1)"))
+    return files, note

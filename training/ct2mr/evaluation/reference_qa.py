@@ -16,9 +16,9 @@ head mask):
   filling), or a label map given by the user (non-zero voxels). Voxels outside the mask are set to -1 (the range's
   minimum) in both images before any filtering, as SynthRAD2025 does, so that background outside the mask does not
   enter the local statistics of SSIM and MS-SSIM.
-* **MAE** = mean |s - r| over the mask (:func:`ct2mr.evaluation.evaluate.mae`), normalised units (0..2).
-* **PSNR** = 10 log10(2^2 / MSE) over the mask, dB (:func:`ct2mr.evaluation.evaluate.psnr`, data range 2).
-* **SSIM** = the engine's 3D SSIM (:func:`ct2mr.evaluation.evaluate.ssim3d`: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03,
+* **MAE** = mean |s - r| over the mask (:func:`ct2mr.evaluation.metrics.mae`), normalised units (0..2).
+* **PSNR** = 10 log10(2^2 / MSE) over the mask, dB (:func:`ct2mr.evaluation.metrics.psnr`, data range 2).
+* **SSIM** = the engine's 3D SSIM (:func:`ct2mr.evaluation.metrics.ssim3d`: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03,
   data range 2, valid filtering, mean of the map over the mask).
 * **MS-SSIM** (:func:`ms_ssim3d`; Wang, Simoncelli and Bovik 2003, *Multiscale structural similarity for image
   quality assessment*, eq. 7 with their weights 0.0448, 0.2856, 0.3001, 0.2363, 0.1333 over 5 scales): both images
@@ -50,6 +50,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ct2mr.evaluation.metrics import checked_mask, mae, psnr, ssim3d
 from ct2mr.losses.ssim import gaussian_filter3d, gaussian_window
 
 __all__ = [
@@ -147,27 +148,33 @@ def ms_ssim3d(a: np.ndarray, b: np.ndarray, data_range: float = 2.0, mask: np.nd
         raise ValueError(f"Volume {a.shape} is too small for {levels}-scale MS-SSIM: every side needs at least "
                          f"{factor} voxels.")
     if mask is not None:
-        mask = np.asarray(mask, bool)
-        if mask.shape != a.shape:
-            raise ValueError(f"mask shape {mask.shape} does not match the volume shape {a.shape}.")
-        if not mask.any():
-            raise ValueError("The MS-SSIM mask is empty.")
-        margin = (win_size // 2 + 1) * factor
-        idx = np.nonzero(mask)
-        box = []
-        for i, n in zip(idx, a.shape):
-            start = max(0, int(i.min()) - margin) // factor * factor
-            stop = min(n, int(i.max()) + margin + 1)
-            if stop - start < factor:
-                start = max(0, min(start, n - factor) // factor * factor)
-                stop = min(n, max(stop, start + factor))
-            box.append(slice(start, stop))
-        a, b, mask = a[tuple(box)], b[tuple(box)], mask[tuple(box)]
-    window = gaussian_window(win_size, sigma)
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+        mask = checked_mask(mask, a.shape, empty="The MS-SSIM mask is empty.")
+        box = _ms_ssim_box(mask, (win_size // 2 + 1) * factor, factor)
+        a, b, mask = a[box], b[box], mask[box]
     x = torch.from_numpy(np.ascontiguousarray(a + shift))[None, None]
     y = torch.from_numpy(np.ascontiguousarray(b + shift))[None, None]
     m = None if mask is None else torch.from_numpy(mask.astype(np.float32))[None, None]
+    return _ms_ssim_scales(x, y, m, weights, gaussian_window(win_size, sigma), (k1 * data_range) ** 2,
+                           (k2 * data_range) ** 2)
+
+
+def _ms_ssim_box(mask: np.ndarray, margin: int, factor: int) -> tuple[slice, ...]:
+    """The (z, y, x) bounding box of a non-empty mask plus ``margin`` voxels, its start a multiple of ``factor``."""
+    box = []
+    for i, n in zip(np.nonzero(mask), mask.shape):
+        start = max(0, int(i.min()) - margin) // factor * factor
+        stop = min(n, int(i.max()) + margin + 1)
+        if stop - start < factor:
+            start = max(0, min(start, n - factor) // factor * factor)
+            stop = min(n, max(stop, start + factor))
+        box.append(slice(start, stop))
+    return tuple(box)
+
+
+def _ms_ssim_scales(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor | None, weights: Sequence[float],
+                    window: torch.Tensor, c1: float, c2: float) -> float:
+    """``prod_j max(mean cs_j, 0)^w_j`` (SSIM at the coarsest) of (1, 1, D, H, W) tensors over the mask ``m``."""
+    levels = len(weights)
     value = 1.0
     with torch.inference_mode():
         for level, weight in enumerate(weights):
@@ -247,15 +254,12 @@ def paired_metrics(synthetic: np.ndarray, reference: np.ndarray, mask: np.ndarra
     Raises:
         ValueError: mismatching shapes or an empty mask.
     """
-    from ct2mr.evaluation.evaluate import mae, psnr, ssim3d
-
     s = np.clip(np.asarray(synthetic, np.float32), -1.0, 1.0)
     r = np.clip(np.asarray(reference, np.float32), -1.0, 1.0)
     mask = np.asarray(mask, bool)
     if s.shape != r.shape or mask.shape != s.shape:
         raise ValueError(f"Shapes differ: synthetic {s.shape}, reference {r.shape}, mask {mask.shape}.")
-    if not mask.any():
-        raise ValueError("The QA mask is empty: nothing to compare.")
+    mask = checked_mask(mask, s.shape, empty="The QA mask is empty: nothing to compare.")
     s = np.where(mask, s, -1.0).astype(np.float32)
     r = np.where(mask, r, -1.0).astype(np.float32)
     out: dict[str, Any] = {"mae": mae(s, r, mask), "psnr_db": psnr(s, r, 2.0, mask), "voxels": int(mask.sum())}
@@ -276,6 +280,7 @@ def paired_metrics(synthetic: np.ndarray, reference: np.ndarray, mask: np.ndarra
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: ``digits`` decimals, "n/a" for None, "inf"/"nan" for non-finite values."""
     if value is None:
         return "n/a"
     if isinstance(value, float) and not math.isfinite(value):
@@ -301,6 +306,7 @@ def metrics_markdown(result: dict[str, Any]) -> str:
 
 def _mask_from(mask: str | Path | sitk.Image | None, ct: sitk.Image | None, reference_normalised: np.ndarray,
                grid: sitk.Image) -> tuple[np.ndarray, str]:
+    """The boolean (z, y, x) QA mask (label map, CT body mask or reference body mask) and what it is."""
     from ct2mr.io.images import read_image
     from ct2mr.preprocessing.masks import body_mask
 
@@ -370,6 +376,7 @@ def reference_qa(synthetic_mr: str | Path | sitk.Image, reference_mr: str | Path
 def _reference_qa(synthetic_mr: Any, reference_mr: Any, out_dir: Path, ct: Any, mask: Any, reference_units: str,
                   percentiles: Sequence[float], report: Callable[[str, float, str], None], started: float
                   ) -> dict[str, Any]:
+    """The body of :func:`reference_qa` once the output folder is prepared: read, score, write."""
     from ct2mr.io.images import atomic_writes, read_image
 
     report("qa", 0.0, "Reading the synthetic and the reference MR")
@@ -441,6 +448,7 @@ def _finite(value: Any) -> Any:
 
 
 def _json_default(value: Any) -> Any:
+    """JSON form of NumPy scalars (anything else is a TypeError)."""
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")

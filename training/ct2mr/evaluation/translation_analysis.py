@@ -7,10 +7,10 @@ same object in the ``done`` event:
 
 - **metrics** (thesis section 5, E2, self-consistency; section 7, W1 of eq. 7.2): ``SSIM_cyc``, ``PSNR_cyc`` (dB),
   ``MAE_cyc`` and ``MAE_cyc (HU)`` of x against F(G(x)), both mapped to [-1, 1] through the model's CT window (data
-  range 2), as ``ct2mr evaluate`` computes them on its 1 mm grid (:func:`ct2mr.evaluation.evaluate.ssim3d`, ``psnr``,
+  range 2), as ``ct2mr evaluate`` computes them on its 1 mm grid (:func:`ct2mr.evaluation.metrics.ssim3d`, ``psnr``,
   ``mae``); above :data:`MAX_SSIM_VOXELS` voxels SSIM is taken on every s-th voxel. With a reference MR, ``W1``
   between the synthetic MR's histogram (in the body mask) and the reference's (normalised like the engine's MR
-  preprocessing, thesis eq. 4.4, inside its own body mask) on :data:`ct2mr.evaluation.evaluate.HISTOGRAM_BINS` bins.
+  preprocessing, thesis eq. 4.4, inside its own body mask) on :data:`ct2mr.evaluation.metrics.HISTOGRAM_BINS` bins.
 - **anatomy** (thesis section 5, P1/E2: G changes appearance, not anatomy): ``Edge correlation``, ``GMS`` and
   ``NMI`` of x and G(x) in the body mask (:func:`ct2mr.evaluation.anatomy.anatomy_metrics`); with the warp check, its values
   (``anatomy.json``) and ``Displacement mean (mm)``/``Displacement p95 (mm)``.
@@ -59,7 +59,7 @@ ANALYSIS_VERSION = 1
 """Version of the analysis JSON layout."""
 
 HISTOGRAM_BINS = 128
-"""Bins of [-1, 1] of the displayed histograms (W1 uses :data:`ct2mr.evaluation.evaluate.HISTOGRAM_BINS`)."""
+"""Bins of [-1, 1] of the displayed histograms (W1 uses :data:`ct2mr.evaluation.metrics.HISTOGRAM_BINS`)."""
 
 MAX_SSIM_VOXELS = 8_000_000
 """Above this many voxels (the body mask's bounding box), SSIM is computed on every s-th voxel along each axis (the
@@ -111,6 +111,7 @@ def ct_window_of(info: Mapping[str, Any]) -> list[float]:
 
 
 def _percent_histogram(values: np.ndarray, bins: int) -> np.ndarray:
+    """Percentage of ``values`` (clipped to [-1, 1]) per bin of ``bins`` equal bins of [-1, 1]."""
     counts = np.histogram(np.clip(values, -1.0, 1.0), bins=bins, range=(-1.0, 1.0))[0].astype(np.float64)
     total = counts.sum()
     return 100.0 * counts / total if total > 0 else counts
@@ -148,7 +149,8 @@ def _strided(arrays: Sequence[np.ndarray], mask: np.ndarray, max_voxels: int
 
 def _cycle_metrics(ct: np.ndarray, roundtrip: np.ndarray, mask: np.ndarray, window: Sequence[float],
                    max_ssim_voxels: int) -> dict[str, float]:
-    from ct2mr.evaluation.evaluate import mae, psnr, ssim3d
+    """MAE (normalised and HU), PSNR and SSIM of x and F(G(x)) (HU arrays) in the window's [-1, 1], in the mask."""
+    from ct2mr.evaluation.metrics import mae, psnr, ssim3d
     from ct2mr.preprocessing.pipeline import normalize_ct
 
     x, y = normalize_ct(ct, window), normalize_ct(roundtrip, window)
@@ -188,6 +190,7 @@ def _anatomy(ct: np.ndarray, synthetic: np.ndarray, mask: np.ndarray, spacing_zy
 
 
 def _finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else None."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -217,11 +220,13 @@ def analyze_translation(ct, synthetic_mr, roundtrip_ct, ct_window: Sequence[floa
 
     Returns:
         The analysis dictionary (JSON-ready: NaN and infinities become ``None``).
+
+    Raises:
+        ValueError: the synthetic MR is not on the CT's grid. A failure of the reference MR, the cycle or the anatomy
+            metrics raises nothing: it is reported in ``"error"`` and the histogram still comes back.
     """
     import SimpleITK as sitk
 
-    from ct2mr.evaluation.evaluate import HISTOGRAM_BINS as W1_BINS
-    from ct2mr.evaluation.evaluate import histogram_w1, intensity_histogram
     from ct2mr.preprocessing.masks import body_mask
 
     report = progress or (lambda fraction, message: None)
@@ -243,6 +248,34 @@ def analyze_translation(ct, synthetic_mr, roundtrip_ct, ct_window: Sequence[floa
             columns["Reference MR"] = _percent_histogram(reference, bins)
         except Exception as error:  # noqa: BLE001 - reported in the JSON, the translation stands
             errors.append(f"reference MR: {type(error).__name__}: {error}")
+    metrics, error = _translation_metrics(ct, x, g, roundtrip_ct, mask, window, reference, anatomy, max_ssim_voxels,
+                                          report)
+    if error:
+        errors.append(error)
+    rows = _metric_rows(metrics)
+    report(1.0, "Analysis done")
+    return {
+        "version": ANALYSIS_VERSION,
+        "ct_window": window,
+        "histogram": {"bins": bins, "range": [-1.0, 1.0], "mask": "body mask of the CT",
+                      "centres": [float(c) for c in 0.5 * (edges[:-1] + edges[1:])],
+                      "columns": {name: [float(v) for v in values] for name, values in columns.items()}},
+        "metrics": {key: (_finite(value) if isinstance(value, (int, float)) else value)
+                    for key, value in metrics.items()},
+        "rows": rows,
+        "error": "; ".join(errors),
+    }
+
+
+def _translation_metrics(ct, x: np.ndarray, g: np.ndarray, roundtrip_ct, mask: np.ndarray, window: Sequence[float],
+                         reference: np.ndarray | None, anatomy: Mapping[str, Any] | None, max_ssim_voxels: int,
+                         report: Report) -> tuple[dict[str, Any], str]:
+    """Cycle metrics, W1 to the reference and anatomy metrics: (what was computed, the error that stopped it or "")."""
+    import SimpleITK as sitk
+
+    from ct2mr.evaluation.metrics import HISTOGRAM_BINS as W1_BINS
+    from ct2mr.evaluation.metrics import histogram_w1, intensity_histogram
+
     metrics: dict[str, Any] = {}
     try:
         report(0.3, "Cycle metrics (SSIM, PSNR, MAE)")
@@ -263,24 +296,18 @@ def analyze_translation(ct, synthetic_mr, roundtrip_ct, ct_window: Sequence[floa
             if _finite(given.get(key)) is not None:
                 metrics[key] = float(given[key])
     except (ValueError, RuntimeError, MemoryError) as error:
-        errors.append(f"{type(error).__name__}: {error}")
+        return metrics, f"{type(error).__name__}: {error}"
+    return metrics, ""
+
+
+def _metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``rows`` of the analysis: :data:`METRIC_ROWS` in display order, only those with a finite value."""
     rows = []
     for name, key, unit, definition in METRIC_ROWS:
         value = _finite(metrics.get(key))
         if value is not None:
             rows.append({"name": name, "key": key, "value": value, "unit": unit, "definition": definition})
-    report(1.0, "Analysis done")
-    return {
-        "version": ANALYSIS_VERSION,
-        "ct_window": window,
-        "histogram": {"bins": bins, "range": [-1.0, 1.0], "mask": "body mask of the CT",
-                      "centres": [float(c) for c in 0.5 * (edges[:-1] + edges[1:])],
-                      "columns": {name: [float(v) for v in values] for name, values in columns.items()}},
-        "metrics": {key: (_finite(value) if isinstance(value, (int, float)) else value)
-                    for key, value in metrics.items()},
-        "rows": rows,
-        "error": "; ".join(errors),
-    }
+    return rows
 
 
 def analyze_outputs(ct, outputs: dict[str, str], info: Mapping[str, Any], out_dir: str | os.PathLike,
@@ -314,8 +341,16 @@ def analyze_outputs(ct, outputs: dict[str, str], info: Mapping[str, Any], out_di
 def write_analysis(analysis: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     """Write ``OUT_DIR/analysis.json`` atomically (a temporary file renamed into place).
 
+    Args:
+        analysis: the analysis dictionary (:func:`analyze_translation`), JSON-ready.
+        out_dir: an existing folder.
+
     Returns:
         The file's path.
+
+    Raises:
+        ValueError: a NaN or infinite number in ``analysis`` (``allow_nan=False``); nothing is left behind.
+        OSError: the file cannot be written; the temporary file is removed.
     """
     from ct2mr.io.images import atomic_path
 

@@ -23,8 +23,8 @@ How it runs (the "batch" part of the translate speed issue):
 * a failing case is recorded and the others go on.
 
 Cluster: under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) every process takes its shard of the
-sorted case list (:func:`ct2mr.inference.labeltransfer.shard`), runs on ``cuda:LOCAL_RANK`` when CUDA is available and writes
-only its own cases and summary. No process group is created and no process waits for another, so multi-node runs
+sorted case list (:func:`ct2mr.inference.cluster.shard`), runs on ``cuda:LOCAL_RANK`` when CUDA is available and
+writes only its own cases and summary. No process group is created and no process waits for another, so multi-node runs
 work the same way (or any scheduler that sets ``RANK``/``WORLD_SIZE``, e.g. a SLURM array).
 """
 
@@ -42,15 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-
-from ct2mr.preprocessing.batch import source_stamp
-from ct2mr.models.checkpoint import Checkpoint, load_checkpoint
-from ct2mr.inference.translate import (OUTPUT_NAMES, InferenceSettings, ProgressCallback, cluster_device, fit_harmonizer_for,
-                                       resolve_device,
-                        translate_file)
 from ct2mr.checks import check_input_image, prepare_output_dir
+from ct2mr.inference.cluster import shard, shard_position
+from ct2mr.inference.translate import (OUTPUT_NAMES, InferenceSettings, ProgressCallback, cluster_device,
+                                       fit_harmonizer_for, resolve_device, translate_file)
 from ct2mr.io.images import ImageReadError, OutputWriteError, image_suffix, list_images, read_image, write_json
-from ct2mr.inference.labeltransfer import shard
+from ct2mr.io.preprocessed import source_stamp
+from ct2mr.models.checkpoint import Checkpoint, load_checkpoint
 from ct2mr.preprocessing.pipeline import preprocess
 from ct2mr.evaluation.translation_analysis import analyze_outputs, ct_window_of
 
@@ -252,6 +250,7 @@ def is_single_input(inputs: Sequence[str | os.PathLike]) -> bool:
 
 
 def _case_stem(path: Path) -> str:
+    """A case's natural id: a file's name without its image suffix, a folder's name (``case`` when empty)."""
     if path.is_dir():
         return path.name or "case"
     suffix = image_suffix(path)
@@ -329,6 +328,7 @@ def summary_path(out_dir: str | os.PathLike, rank: int = 0, world_size: int = 1)
 
 
 def _one_line(exc: BaseException) -> str:
+    """The error of a failed case on one line, with the exception type unless it is an input or output error."""
     from ct2mr.checks import OutputCheckError
 
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -425,14 +425,135 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
         FileNotFoundError, ct2mr.models.checkpoint.CheckpointError: unusable model or references (before any case runs).
         ct2mr.checks.OutputCheckError: ``out_dir`` cannot be created or written (before the model is loaded).
     """
+    run = _open_batch(inputs, out_dir, model, settings, harmonize, reference_mr, rank, world_size, on_case, command,
+                      analysis, translate_options)
+    todo = _plan_cases(run, overwrite)
+    run.write_summary()  # once for all up-front outcomes, then after every computed case
+    _translate_cases(run, todo, progress, prefetch, force)
+    return run.outcome()
+
+
+@dataclass
+class _BatchRun:
+    """One :func:`translate_batch` call in progress: what it runs with, this process's cases and the summary.
+
+    Attributes:
+        inputs, command: as given (recorded in the summary).
+        out_dir: the output folder.
+        settings: the inference settings, ``device`` resolved.
+        device: the compute device.
+        checkpoint: the model, loaded once.
+        harmonize, harmonizer: the harmonisation method and its fitted harmonizer (``None`` for none).
+        references: the reference MR paths as given.
+        translate_options: further :func:`ct2mr.inference.translate.translate_file` arguments.
+        options: what the done-marker records besides the settings (harmonisation, references, options, analysis).
+        analysis: write ``analysis.json`` per case.
+        rank, world_size: this process's shard; ``total_cases``: cases in the whole list.
+        mine: this process's cases, in order.
+        on_case: the :data:`CaseCallback`, or ``None``.
+        start: ``time.perf_counter()`` at the start; ``started``: the ISO 8601 UTC start time.
+        summary: this process's summary file; ``results``: one :class:`CaseResult` per case of ``mine``.
+        summary_error: why the last summary update failed, ``None`` when it is up to date.
+    """
+
+    inputs: Sequence[str | os.PathLike]
+    command: str | None
+    out_dir: Path
+    settings: InferenceSettings
+    device: Any
+    checkpoint: Checkpoint
+    harmonize: str
+    harmonizer: Any
+    references: list
+    translate_options: dict[str, Any]
+    options: dict[str, Any]
+    analysis: bool
+    rank: int
+    world_size: int
+    total_cases: int
+    mine: list[Case]
+    on_case: CaseCallback | None
+    start: float
+    started: str
+    summary: Path = field(init=False)
+    results: list[CaseResult] = field(init=False)
+    summary_error: str | None = None
+
+    def __post_init__(self) -> None:
+        """The summary path and one pending result per case."""
+        self.summary = summary_path(self.out_dir, self.rank, self.world_size)
+        self.results = [CaseResult(case.case_id, str(case.path)) for case in self.mine]
+        self._index = {case.case_id: i for i, case in enumerate(self.mine)}
+
+    @property
+    def ct_window(self) -> list[float]:
+        """The model's CT window (HU), shown by front ends."""
+        return [float(v) for v in self.checkpoint.preprocessing.ct_window]
+
+    def result(self, case: Case) -> CaseResult:
+        """The result of ``case``."""
+        return self.results[self._index[case.case_id]]
+
+    def notify(self, case: Case) -> None:
+        """Call ``on_case(index, total, result)`` for ``case``."""
+        if self.on_case is not None:
+            self.on_case(self._index[case.case_id] + 1, len(self.mine), self.result(case))
+
+    def write_summary(self) -> None:
+        """Rewrite the summary file; a failure (a full disk) is kept in ``summary_error`` and logged, not raised."""
+        counts = {status: sum(r.status == status for r in self.results) for status in STATUSES}
+        checkpoint = self.checkpoint
+        payload = {"command": self.command, "inputs": [str(p) for p in self.inputs], "out_dir": str(self.out_dir),
+                   "model": str(checkpoint.path), "model_name": checkpoint.name, "model_sha256": checkpoint.sha256,
+                   "settings": dataclasses.asdict(self.settings), "options": self.options, "device": str(self.device),
+                   "rank": self.rank, "world_size": self.world_size, "total_cases": self.total_cases,
+                   "started": self.started, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "seconds": round(time.perf_counter() - self.start, 3), "counts": counts,
+                   "cases": [r.to_dict() for r in self.results]}
+        try:
+            write_json(self.summary, payload, default=str)
+            self.summary_error = None
+        except OSError as exc:  # a full disk: the cases go on (their failures are in the results), reported at the end
+            self.summary_error = _one_line(exc)
+            logger.warning("Could not update %s: %s", self.summary, self.summary_error)
+
+    def finish(self, case: Case, status: str, error: str | None = None, outputs: dict | None = None,
+               write: bool = True) -> None:
+        """Record a case's final ``status``, update the summary (``write``) and tell ``on_case``."""
+        result = self.result(case)
+        result.status, result.error, result.outputs = status, error, dict(outputs or {})
+        if error:
+            logger.info("%s failed: %s", case.case_id, error)
+        if write:
+            self.write_summary()
+        self.notify(case)
+
+    def close(self) -> None:
+        """Mark a case interrupted mid-run as pending again and write the summary a last time."""
+        for result in self.results:
+            if result.status == "running":
+                result.status = "pending"
+        self.write_summary()
+
+    def outcome(self) -> BatchTranslation:
+        """The :class:`BatchTranslation` of this process."""
+        return BatchTranslation(self.out_dir, self.summary, self.results, self.rank, self.world_size,
+                                self.total_cases, str(self.device), time.perf_counter() - self.start,
+                                self.summary_error)
+
+
+def _open_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, model: str | os.PathLike | None,
+                settings: InferenceSettings | None, harmonize: str, reference_mr: Any, rank: int | None,
+                world_size: int | None, on_case: CaseCallback | None, command: str | None, analysis: bool,
+                translate_options: dict[str, Any]) -> _BatchRun:
+    """Check the arguments, shard the cases, prepare the folder, load the model and fit the harmonizer, in order."""
     from ct2mr.inference.harmonization import HARMONIZATION_METHODS
 
     start = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if harmonize not in HARMONIZATION_METHODS:
         raise ValueError(f"harmonize must be one of {HARMONIZATION_METHODS}, got {harmonize!r}.")
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    rank, world_size = shard_position(rank, world_size)
     cases = collect_cases(inputs)
     mine = shard(cases, rank, world_size)
     settings = dataclasses.replace(settings or InferenceSettings())
@@ -445,116 +566,95 @@ def translate_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
     references = [reference_mr] if isinstance(reference_mr, (str, os.PathLike)) else list(reference_mr or [])
     options = {"harmonize": harmonize, "reference_mr": [str(Path(p).resolve()) for p in references],
                **translate_options, **({"analysis": True} if analysis else {})}
-    ct_window = [float(v) for v in checkpoint.preprocessing.ct_window]
-    summary = summary_path(out_dir, rank, world_size)
-    results = [CaseResult(case.case_id, str(case.path)) for case in mine]
-    index = {case.case_id: i for i, case in enumerate(mine)}
-    total = len(mine)
-    summary_error: list[str | None] = [None]
+    return _BatchRun(inputs, command, out_dir, settings, device, checkpoint, harmonize, harmonizer, references,
+                     translate_options, options, analysis, rank, world_size, len(cases), mine, on_case, start,
+                     started)
 
-    def write_summary() -> None:
-        counts = {status: sum(r.status == status for r in results) for status in STATUSES}
-        payload = {"command": command, "inputs": [str(p) for p in inputs], "out_dir": str(out_dir),
-                   "model": str(checkpoint.path), "model_name": checkpoint.name, "model_sha256": checkpoint.sha256,
-                   "settings": dataclasses.asdict(settings), "options": options, "device": str(device),
-                   "rank": rank, "world_size": world_size, "total_cases": len(cases), "started": started,
-                   "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "seconds": round(time.perf_counter() - start, 3), "counts": counts,
-                   "cases": [r.to_dict() for r in results]}
-        try:
-            write_json(summary, payload, default=str)
-            summary_error[0] = None
-        except OSError as exc:  # a full disk: the cases go on (their failures are in the results), reported at the end
-            summary_error[0] = _one_line(exc)
-            logger.warning("Could not update %s: %s", summary, summary_error[0])
 
-    def finish(case: Case, status: str, error: str | None = None, outputs: dict | None = None,
-               write: bool = True) -> None:
-        result = results[index[case.case_id]]
-        result.status, result.error, result.outputs = status, error, dict(outputs or {})
-        if error:
-            logger.info("%s failed: %s", case.case_id, error)
-        if write:
-            write_summary()
-        if on_case is not None:
-            on_case(index[case.case_id] + 1, total, result)
-
+def _plan_cases(run: _BatchRun, overwrite: bool) -> list[tuple[Case, dict[str, Any]]]:
+    """Settle unusable and already-done cases up front; ``(case, fingerprint)`` of those to compute."""
     todo: list[tuple[Case, dict[str, Any]]] = []
-    for case in mine:
+    for case in run.mine:
         if case.error:
-            finish(case, "failed", case.error, write=False)
+            run.finish(case, "failed", case.error, write=False)
             continue
         try:
-            fingerprint = _fingerprint(case, checkpoint, settings, options)
+            fingerprint = _fingerprint(case, run.checkpoint, run.settings, run.options)
         except OSError as exc:
-            finish(case, "failed", _one_line(exc), write=False)
+            run.finish(case, "failed", _one_line(exc), write=False)
             continue
-        done = None if overwrite else _finished(out_dir / case.case_id, fingerprint)
+        done = None if overwrite else _finished(run.out_dir / case.case_id, fingerprint)
         if done is not None:
-            results[index[case.case_id]].info = {"model_name": checkpoint.name, "ct_window": ct_window}
-            finish(case, "skipped", outputs=done, write=False)
+            run.result(case).info = {"model_name": run.checkpoint.name, "ct_window": run.ct_window}
+            run.finish(case, "skipped", outputs=done, write=False)
         else:
             todo.append((case, fingerprint))
-    write_summary()  # once for all up-front outcomes, then after every computed case
+    return todo
 
-    def prepare(case: Case) -> tuple[Any, Any, dict[str, float]]:
-        t0 = time.time()
-        image, _ = check_input_image(read_image(case.path), "ct", str(case.path), force)
-        pre = preprocess(image, "ct", checkpoint.preprocessing)
-        return image, pre, {"prepare_start": t0, "prepare_end": time.time()}
 
+def _prepare_case(case: Case, checkpoint: Checkpoint, force: bool) -> tuple[Any, Any, dict[str, float]]:
+    """Read, check and preprocess one CT: ``(image, preprocessed, timeline)`` (runs in the prefetch thread)."""
+    t0 = time.time()
+    image, _ = check_input_image(read_image(case.path), "ct", str(case.path), force)
+    pre = preprocess(image, "ct", checkpoint.preprocessing)
+    return image, pre, {"prepare_start": t0, "prepare_end": time.time()}
+
+
+def _translate_cases(run: _BatchRun, todo: list[tuple[Case, dict[str, Any]]], progress: ProgressCallback | None,
+                     prefetch: bool, force: bool) -> None:
+    """Compute the cases in order, the next one prepared in a background thread while one runs (``prefetch``)."""
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ct2mr-prefetch")
     try:
-        future = pool.submit(prepare, todo[0][0]) if todo and prefetch else None
+        future = pool.submit(_prepare_case, todo[0][0], run.checkpoint, force) if todo and prefetch else None
         for i, (case, fingerprint) in enumerate(todo):
             t_case = time.perf_counter()
-            result = results[index[case.case_id]]
-            result.status = "running"
-            if on_case is not None:
-                on_case(index[case.case_id] + 1, total, result)
+            run.result(case).status = "running"
+            run.notify(case)
             try:
-                image, pre, timeline = future.result() if prefetch else prepare(case)
+                image, pre, timeline = future.result() if prefetch else _prepare_case(case, run.checkpoint, force)
                 error = None
             except Exception as exc:  # unreadable or corrupt input: this case fails, the others go on
                 error = _one_line(exc)
             following = todo[i + 1][0] if i + 1 < len(todo) else None
-            future = pool.submit(prepare, following) if prefetch and following is not None else None
+            future = (pool.submit(_prepare_case, following, run.checkpoint, force)
+                      if prefetch and following is not None else None)
             if error is not None:
-                result.seconds = time.perf_counter() - t_case
-                finish(case, "failed", error)
+                run.result(case).seconds = time.perf_counter() - t_case
+                run.finish(case, "failed", error)
                 continue
-            case_dir = out_dir / case.case_id
-            (case_dir / DONE_MARKER).unlink(missing_ok=True)  # outputs replaced below are no longer "done"
-            timeline["translate_start"] = time.time()
-            try:
-                written = translate_file(case.path, case_dir, settings=settings, progress=progress,
-                                         harmonize=harmonize, checkpoint=checkpoint, image=image, preprocessed=pre,
-                                         harmonizer=harmonizer, overwrite=True, **translate_options)
-                timeline["translate_end"] = time.time()
-                outputs = {key: str(path) for key, path in written["outputs"].items()}
-                info = {**written["info"], "ct_window": ct_window_of(written["info"])}
-                if analysis:
-                    info["analysis"] = _analyze_case(case, image, outputs, written["info"], case_dir, references,
-                                                     progress)
-                    timeline["analysis_end"] = time.time()
-                del image, pre
-                result.timeline, result.seconds, result.info = timeline, time.perf_counter() - t_case, info
-                marker = {**fingerprint, "case": case.case_id,
-                          "outputs": {k: Path(p).name for k, p in outputs.items()},
-                          "seconds": round(result.seconds, 3), "device": written["info"].get("device"),
-                          "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                write_json(case_dir / DONE_MARKER, marker, default=str)  # after the outputs: only then "done"
-            except Exception as exc:  # out of memory, a full disk ...: recorded, the batch goes on
-                timeline.setdefault("translate_end", time.time())
-                result.timeline, result.seconds = timeline, time.perf_counter() - t_case
-                finish(case, "failed", _one_line(exc))
-                continue
-            finish(case, "done", outputs=outputs)
+            _translate_case(run, case, fingerprint, image, pre, timeline, t_case, progress)
+            del image, pre  # before the next case is taken
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        for result in results:  # interrupted: the case in progress is still to do
-            if result.status == "running":
-                result.status = "pending"
-        write_summary()
-    return BatchTranslation(out_dir, summary, results, rank, world_size, len(cases), str(device),
-                            time.perf_counter() - start, summary_error[0])
+        run.close()  # interrupted: the case in progress is still to do
+
+
+def _translate_case(run: _BatchRun, case: Case, fingerprint: dict[str, Any], image: Any, pre: Any,
+                    timeline: dict[str, float], t_case: float, progress: ProgressCallback | None) -> None:
+    """Translate one prepared case into ``OUT_DIR/<case_id>/``, then its done-marker; a failure is recorded."""
+    result = run.result(case)
+    case_dir = run.out_dir / case.case_id
+    (case_dir / DONE_MARKER).unlink(missing_ok=True)  # outputs replaced below are no longer "done"
+    timeline["translate_start"] = time.time()
+    try:
+        written = translate_file(case.path, case_dir, settings=run.settings, progress=progress,
+                                 harmonize=run.harmonize, checkpoint=run.checkpoint, image=image, preprocessed=pre,
+                                 harmonizer=run.harmonizer, overwrite=True, **run.translate_options)
+        timeline["translate_end"] = time.time()
+        outputs = {key: str(path) for key, path in written["outputs"].items()}
+        info = {**written["info"], "ct_window": ct_window_of(written["info"])}
+        if run.analysis:
+            info["analysis"] = _analyze_case(case, image, outputs, written["info"], case_dir, run.references,
+                                             progress)
+            timeline["analysis_end"] = time.time()
+        result.timeline, result.seconds, result.info = timeline, time.perf_counter() - t_case, info
+        marker = {**fingerprint, "case": case.case_id, "outputs": {k: Path(p).name for k, p in outputs.items()},
+                  "seconds": round(result.seconds, 3), "device": written["info"].get("device"),
+                  "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_json(case_dir / DONE_MARKER, marker, default=str)  # after the outputs: only then "done"
+    except Exception as exc:  # out of memory, a full disk ...: recorded, the batch goes on
+        timeline.setdefault("translate_end", time.time())
+        result.timeline, result.seconds = timeline, time.perf_counter() - t_case
+        run.finish(case, "failed", _one_line(exc))
+        return
+    run.finish(case, "done", outputs=outputs)

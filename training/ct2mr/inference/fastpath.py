@@ -93,6 +93,7 @@ class DepthSplitConv3d(nn.Module):
             k_d * conv.out_channels, conv.in_channels, *conv.kernel_size[1:]).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``conv(x)``: (B, C_in, D, H, W) -> (B, C_out, D', H', W'), in ``x``'s dtype."""
         conv = self.conv
         x = _pad(x, conv)
         k_d, c_out = conv.kernel_size[0], conv.out_channels
@@ -120,6 +121,7 @@ class TrilinearUpsample2x(nn.Module):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Up-sample ``x`` by 2 along z, y and x: (B, C, D, H, W) -> (B, C, 2D, 2H, 2W)."""
         for dim in (4, 3, 2):
             n = x.shape[dim]
             before = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
@@ -171,6 +173,7 @@ class UpsampleConv3d(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``conv(upsample_2x(x))``: (B, C_in, D, H, W) -> (B, C_out, 2D, 2H, 2W), in ``x``'s dtype."""
         b, _, d, h, w = x.shape
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = F.conv3d(F.pad(x, (1,) * 6, mode="replicate"), self.weight.to(x.dtype), bias)  # (B, 8 C_out, D, H, W)

@@ -368,8 +368,9 @@ def load_reference_mrs(paths: Sequence[str] | str, config: PreprocessingConfig |
     """Read reference MR volumes and bring them into the network's normalised MR intensity.
 
     Every volume goes through the thesis's preprocessing chain (:func:`ct2mr.preprocessing.pipeline.preprocess`, modality
-    ``"mr"``, 4D series split; outputs of ``ct2mr preprocess`` are used as they are), so that its intensities are
-    those the synthetic MR is compared with: [-1, 1] after clipping to its own P1-P99.
+    ``"mr"``, 4D series split; outputs of ``ct2mr preprocess`` are used as they are;
+    :func:`ct2mr.preprocessing.collections.load_domain`), so that its intensities are those the synthetic MR is
+    compared with: [-1, 1] after clipping to its own P1-P99.
 
     Args:
         paths: MR files or folders.
@@ -383,7 +384,7 @@ def load_reference_mrs(paths: Sequence[str] | str, config: PreprocessingConfig |
     Raises:
         FileNotFoundError, ct2mr.io.images.ImageReadError, ValueError: unreadable or unusable references.
     """
-    from ct2mr.training.data import load_domain
+    from ct2mr.preprocessing.collections import load_domain
     from ct2mr.preprocessing.masks import evaluation_mask
 
     volumes = load_domain(paths, "mr", config)

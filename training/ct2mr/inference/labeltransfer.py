@@ -29,6 +29,7 @@ import SimpleITK as sitk
 
 from ct2mr import __version__
 from ct2mr.checks import prepare_output_dir, replace_nonfinite
+from ct2mr.inference.cluster import shard
 from ct2mr.io.images import ImageReadError, atomic_write, image_suffix, list_images, read_image, write_image
 from ct2mr.io.nnunet import FORMATS, case_id, image_name, label_name, parse_label_names, write_json_atomic, write_layout_index
 
@@ -40,7 +41,6 @@ __all__ = [
     "check_same_grid",
     "copy_label",
     "augment_synthetic_mr",
-    "shard",
     "synthesize_dataset",
 ]
 
@@ -116,6 +116,7 @@ def pair_cases(images: str | os.PathLike | Iterable, labels: str | os.PathLike |
         ValueError: two images (or two labels) share a case id.
     """
     def index(paths: list[Path], kind: str) -> dict[str, Path]:
+        """``{case id: path}``; a ``ValueError`` when two paths share a case id."""
         found: dict[str, Path] = {}
         for path in paths:
             case = case_id(path)
@@ -155,6 +156,7 @@ def check_same_grid(image: sitk.Image, label: sitk.Image, tolerance: float = 1e-
 
 
 def _fmt(values: Sequence[float]) -> str:
+    """``(a, b, c)`` with each value in ``%g`` form, for grid messages."""
     return "(" + ", ".join(f"{float(v):g}" for v in values) + ")"
 
 
@@ -204,16 +206,8 @@ def augment_synthetic_mr(array: np.ndarray, seed: int, bias_coeff: tuple[float, 
     return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
-def shard(items: Sequence, rank: int | None = None, world_size: int | None = None) -> list:
-    """This process's share of ``items`` under ``torchrun`` (``RANK``/``WORLD_SIZE``): ``items[rank::world_size]``."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}.")
-    return list(items)[rank::world_size]
-
-
 def _stat(path: Path) -> list:
+    """``[size, mtime_ns]`` of a file, ``[file count, latest mtime_ns]`` of a folder (what a case record compares)."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file())
         return [len(files), max((p.stat().st_mtime_ns for p in files), default=0)]
@@ -222,6 +216,7 @@ def _stat(path: Path) -> list:
 
 
 def _label_values(label: sitk.Image, path: Path) -> list[int]:
+    """The label values present; an ``ImageReadError`` when a float label map holds non-integer values."""
     array = sitk.GetArrayViewFromImage(label)
     if not np.issubdtype(array.dtype, np.integer):
         if not np.all(np.mod(array, 1) == 0):
@@ -249,7 +244,8 @@ def synthesize_dataset(images: str | os.PathLike | Iterable, labels: str | os.Pa
         augment: extra synthetic MRs per CT with :func:`augment_synthetic_mr` (cases ``<case>_augN``).
         name: dataset name.
         progress: ``callback(done, total, case)`` after each case.
-        rank, world_size: shard (default: ``RANK``/``WORLD_SIZE`` from ``torchrun``, else all cases).
+        rank, world_size: shard (:func:`ct2mr.inference.cluster.shard`; default: ``RANK``/``WORLD_SIZE`` from
+            ``torchrun``, else all cases).
 
     Returns:
         The :class:`SynthesisReport`; failed cases (unreadable files, mismatched grids) are reported, not raised.
@@ -258,8 +254,8 @@ def synthesize_dataset(images: str | os.PathLike | Iterable, labels: str | os.Pa
         ValueError: unknown format, negative ``augment``, or no pair at all.
         FileNotFoundError, CheckpointError: missing inputs or an unusable model (before anything is written).
     """
-    from ct2mr.models.checkpoint import load_checkpoint, registry_entry
-    from ct2mr.inference.translate import InferenceSettings, translate_image
+    from ct2mr.models.checkpoint import load_checkpoint
+    from ct2mr.inference.translate import InferenceSettings
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}.")
@@ -272,66 +268,110 @@ def synthesize_dataset(images: str | os.PathLike | Iterable, labels: str | os.Pa
                          "folders, or case01_0000.nii.gz and case01.nii.gz.")
     settings = settings or InferenceSettings()
     checkpoint = load_checkpoint(model)
-    out = Path(out)
-    prepare_output_dir(out, "dataset folder (--out)")  # created and proved writable before any translation
+    job = _Job(Path(out), checkpoint, settings, augment,
+               {str(p.resolve()) for _, image, label in pairs for p in (image, label)})
+    prepare_output_dir(job.out, "dataset folder (--out)")  # created and proved writable before any translation
     for sub in ("imagesTr", "labelsTr", RECORDS):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    inputs = {str(p.resolve()) for _, image, label in pairs for p in (image, label)}
-    entry = registry_entry(checkpoint.sha256) or {}
-    model_info = {"name": entry.get("name", checkpoint.name), "version": entry.get("version", "unregistered"),
-                  "sha256": checkpoint.sha256, "file": checkpoint.path.name if checkpoint.path else None}
+        (job.out / sub).mkdir(parents=True, exist_ok=True)
+    model_info = _model_info(checkpoint)
 
     results: list[CaseResult] = []
     mine = shard(pairs, rank, world_size)
     for done, (case, image_path, label_path) in enumerate(mine, start=1):
-        record_path = out / RECORDS / f"{case}.json"
-        cases = [case] + [f"{case}_aug{k}" for k in range(1, augment + 1)]
-        outputs = [out / "imagesTr" / image_name(c) for c in cases] + [out / "labelsTr" / label_name(c)
-                                                                       for c in cases]
-        if any(str(p.resolve()) in inputs for p in outputs):
+        cases, outputs = job.case_outputs(case)
+        if any(str(p.resolve()) in job.inputs for p in outputs):
             results.append(CaseResult(case, "failed", "an output would overwrite an input; choose another --out"))
             continue
-        wanted = {"image": str(image_path), "label": str(label_path), "image_stat": _stat(image_path),
-                  "label_stat": _stat(label_path), "model_sha256": checkpoint.sha256, "augment": augment,
-                  "settings": {"roi_size": settings.roi_size, "overlap": settings.overlap,
-                               "precision": settings.precision}}
-        wanted = json.loads(json.dumps(wanted))  # as stored: tuples become lists
-        if record_path.is_file() and all(p.is_file() for p in outputs):
-            record = json.loads(record_path.read_text())
-            if all(record.get(k) == v for k, v in wanted.items()):
-                results.append(CaseResult(case, "skipped", outputs=[str(p) for p in outputs]))
-                if progress:
-                    progress(done, len(mine), case)
-                continue
-        try:
-            ct, _ = replace_nonfinite(read_image(image_path), "ct", str(image_path))  # NaN/inf -> -1024 HU
-            label = read_image(label_path)
-            check_same_grid(ct, label)
-            values = _label_values(label, label_path)
-            result = translate_image(ct, checkpoint, settings)
-            synthetic = result.synthetic_mr
-            array = sitk.GetArrayFromImage(synthetic)
-            for k, c in enumerate(cases):
-                image_out = synthetic
-                if k:
-                    image_out = sitk.GetImageFromArray(augment_synthetic_mr(array, seed=zlib.crc32(f"{case}:{k}".encode())))
-                    image_out.CopyInformation(synthetic)
-                write_image(image_out, out / "imagesTr" / image_name(c))
-                copy_label(label_path, out / "labelsTr" / label_name(c))
-            write_json_atomic({**wanted, "cases": cases, "label_values": values,
-                               "seconds": result.info.get("seconds"), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                                time.gmtime())},
-                              record_path)
-            results.append(CaseResult(case, "written", outputs=[str(p) for p in outputs]))
-        except (OSError, ValueError, RuntimeError) as exc:  # ImageReadError and GridMismatchError are ValueErrors
-            logger.error("%s: %s", case, exc)
-            results.append(CaseResult(case, "failed", str(exc)))
+        results.append(_run_case(job, case, image_path, label_path, cases, outputs))
         if progress:
             progress(done, len(mine), case)
 
-    index = _write_index(out, fmt, label_names, name, model_info, checkpoint, settings, unmatched_images,
+    index = _write_index(job.out, fmt, label_names, name, model_info, checkpoint, settings, unmatched_images,
                          unmatched_labels)
-    return SynthesisReport(out, results, [str(p) for p in unmatched_images], [str(p) for p in unmatched_labels], index)
+    return SynthesisReport(job.out, results, [str(p) for p in unmatched_images], [str(p) for p in unmatched_labels],
+                           index)
+
+
+@dataclass
+class _Job:
+    """What every case of a :func:`synthesize_dataset` run shares.
+
+    Attributes:
+        out: the dataset folder.
+        checkpoint: the loaded model.
+        settings: the inference settings.
+        augment: extra augmented synthetic MRs per CT.
+        inputs: resolved paths of every image and label map (no output may be one of them).
+    """
+
+    out: Path
+    checkpoint: Any
+    settings: Any
+    augment: int
+    inputs: set[str]
+
+    def case_outputs(self, case: str) -> tuple[list[str], list[Path]]:
+        """``(cases, outputs)``: the case and its ``_augN`` copies, then their image and label-map paths."""
+        cases = [case] + [f"{case}_aug{k}" for k in range(1, self.augment + 1)]
+        outputs = [self.out / "imagesTr" / image_name(c) for c in cases] + [self.out / "labelsTr" / label_name(c)
+                                                                            for c in cases]
+        return cases, outputs
+
+
+def _model_info(checkpoint: Any) -> dict[str, Any]:
+    """The model's name, version, SHA-256 and file name, from the model list when it is registered."""
+    from ct2mr.models.checkpoint import registry_entry
+
+    entry = registry_entry(checkpoint.sha256) or {}
+    return {"name": entry.get("name", checkpoint.name), "version": entry.get("version", "unregistered"),
+            "sha256": checkpoint.sha256, "file": checkpoint.path.name if checkpoint.path else None}
+
+
+def _run_case(job: _Job, case: str, image_path: Path, label_path: Path, cases: list[str], outputs: list[Path]
+              ) -> CaseResult:
+    """One case: skipped when its record matches, else translated and written; failures become its result."""
+    record_path = job.out / RECORDS / f"{case}.json"
+    settings = job.settings
+    wanted = {"image": str(image_path), "label": str(label_path), "image_stat": _stat(image_path),
+              "label_stat": _stat(label_path), "model_sha256": job.checkpoint.sha256, "augment": job.augment,
+              "settings": {"roi_size": settings.roi_size, "overlap": settings.overlap,
+                           "precision": settings.precision}}
+    wanted = json.loads(json.dumps(wanted))  # as stored: tuples become lists
+    if record_path.is_file() and all(p.is_file() for p in outputs):
+        record = json.loads(record_path.read_text())
+        if all(record.get(k) == v for k, v in wanted.items()):
+            return CaseResult(case, "skipped", outputs=[str(p) for p in outputs])
+    try:
+        _make_case(job, case, image_path, label_path, cases, wanted, record_path)
+        return CaseResult(case, "written", outputs=[str(p) for p in outputs])
+    except (OSError, ValueError, RuntimeError) as exc:  # ImageReadError and GridMismatchError are ValueErrors
+        logger.error("%s: %s", case, exc)
+        return CaseResult(case, "failed", str(exc))
+
+
+def _make_case(job: _Job, case: str, image_path: Path, label_path: Path, cases: list[str], wanted: dict[str, Any],
+               record_path: Path) -> None:
+    """Translate the CT, write its synthetic MR(s) and label copies, then the case's record (last: "done")."""
+    from ct2mr.inference.translate import translate_image
+
+    ct, _ = replace_nonfinite(read_image(image_path), "ct", str(image_path))  # NaN/inf -> -1024 HU
+    label = read_image(label_path)
+    check_same_grid(ct, label)
+    values = _label_values(label, label_path)
+    result = translate_image(ct, job.checkpoint, job.settings)
+    synthetic = result.synthetic_mr
+    array = sitk.GetArrayFromImage(synthetic)
+    for k, c in enumerate(cases):
+        image_out = synthetic
+        if k:
+            image_out = sitk.GetImageFromArray(augment_synthetic_mr(array, seed=zlib.crc32(f"{case}:{k}".encode())))
+            image_out.CopyInformation(synthetic)
+        write_image(image_out, job.out / "imagesTr" / image_name(c))
+        copy_label(label_path, job.out / "labelsTr" / label_name(c))
+    write_json_atomic({**wanted, "cases": cases, "label_values": values,
+                       "seconds": result.info.get("seconds"), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                        time.gmtime())},
+                      record_path)
 
 
 def _write_index(out: Path, fmt: str, label_names: Any, name: str, model_info: dict, checkpoint: Any, settings: Any,

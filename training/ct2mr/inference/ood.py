@@ -182,7 +182,7 @@ def training_ct_statistics(volumes: Iterable[Any], config: Any = None, stride: i
     is used.
 
     Args:
-        volumes: the training CTs: :class:`ct2mr.training.data.DomainVolume` / :class:`ct2mr.preprocessing.pipeline.PreprocessedVolume`
+        volumes: the training CTs: :class:`ct2mr.preprocessing.collections.DomainVolume` / :class:`ct2mr.preprocessing.pipeline.PreprocessedVolume`
             (used as they are), or SimpleITK images in HU or paths (preprocessed here with ``config``).
         config: :class:`ct2mr.preprocessing.pipeline.PreprocessingConfig` for images and paths (``None``: thesis defaults).
         stride: voxel stride of :func:`ct_statistics`.

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -36,6 +35,7 @@ __all__ = [
     "resolve_device",
     "cluster_device",
     "resolve_precision",
+    "scan_interval",
     "sliding_window",
     "MemoryPlan",
     "plan_memory",
@@ -43,6 +43,7 @@ __all__ = [
     "translate_volume",
     "error_map_array",
     "translate_image",
+    "TranslationExtension",
     "translate_file",
     "write_outputs",
     "fit_harmonizer_for",
@@ -194,17 +195,35 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
-    try:
-        from monai.data.utils import dense_patch_slices
-        from monai.inferers.utils import _get_scan_interval
+def scan_interval(image_size: Sequence[int], roi: Sequence[int], overlap: float) -> tuple[int, ...]:
+    """The step between neighbouring sliding windows along each axis, as MONAI's sliding-window inferer takes it.
 
-        size = [max(s, r) for s, r in zip(shape, roi)]
-        interval = _get_scan_interval(size, roi, len(roi), (overlap,) * len(roi))
-        return len(dense_patch_slices(size, roi, interval))
-    except Exception:  # private helper moved: estimate
-        return int(np.prod([max(1, math.ceil((max(s, r) - r) / max(1, int(r * (1 - overlap)))) + 1)
-                            for s, r in zip(shape, roi)]))
+    Our copy of the rule in ``monai.inferers.utils._get_scan_interval`` (MONAI 1.x, a private helper): for each axis,
+    the window itself when it spans the whole axis, else ``int(roi * (1 - overlap))``, at least 1 voxel.
+
+    Args:
+        image_size: (D, H, W) voxels of the volume as the inferer sees it (each axis at least ``roi``: MONAI pads a
+            smaller axis up to the window first).
+        roi: window size (D, H, W) voxels.
+        overlap: fraction of overlap between neighbouring windows, in [0, 1).
+
+    Returns:
+        The step (D, H, W) in voxels.
+
+    Raises:
+        ValueError: ``image_size`` and ``roi`` have different lengths.
+    """
+    if len(image_size) != len(roi):
+        raise ValueError(f"image_size {tuple(image_size)} and roi {tuple(roi)} have different numbers of axes.")
+    return tuple(int(r) if r == s else max(int(r * (1 - overlap)), 1) for s, r in zip(image_size, roi))
+
+
+def _window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """Number of windows MONAI's sliding-window inferer runs over a (D, H, W) volume (for the progress fraction)."""
+    from monai.data.utils import dense_patch_slices
+
+    size = [max(s, r) for s, r in zip(shape, roi)]
+    return len(dense_patch_slices(size, roi, scan_interval(size, roi, overlap)))
 
 
 def sliding_window(net: torch.nn.Module, volume: torch.Tensor, settings: InferenceSettings, roi: Sequence[int],
@@ -238,6 +257,7 @@ def sliding_window(net: torch.nn.Module, volume: torch.Tensor, settings: Inferen
     batch_size = sw_batch_size or settings.sw_batch_size or 1
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:
+        """``net`` on a (B, 1, D, H, W) window batch on ``device`` under autocast; float32, progress counted."""
         nonlocal done
         batch = batch.to(device, non_blocking=True)
         if channels_last:
@@ -413,22 +433,10 @@ def translate_volume(volume: np.ndarray, checkpoint: Checkpoint, direction: str 
         raise ValueError(f"translate_volume needs a (z, y, x) array, got shape {volume.shape}.")
     settings = settings or InferenceSettings()
     report = progress or (lambda stage, fraction, message: None)
-    device = resolve_device(settings.device)
-    dtype = resolve_precision(settings.precision, device)
-    if device.type == "cpu" and dtype == torch.float16:
-        warnings.warn(CPU_FP16_NOTE, RuntimeWarning, stacklevel=2)
+    device, dtype = _device_and_precision(settings)
     roi = settings.roi_size or tuple(checkpoint.inference.get("roi_size") or DEFAULT_ROI)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        if settings.gpu_memory_gb:
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, settings.gpu_memory_gb * 2 ** 30 / total), device)
     nets = _fast_networks(checkpoint, device, settings.fast)
-    passes = [("G", "Synthetic MR G(x)"), ("F", "Round trip F(G(x))")]
-    if direction == "mr2ct":
-        passes = [("F", "Synthetic CT F(y)"), ("G", "Round trip G(F(y))")]
-    if not roundtrip:
-        passes = passes[:1]
+    passes = _passes(direction, roundtrip)
     try:
         if settings.fast:
             plan = plan_memory(nets[passes[0][0]], volume.shape, roi, device, dtype, settings)
@@ -436,16 +444,7 @@ def translate_volume(volume: np.ndarray, checkpoint: Checkpoint, direction: str 
             plan = MemoryPlan(settings.sw_batch_size or 1, device if device.type == "cuda" else torch.device("cpu"),
                               reason="reference path: fixed window batch")
         logger.info("%s", plan.reason)
-        current = torch.from_numpy(volume)[None, None].to(plan.stitch_device)
-        outputs, seconds = [], {}
-        for stage, message in passes:
-            t = time.perf_counter()
-            current = _run_pass(nets[stage], current, settings, roi, device, dtype, plan,
-                                lambda f, stage=stage, message=message: report(stage, f, message))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds[stage] = time.perf_counter() - t
-            outputs.append(current[0, 0].cpu().numpy())
+        outputs, seconds = _run_passes(nets, passes, volume, settings, roi, device, dtype, plan, report)
     except torch.OutOfMemoryError as exc:
         raise RuntimeError(f"Out of memory on {device} while translating a {list(volume.shape)} volume, even with "
                            "one window per pass and CPU stitching. Try a smaller --roi-size, or --device cpu."
@@ -456,6 +455,45 @@ def translate_volume(volume: np.ndarray, checkpoint: Checkpoint, direction: str 
     if device.type == "cuda":
         info["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     return outputs[0], (outputs[1] if roundtrip else None), info
+
+
+def _device_and_precision(settings: InferenceSettings) -> tuple[torch.device, torch.dtype]:
+    """The compute device and autocast dtype of ``settings``; on CUDA also cuDNN benchmark and the memory cap."""
+    device = resolve_device(settings.device)
+    dtype = resolve_precision(settings.precision, device)
+    if device.type == "cpu" and dtype == torch.float16:
+        warnings.warn(CPU_FP16_NOTE, RuntimeWarning, stacklevel=3)  # pointing at translate_volume's caller
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if settings.gpu_memory_gb:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, settings.gpu_memory_gb * 2 ** 30 / total), device)
+    return device, dtype
+
+
+def _passes(direction: str, roundtrip: bool) -> list[tuple[str, str]]:
+    """``[(generator, progress message), ...]`` of ``direction``: both generators, or the first one only."""
+    passes = [("G", "Synthetic MR G(x)"), ("F", "Round trip F(G(x))")]
+    if direction == "mr2ct":
+        passes = [("F", "Synthetic CT F(y)"), ("G", "Round trip G(F(y))")]
+    return passes if roundtrip else passes[:1]
+
+
+def _run_passes(nets: Mapping[str, torch.nn.Module], passes: Sequence[tuple[str, str]], volume: np.ndarray,
+                settings: InferenceSettings, roi: Sequence[int], device: torch.device, dtype: torch.dtype,
+                plan: MemoryPlan, report: ProgressCallback) -> tuple[list[np.ndarray], dict[str, float]]:
+    """Run the passes one after the other, each on the last one's output where it is: arrays and seconds."""
+    current = torch.from_numpy(volume)[None, None].to(plan.stitch_device)
+    outputs, seconds = [], {}
+    for stage, message in passes:
+        t = time.perf_counter()
+        current = _run_pass(nets[stage], current, settings, roi, device, dtype, plan,
+                            lambda f, stage=stage, message=message: report(stage, f, message))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[stage] = time.perf_counter() - t
+        outputs.append(current[0, 0].cpu().numpy())
+    return outputs, seconds
 
 
 def error_map_array(roundtrip_ct: sitk.Image, ct: sitk.Image, window: Sequence[float]) -> np.ndarray:
@@ -560,12 +598,35 @@ OUTPUT_NAMES = {"synthetic_mr": "synthetic_mr.nii.gz", "roundtrip_ct": "roundtri
                 "error_map": "error_map.nii.gz"}
 
 
+class TranslationExtension(Protocol):
+    """A further step of :func:`translate_file` whose files join the same all-or-nothing write (issue 16).
+
+    Implemented by :class:`ct2mr.inference.uncertainty.UncertaintyOutput` (uncertainty map) and
+    :class:`ct2mr.inference.ood.OodCheck` (OOD score).
+
+    Attributes:
+        key: its entry in the translation's ``info``.
+        names: the files it writes (refused like the others without ``overwrite``).
+    """
+
+    key: str
+    names: Sequence[str]
+
+    def before(self, image: sitk.Image, checkpoint: Checkpoint, preprocessed: Any,
+               progress: ProgressCallback | None) -> None:
+        """Called after the checks and the preprocessing, before the networks run."""
+
+    def after(self, image: sitk.Image, checkpoint: Checkpoint, preprocessed: Any, result: TranslationResult,
+              progress: ProgressCallback | None) -> tuple[Any, dict[str, Any]]:
+        """Called after the translation: ``(info, {file name: sitk.Image or JSON value})``."""
+
+
 def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Path | None = None,
                    settings: InferenceSettings | None = None, progress: ProgressCallback | None = None,
                    harmonize: str = "none", reference_mr: str | Path | Sequence[str | Path] | None = None,
                    checkpoint: Checkpoint | None = None, image: sitk.Image | None = None, preprocessed: Any = None,
                    harmonizer: Any = None, warp_check: bool = False, overwrite: bool = True,
-                   force: bool = False, extensions: Sequence[Any] = ()) -> dict[str, Any]:
+                   force: bool = False, extensions: Sequence[TranslationExtension] = ()) -> dict[str, Any]:
     """Translate a CT file or DICOM folder and write the three outputs, all or nothing.
 
     Checks before the work (:mod:`ct2mr.checks`), in this order, each failing in seconds with one message: the
@@ -582,11 +643,9 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
         model: a ct2mr checkpoint; ``None`` uses the bundled default model.
         settings: inference settings.
         progress: ``callback(stage, fraction_of_stage, message)``; the stage ``write`` is added here.
-        harmonize: post-hoc harmonisation of the synthetic MR, one of
-            :data:`ct2mr.inference.harmonization.HARMONIZATION_METHODS` (thesis 7.6): ``"none"`` (default), ``"histogram"``
-            (quantile mapping to the reference MR), ``"nyul"`` (landmarks learned from the reference MRs) or
-            ``"zscore"`` (median/MAD in the CT's body mask, matched to the reference's median/MAD; without a
-            reference: robust z-scores, no longer in [-1, 1]).
+        harmonize: post-hoc harmonisation of the synthetic MR (thesis 7.6; :mod:`ct2mr.inference.harmonization`):
+            ``"none"`` (default), ``"histogram"`` (quantile mapping), ``"nyul"`` (Nyul landmarks) or ``"zscore"``
+            (median/MAD in the CT's body mask; without a reference: robust z-scores, no longer in [-1, 1]).
         reference_mr: reference MR file(s) or folder(s) for ``harmonize``; they go through the model's MR
             preprocessing, so the harmonised synthetic MR is in the same normalised intensity, in [-1, 1].
         checkpoint: an already loaded checkpoint, used instead of loading ``model`` (batch mode keeps one loaded,
@@ -601,13 +660,8 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
         overwrite: replace outputs already in ``out_dir`` (``False``: refuse such a folder before any work; the
             single-file ``ct2mr translate`` without ``--overwrite``).
         force: translate a CT that fails the HU plausibility check (an MR, a constant volume), with a warning.
-        extensions: further steps whose files join the same all-or-nothing write (issue 16:
-            :class:`ct2mr.inference.uncertainty.UncertaintyOutput`, :class:`ct2mr.inference.ood.OodCheck`). Each has ``key`` (its
-            entry in ``info``), ``names`` (the files it writes, refused like the others without ``overwrite``),
-            ``before(image, checkpoint, preprocessed, progress)`` (after the checks and the preprocessing, before
-            the networks run) and ``after(image, checkpoint, preprocessed, result, progress) -> (info, {file name:
-            sitk.Image or JSON value})``. With extensions the CT is preprocessed here once and the network-grid G(x)
-            is kept for them (``translate_image(keep_network=True)``).
+        extensions: further steps (:class:`TranslationExtension`) whose files join the same write; with any, the CT
+            is preprocessed here once and the network-grid G(x) is kept for them.
 
     Returns:
         ``{"outputs": {key: path}, "info": {...}}``; ``info["checks"]`` holds the input report and the resource
@@ -622,74 +676,116 @@ def translate_file(input_path: str | Path, out_dir: str | Path, model: str | Pat
         ct2mr.checks.ResourceCheckError: not enough memory or disk space for this CT.
         ct2mr.io.images.OutputWriteError: an output could not be written completely (nothing left under its name).
     """
-    from ct2mr.evaluation.anatomy import ANATOMY_NAME, DISPLACEMENT_NAME
-    from ct2mr.models.checkpoint import load_checkpoint
-    from ct2mr.checks import check_input_image, check_translation_resources, existing_outputs, prepare_output_dir
-    from ct2mr.io.images import read_image
+    from ct2mr.checks import prepare_output_dir
 
-    input_path, out_dir = Path(input_path), Path(out_dir)
-    names = list(OUTPUT_NAMES.values()) + ([DISPLACEMENT_NAME, ANATOMY_NAME] if warp_check else [])
-    extensions = list(extensions or ())
-    names += [name for ext in extensions for name in ext.names]  # issue 16: uncertainty map, OOD score
-    resolved_input = input_path.resolve()
-    if any((out_dir / name).resolve() == resolved_input for name in names):
-        raise ValueError(f"The output folder {out_dir} would overwrite the input {input_path}; choose another -o.")
+    input_path, out_dir, extensions = Path(input_path), Path(out_dir), list(extensions or ())
+    names = _output_names(input_path, out_dir, warp_check, extensions)
     settings = settings or InferenceSettings()
-    from ct2mr.inference.harmonization import HARMONIZATION_METHODS
-
-    if harmonize not in HARMONIZATION_METHODS:
-        raise ValueError(f"harmonize must be one of {HARMONIZATION_METHODS}, got {harmonize!r}.")
+    _check_harmonize(harmonize)
     created = prepare_output_dir(out_dir, "output folder (-o)")
     try:
         if not overwrite:
-            existing = existing_outputs(out_dir, names)
-            if existing:
-                raise FileExistsError(f"The output folder {out_dir} already holds "
-                                      f"{', '.join(p.name for p in existing)}; pass --overwrite to replace them, or "
-                                      "choose another -o.")
-        report = None
-        if image is None:
-            image, report = check_input_image(read_image(input_path), "ct", str(input_path), force)
-        checkpoint = load_checkpoint(model) if checkpoint is None else checkpoint
-        prep = checkpoint.preprocessing
-        roi = settings.roi_size or tuple(checkpoint.inference.get("roi_size") or DEFAULT_ROI)
-        width = int((checkpoint.architecture.get("generator") or {}).get("base_channels", 64))
-        volumes = len(OUTPUT_NAMES) + (1 if warp_check else 0) + sum(
-            1 for ext in extensions for name in ext.names if name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")))
-        resources = check_translation_resources(image, prep.target_spacing, prep.k, out_dir, volumes, width, roi,
-                                                settings.sw_batch_size, str(input_path), prep.orientation)
+            _refuse_existing_outputs(out_dir, names)
+        image, report, checkpoint, resources = _checked_inputs(input_path, out_dir, image, checkpoint, model,
+                                                               settings, force, warp_check, extensions)
         if harmonizer is None:
             harmonizer = fit_harmonizer_for(harmonize, reference_mr, checkpoint)
-        prep_seconds = 0.0
-        if extensions and preprocessed is None:  # issue 16: one preprocessing shared with the extensions
-            t0 = time.perf_counter()
-            (progress or (lambda *a: None))("preprocess", 0.0, "Reorienting, resampling to 1 mm and normalising the CT")
-            preprocessed = preprocess(image, "ct", prep)
-            prep_seconds = time.perf_counter() - t0
-        for ext in extensions:
-            ext.before(image, checkpoint, preprocessed, progress)
-        result = translate_image(image, checkpoint, settings, progress, harmonizer, preprocessed=preprocessed,
-                                 keep_network=bool(extensions))
-        result.info["seconds"]["preprocess"] = result.info["seconds"].get("preprocess", 0.0) + prep_seconds
-        extra = None
-        if warp_check:  # anatomy checks (thesis 5, P1/E2): two more files in the same all-or-nothing write
-            from ct2mr.evaluation.anatomy import translation_anatomy
-
-            result.info["anatomy"], extra = translation_anatomy(image, result.synthetic_mr, progress)
-        for ext in extensions:
-            result.info[ext.key], files = ext.after(image, checkpoint, preprocessed, result, progress)
-            extra = {**(extra or {}), **files}
-        result.network_outputs.clear()
+        result, extra = _translate_with_extras(image, checkpoint, settings, progress, harmonizer, preprocessed,
+                                               warp_check, extensions)
         finals = write_outputs(result, out_dir, progress, extra)
     except BaseException:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
-    info = dict(result.info)
-    info["checks"] = {"input": report.to_dict() if report else None, **resources}
-    info.update({"input": str(input_path), "model": str(checkpoint.path), "model_name": checkpoint.name,
-                 "model_sha256": checkpoint.sha256})
+    info = {**result.info, "checks": {"input": report.to_dict() if report else None, **resources},
+            "input": str(input_path), "model": str(checkpoint.path), "model_name": checkpoint.name,
+            "model_sha256": checkpoint.sha256}
     return {"outputs": {key: str(path) for key, path in finals.items()}, "info": info}
+
+
+def _output_names(input_path: Path, out_dir: Path, warp_check: bool, extensions: Sequence[TranslationExtension]
+                  ) -> list[str]:
+    """The file names :func:`translate_file` writes; a ``ValueError`` when one of them is the input."""
+    from ct2mr.evaluation.anatomy import ANATOMY_NAME, DISPLACEMENT_NAME
+
+    names = list(OUTPUT_NAMES.values()) + ([DISPLACEMENT_NAME, ANATOMY_NAME] if warp_check else [])
+    names += [name for ext in extensions for name in ext.names]  # issue 16: uncertainty map, OOD score
+    resolved_input = input_path.resolve()
+    if any((out_dir / name).resolve() == resolved_input for name in names):
+        raise ValueError(f"The output folder {out_dir} would overwrite the input {input_path}; choose another -o.")
+    return names
+
+
+def _check_harmonize(harmonize: str) -> None:
+    """A ``ValueError`` for a ``harmonize`` that is not one of the harmonisation methods."""
+    from ct2mr.inference.harmonization import HARMONIZATION_METHODS
+
+    if harmonize not in HARMONIZATION_METHODS:
+        raise ValueError(f"harmonize must be one of {HARMONIZATION_METHODS}, got {harmonize!r}.")
+
+
+def _refuse_existing_outputs(out_dir: Path, names: Sequence[str]) -> None:
+    """A ``FileExistsError`` when ``out_dir`` already holds one of ``names`` (``translate`` without --overwrite)."""
+    from ct2mr.checks import existing_outputs
+
+    existing = existing_outputs(out_dir, names)
+    if existing:
+        raise FileExistsError(f"The output folder {out_dir} already holds "
+                              f"{', '.join(p.name for p in existing)}; pass --overwrite to replace them, or "
+                              "choose another -o.")
+
+
+def _checked_inputs(input_path: Path, out_dir: Path, image: sitk.Image | None, checkpoint: Checkpoint | None,
+                    model: str | Path | None, settings: InferenceSettings, force: bool, warp_check: bool,
+                    extensions: Sequence[TranslationExtension]) -> tuple[sitk.Image, Any, Checkpoint, dict]:
+    """Read and check the CT, load the model, check memory and disk: ``(image, input report, checkpoint, resources)``.
+
+    The input report is ``None`` when ``image`` was given (checked by the caller).
+    """
+    from ct2mr.checks import check_input_image, check_translation_resources
+    from ct2mr.io.images import read_image
+    from ct2mr.models.checkpoint import load_checkpoint
+
+    report = None
+    if image is None:
+        image, report = check_input_image(read_image(input_path), "ct", str(input_path), force)
+    checkpoint = load_checkpoint(model) if checkpoint is None else checkpoint
+    prep = checkpoint.preprocessing
+    roi = settings.roi_size or tuple(checkpoint.inference.get("roi_size") or DEFAULT_ROI)
+    width = int((checkpoint.architecture.get("generator") or {}).get("base_channels", 64))
+    volumes = len(OUTPUT_NAMES) + (1 if warp_check else 0) + sum(
+        1 for ext in extensions for name in ext.names if name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")))
+    resources = check_translation_resources(image, prep.target_spacing, prep.k, out_dir, volumes, width, roi,
+                                            settings.sw_batch_size, str(input_path), prep.orientation)
+    return image, report, checkpoint, resources
+
+
+def _translate_with_extras(image: sitk.Image, checkpoint: Checkpoint, settings: InferenceSettings,
+                           progress: ProgressCallback | None, harmonizer: Any, preprocessed: Any, warp_check: bool,
+                           extensions: Sequence[TranslationExtension]
+                           ) -> tuple[TranslationResult, dict[str, Any] | None]:
+    """Translate, with the anatomy checks and the extensions around it: ``(result, extra files or None)``."""
+    prep_seconds = 0.0
+    if extensions and preprocessed is None:  # issue 16: one preprocessing shared with the extensions
+        t0 = time.perf_counter()
+        (progress or (lambda *a: None))("preprocess", 0.0, "Reorienting, resampling to 1 mm and normalising the CT")
+        preprocessed = preprocess(image, "ct", checkpoint.preprocessing)
+        prep_seconds = time.perf_counter() - t0
+    for ext in extensions:
+        ext.before(image, checkpoint, preprocessed, progress)
+    result = translate_image(image, checkpoint, settings, progress, harmonizer, preprocessed=preprocessed,
+                             keep_network=bool(extensions))
+    result.info["seconds"]["preprocess"] = result.info["seconds"].get("preprocess", 0.0) + prep_seconds
+    extra = None
+    if warp_check:  # anatomy checks (thesis 5, P1/E2): two more files in the same all-or-nothing write
+        from ct2mr.evaluation.anatomy import translation_anatomy
+
+        result.info["anatomy"], extra = translation_anatomy(image, result.synthetic_mr, progress)
+    for ext in extensions:
+        result.info[ext.key], files = ext.after(image, checkpoint, preprocessed, result, progress)
+        extra = {**(extra or {}), **files}
+    result.network_outputs.clear()
+    return result, extra
 
 
 def fit_harmonizer_for(harmonize: str, reference_mr: str | Path | Sequence[str | Path] | None,

@@ -18,7 +18,8 @@ from typing import Callable
 from ct2mr.io import cache
 from ct2mr.io.cache import sha256sum
 
-__all__ = ["Sample", "SAMPLES", "ChecksumError", "cache_dir", "fetch", "demo_ct"]
+__all__ = ["Sample", "SAMPLES", "ChecksumError", "cache_dir", "fetch", "DEMO_FALLBACK_CT", "demo_fallbacks",
+           "demo_ct"]
 
 
 SLICER_TESTING_DATA = "https://github.com/Slicer/SlicerTestingData/releases/download/SHA256/"
@@ -102,6 +103,21 @@ def fetch(url: str, sha256: str, destination: str | os.PathLike, timeout: float 
     finally:
         tmp.unlink(missing_ok=True)
     return destination
+
+
+#: The local chest CT ``ct2mr demo`` falls back on offline, relative to the parent of the working directory (the
+#: repository's shared data folder beside the checkout).
+DEMO_FALLBACK_CT = Path("shared") / "data" / "ct" / "thorax_cta_1p5mm.nii.gz"
+
+
+def demo_fallbacks() -> list[Path]:
+    """The local CTs ``ct2mr demo`` uses when the sample cannot be downloaded, in order: ``$CT2MR_DEMO_CT`` (when
+    set), then ``../shared/data/ct/thorax_cta_1p5mm.nii.gz`` from the working directory (:data:`DEMO_FALLBACK_CT`).
+    The paths need not exist (:func:`demo_ct` takes the first that does)."""
+    fallbacks = [Path.cwd().parent / DEMO_FALLBACK_CT]
+    if os.environ.get("CT2MR_DEMO_CT"):
+        fallbacks.insert(0, Path(os.environ["CT2MR_DEMO_CT"]))
+    return fallbacks
 
 
 def demo_ct(fallbacks: list[Path] | None = None, sample: str = "CTChest", offline: bool = False,

@@ -5,5 +5,8 @@ Modules:
         normalisation, padding to a multiple of the network's down-sampling factor, and the inverse to the input grid.
     orientation: direction cosines and the canonical RAS/LPS frame.
     masks: body, valid-region and evaluation masks.
-    batch: ``ct2mr preprocess``: many volumes in parallel into the preprocessed-file format (resumable).
+    collections: a whole domain (every CT or every MR of files and folders) read and preprocessed
+        (``load_domain``), for training, evaluation and the reference MRs of harmonisation.
+    batch: ``ct2mr preprocess``: many volumes in parallel into the preprocessed-file format (resumable); the
+        format itself is :mod:`ct2mr.io.preprocessed`.
 """

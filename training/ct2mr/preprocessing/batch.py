@@ -1,14 +1,9 @@
 """Batch preprocessing of CT and MR collections into training-ready HDF5 volumes: ``ct2mr preprocess``.
 
-Thesis section 4 (Algorithm 1) applied to whole collections, with the output format of section 4.6: one HDF5 file
-per 3D volume (4D series are split, e.g. cardiac phases or respiratory gates), holding
-
-* ``volume``: float32 (z, y, x) in [-1, 1] on the 1 mm RAS grid padded to a multiple of K;
-* attributes: ``ct2mr_preprocessed`` = 1, the source (path as given, absolute path, size, modification time, 4D
-  index, DICOM identifiers when available), the final shape, spacing, origin and direction (readable back by
-  :func:`ct2mr.io.images.read_hdf5`), the padding (for de-padding), every preprocessing parameter, the quality-control
-  counts (clipped voxels) and a raw-intensity histogram, the full :class:`~ct2mr.preprocessing.pipeline.PreprocessRecord`
-  and configuration as JSON, software versions, git commit and an ISO 8601 UTC timestamp.
+Thesis section 4 (Algorithm 1) applied to whole collections. Each 3D volume (4D series are split, e.g. cardiac
+phases or respiratory gates) becomes one file of the preprocessed format of section 4.6, described, read and
+recognised by :mod:`ct2mr.io.preprocessed`; this module is the command around it: planning, parallel worker
+processes, the run log and the summary.
 
 The batch is re-runnable: a volume whose output exists and records the same source (path, size, modification time)
 and the same parameters is skipped. Outputs are written atomically (temporary file, then rename); an input is never
@@ -22,7 +17,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -34,46 +28,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import SimpleITK as sitk
 
-from ct2mr import __version__
 from ct2mr.checks import prepare_output_dir, replace_nonfinite
 from ct2mr.provenance import git_commit, software_versions
 from ct2mr.io.images import HDF5_SUFFIXES, ImageReadError, image_suffix, list_images, read_volumes, write_hdf5
-from ct2mr.preprocessing.pipeline import MODALITIES, PreprocessingConfig, PreprocessRecord, preprocess
+from ct2mr.io.preprocessed import (PREPROCESSED_ATTR, output_name, parameter_hash, preprocessed_attributes,
+                                   read_attributes, source_stamp, volume_stem)
+from ct2mr.preprocessing.pipeline import MODALITIES, PreprocessingConfig, preprocess
 
 __all__ = [
-    "PREPROCESSED_ATTR",
-    "FORMAT_VERSION",
     "LOG_NAME",
     "STATUSES",
     "VolumeResult",
     "BatchSummary",
-    "PreprocessedFile",
     "preprocess_batch",
-    "output_name",
-    "parameter_hash",
-    "source_stamp",
-    "is_preprocessed",
-    "read_preprocessed",
     "default_jobs",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Attribute that marks an HDF5 file as a ct2mr preprocessing output (value 1).
-PREPROCESSED_ATTR = "ct2mr_preprocessed"
-#: Version of the output layout; part of the parameter hash, so a new layout re-processes old outputs.
-FORMAT_VERSION = 1
 #: The run log written in the output folder (one JSON object per volume and run).
 LOG_NAME = "preprocess_log.jsonl"
 #: Outcomes of one volume.
 STATUSES = ("ok", "skipped", "failed")
-#: Bins of the raw-intensity histogram stored with every volume (for `ct2mr qc`, thesis figures 14 and 16).
-RAW_HISTOGRAM_BINS = 128
-
-_DICOM_IDS = {"0010|0020": "patient_id", "0020|000d": "study_instance_uid", "0020|000e": "series_instance_uid"}
 
 
 @dataclass
@@ -146,89 +124,9 @@ class BatchSummary:
         return "\n".join(lines)
 
 
-@dataclass
-class PreprocessedFile:
-    """A ct2mr preprocessing output read back.
-
-    Attributes:
-        path: the HDF5 file.
-        name: the volume name stored at preprocessing time.
-        modality: ``"ct"`` or ``"mr"``.
-        array: float32 (z, y, x) in [-1, 1] (``None`` when read without the array).
-        record: the :class:`~ct2mr.preprocessing.pipeline.PreprocessRecord` (grids, padding, intensity range, flat flag).
-        attrs: every attribute, JSON strings decoded into dicts and lists.
-    """
-
-    path: Path
-    name: str
-    modality: str
-    array: np.ndarray | None
-    record: PreprocessRecord
-    attrs: dict[str, Any]
-
-    @property
-    def flat(self) -> bool:
-        """Whether the volume was flagged flat (zeros; skipped by training)."""
-        return bool(self.record.flat)
-
-
 def default_jobs() -> int:
     """The default number of parallel worker processes: ``min(4, CPU count)``."""
     return max(1, min(4, os.cpu_count() or 1))
-
-
-def output_name(stem: str, index: int | None = None) -> str:
-    """File name of a volume's output: ``<stem>.h5``, or ``<stem>_tNNN.h5`` for index NNN of a 4D series.
-
-    Args:
-        stem: the input's name without its image suffix.
-        index: 0-based index along the 4th axis, ``None`` for a 3D input.
-
-    Returns:
-        The file name (no folder).
-    """
-    return f"{stem}.h5" if index is None else f"{stem}_t{index:03d}.h5"
-
-
-def parameter_hash(modality: str, config: PreprocessingConfig) -> str:
-    """A short SHA-256 of everything that determines an output besides the source: modality, parameters, layout.
-
-    Args:
-        modality: ``"ct"`` or ``"mr"``.
-        config: the preprocessing parameters.
-
-    Returns:
-        16 hexadecimal characters.
-    """
-    payload = json.dumps({"modality": modality, "config": config.to_dict(), "format": FORMAT_VERSION},
-                         sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _stem(path: Path) -> str:
-    suffix = image_suffix(path)
-    return path.name[: -len(suffix)] if suffix and path.is_file() else path.name
-
-
-def source_stamp(path: str | os.PathLike) -> dict[str, int]:
-    """What the up-to-date check compares: the size and modification time of a source.
-
-    Args:
-        path: an input file, or a DICOM series folder (its files: total size and latest modification time).
-
-    Returns:
-        ``{"size": bytes, "mtime_ns": nanoseconds since the epoch}``.
-
-    Raises:
-        OSError: the path cannot be read.
-    """
-    path = Path(path)
-    if path.is_dir():
-        files = [p.stat() for p in path.iterdir() if p.is_file()]
-        return {"size": int(sum(s.st_size for s in files)), "mtime_ns": int(max((s.st_mtime_ns for s in files),
-                                                                                 default=0))}
-    stat = path.stat()
-    return {"size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
 
 
 def _series_length(path: Path) -> int | None:
@@ -258,172 +156,6 @@ def _series_length(path: Path) -> int | None:
     return None
 
 
-def _read_attrs(path: Path) -> dict[str, Any] | None:
-    """Attributes of an HDF5 file (JSON strings decoded), ``None`` when it cannot be opened as HDF5."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            raw = dict(f.attrs)
-    except (OSError, ValueError):
-        return None
-    attrs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if isinstance(value, bytes):
-            value = value.decode()
-        if isinstance(value, str) and value[:1] in "{[":
-            try:
-                value = json.loads(value)
-            except ValueError:
-                pass
-        elif isinstance(value, np.ndarray):
-            value = value.tolist()
-        elif isinstance(value, np.generic):
-            value = value.item()
-        attrs[key] = value
-    return attrs
-
-
-def is_preprocessed(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a ct2mr preprocessing output (an HDF5 file with ``ct2mr_preprocessed`` = 1).
-
-    Args:
-        path: any path.
-
-    Returns:
-        ``True`` for a ct2mr output; ``False`` for anything else (other files, folders, unreadable files).
-    """
-    path = Path(path)
-    if not path.is_file() or image_suffix(path) not in HDF5_SUFFIXES:
-        return False
-    attrs = _read_attrs(path)
-    return bool(attrs and attrs.get(PREPROCESSED_ATTR) == 1)
-
-
-def read_preprocessed(path: str | os.PathLike, load_array: bool = True) -> PreprocessedFile:
-    """Read a ct2mr preprocessing output: the volume, its record and every attribute.
-
-    Args:
-        path: an HDF5 file written by :func:`preprocess_batch`.
-        load_array: read the ``volume`` dataset too (``False``: attributes and record only).
-
-    Returns:
-        The :class:`PreprocessedFile`; ``array`` is float32 (z, y, x) in [-1, 1].
-
-    Raises:
-        ct2mr.io.images.ImageReadError: not an HDF5 file, or not a ct2mr preprocessing output.
-    """
-    import h5py
-
-    path = Path(path)
-    attrs = _read_attrs(path)
-    if attrs is None:
-        raise ImageReadError(f"{path} is not a readable HDF5 file. Is it truncated or of another format?")
-    if attrs.get(PREPROCESSED_ATTR) != 1 or not isinstance(attrs.get("record"), dict):
-        raise ImageReadError(f"{path} is not a ct2mr preprocessing output (no '{PREPROCESSED_ATTR}' attribute with "
-                             "a stored record). Preprocess it with `ct2mr preprocess` first.")
-    array = None
-    if load_array:
-        with h5py.File(path, "r") as f:
-            array = np.asarray(f["volume"][()], dtype=np.float32)
-    record = PreprocessRecord.from_dict(attrs["record"])
-    return PreprocessedFile(path, str(attrs.get("name", _stem(path))), record.modality, array, record, attrs)
-
-
-def _identifiers(path: Path, image: sitk.Image) -> dict[str, str]:
-    """Patient / study / series identifiers of the source, when the format carries them (DICOM, some headers)."""
-    found: dict[str, str] = {}
-    keys = set(image.GetMetaDataKeys())
-    for tag, name in _DICOM_IDS.items():
-        if tag in keys and image.GetMetaData(tag).strip():
-            found[name] = image.GetMetaData(tag).strip()
-    if path.is_dir() and len(found) < len(_DICOM_IDS):
-        try:
-            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-            first = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])[0]
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(first)
-            reader.ReadImageInformation()
-            for tag, name in _DICOM_IDS.items():
-                if reader.HasMetaDataKey(tag) and reader.GetMetaData(tag).strip():
-                    found.setdefault(name, reader.GetMetaData(tag).strip())
-        except (RuntimeError, IndexError):
-            pass
-    elif image_suffix(path) in HDF5_SUFFIXES:
-        attrs = _read_attrs(path) or {}
-        for name in ("patient_id", "study_id", "study_instance_uid", "series_instance_uid", "subject_id"):
-            if name in attrs and not isinstance(attrs[name], (dict, list)):
-                found.setdefault(name, str(attrs[name]))
-    return found
-
-
-def _raw_histogram(image: sitk.Image) -> tuple[list[int], list[float]]:
-    """Histogram of the raw input intensities (native grid, input units) over [min, max] in 128 bins."""
-    array = sitk.GetArrayViewFromImage(image)
-    lo, hi = float(array.min()), float(array.max())
-    if not hi > lo:
-        hi = lo + 1.0
-    counts, edges = np.histogram(array, bins=RAW_HISTOGRAM_BINS, range=(lo, hi))
-    return [int(c) for c in counts], [float(e) for e in edges]
-
-
-def _attributes(record: PreprocessRecord, array: np.ndarray, image: sitk.Image, task: dict[str, Any], name: str,
-                index: int | None) -> dict[str, Any]:
-    """Every HDF5 attribute of one output (thesis section 4.6)."""
-    grid = record.padded_grid
-    config = record.config
-    counts, edges = _raw_histogram(image)
-    source = Path(task["path"])
-    return {
-        PREPROCESSED_ATTR: 1,
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "modality": record.modality,
-        # source and identifiers
-        "source": task["source"],
-        "source_abspath": str(source.resolve()),
-        "source_size": task["stamp"]["size"],
-        "source_mtime_ns": task["stamp"]["mtime_ns"],
-        "series_index": -1 if index is None else int(index),
-        "series_length": -1 if task["series_length"] is None else int(task["series_length"]),
-        "identifiers": _identifiers(source, image),
-        # final geometry; `spacing` is (z, y, x) as the thesis's loaders (and ct2mr.io.images.read_hdf5) expect
-        "shape": [int(n) for n in array.shape],
-        "spacing": [float(s) for s in grid["spacing"][::-1]],
-        "spacing_zyx": [float(s) for s in grid["spacing"][::-1]],
-        "origin": [float(v) for v in grid["origin"]],
-        "direction": [float(v) for v in grid["direction"]],
-        "pad_before_zyx": [int(v) for v in record.pad_before[::-1]],
-        "pad_after_zyx": [int(v) for v in record.pad_after[::-1]],
-        "input_size": [int(v) for v in record.input_grid["size"]],
-        "input_spacing": [float(v) for v in record.input_grid["spacing"]],
-        # parameters and their outcome
-        "target_spacing": float(config["target_spacing"]),
-        "k": int(config["k"]),
-        "ct_window": [float(v) for v in config["ct_window"]],
-        "mr_percentiles": [float(v) for v in config["mr_percentiles"]],
-        "n4": bool(record.extra.get("n4", False)),
-        "intensity_range": [float(v) for v in record.intensity_range],
-        "default_value": float(record.default_value),
-        "pad_value": float(record.pad_value),
-        "flat": bool(record.flat),
-        "voxels": int(record.extra.get("voxels", 0)),
-        "clipped_low": int(record.extra.get("clipped_low", 0)),
-        "clipped_high": int(record.extra.get("clipped_high", 0)),
-        "raw_histogram_counts": counts,
-        "raw_histogram_edges": edges,
-        "record": record.to_dict(),
-        "config": {"modality": record.modality, "preprocessing": config, "select": task["select"],
-                   "command": task["command"], "params_hash": task["params_hash"]},
-        "params_hash": task["params_hash"],
-        # provenance
-        "ct2mr_version": __version__,
-        "software_versions": task["software"],
-        "git_commit": task["git_commit"],
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def _process_task(task: dict[str, Any]) -> list[VolumeResult]:
     """Read one input (all its wanted volumes), preprocess and write each; never raises."""
     path = Path(task["path"])
@@ -449,8 +181,7 @@ def _process_task(task: dict[str, Any]) -> list[VolumeResult]:
                 warnings.simplefilter("always")
                 image, _ = replace_nonfinite(image, task["modality"], name)  # NaN/inf: counted, warned, replaced
                 pre = preprocess(image, task["modality"], config)
-                attrs = _attributes(pre.record, pre.array, image, task, name, index)
-                write_hdf5(pre.array, out, attrs)
+                write_hdf5(pre.array, out, _attributes(pre, image, task, name, index))
             messages = read_warnings + [str(w.message) for w in caught]
             record = pre.record
             results.append(VolumeResult(
@@ -466,7 +197,16 @@ def _process_task(task: dict[str, Any]) -> list[VolumeResult]:
     return results
 
 
+def _attributes(pre: Any, image: sitk.Image, task: dict[str, Any], name: str, index: int | None) -> dict[str, Any]:
+    """The output attributes of one volume of ``task`` (:func:`ct2mr.io.preprocessed.preprocessed_attributes`)."""
+    return preprocessed_attributes(
+        pre.record, pre.array, image, name=name, source=task["source"], path=task["path"], stamp=task["stamp"],
+        index=index, series_length=task["series_length"], params_hash=task["params_hash"], select=task["select"],
+        command=task["command"], software=task["software"], git_commit=task["git_commit"])
+
+
 def _error_message(exc: BaseException) -> str:
+    """One line for a failed volume: the message, with the exception type unless it is a reading or input error."""
     text = str(exc).strip() or type(exc).__name__
     if isinstance(exc, MemoryError):
         text = "out of memory; run with fewer --jobs"
@@ -491,7 +231,7 @@ def _mp_context() -> multiprocessing.context.BaseContext:
 
 def _up_to_date(out: Path, abspath: str, stamp: dict[str, int], params_hash: str) -> tuple[bool, dict | None]:
     """``(up_to_date, attrs)`` of an existing output; ``attrs`` is ``None`` for a file that is not a ct2mr output."""
-    attrs = _read_attrs(out)
+    attrs = read_attributes(out)
     if attrs is None or attrs.get(PREPROCESSED_ATTR) != 1:
         return False, None
     same = (attrs.get("source_abspath") == abspath and attrs.get("source_size") == stamp["size"]
@@ -500,6 +240,7 @@ def _up_to_date(out: Path, abspath: str, stamp: dict[str, int], params_hash: str
 
 
 def _append_log(log: Path, run: str, results: Iterable[VolumeResult]) -> None:
+    """Append one JSON line per result, tagged with the run's start time, to the run log."""
     with open(log, "a", encoding="utf-8") as f:
         for result in results:
             f.write(json.dumps({"run": run, **result.to_dict()}) + "\n")
@@ -512,10 +253,10 @@ def preprocess_batch(inputs: str | os.PathLike | Iterable[str | os.PathLike], ou
                      command: str | None = None) -> BatchSummary:
     """Preprocess every volume of a collection into ``out_dir`` (thesis section 4, Algorithm 1; section 4.6).
 
-    Each input file or DICOM folder gives one output per 3D volume (see :func:`output_name`); 4D series are split
-    into their volumes (``select`` keeps some). Volumes run in parallel worker processes; an output that is up to
-    date (same source path, size, modification time and parameter hash) is skipped; every failure is recorded while
-    the other volumes go on.
+    Each input file or DICOM folder gives one output per 3D volume (the format of :mod:`ct2mr.io.preprocessed`,
+    named by :func:`ct2mr.io.preprocessed.output_name`); 4D series are split into their volumes (``select`` keeps
+    some). Volumes run in parallel worker processes; an output that is up to date (same source path, size,
+    modification time and parameter hash) is skipped; every failure is recorded while the other volumes go on.
 
     Args:
         inputs: files and folders (:func:`ct2mr.io.images.list_images`: NIfTI, NRRD, MHA, HDF5, DICOM series folders).
@@ -537,6 +278,29 @@ def preprocess_batch(inputs: str | os.PathLike | Iterable[str | os.PathLike], ou
         FileNotFoundError: an input path does not exist.
         ct2mr.io.images.ImageReadError: an input folder holds no volume.
     """
+    config, select, jobs = _check_arguments(modality, config, select, jobs)
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    paths = list_images(inputs)
+    prepare_output_dir(out_dir, "output folder (--out)")  # created, probed, stale temporary files removed
+    params_hash = parameter_hash(modality, config)
+    common = {"modality": modality, "config": config.to_dict(), "select": select, "command": command,
+              "params_hash": params_hash, "software": software_versions("numpy", "SimpleITK", "h5py"),
+              "git_commit": git_commit()}
+    plan = _Plan(out_dir, {str(p.resolve()) for p in paths}, force)
+    for p_index, path in enumerate(paths):
+        _plan_input(plan, p_index, path, select, params_hash, common)
+    report = _Reporter(out_dir / LOG_NAME, len(plan.order), progress)
+    report([plan.results[k] for k in plan.order if k in plan.results])
+    _run_tasks(plan.tasks, jobs, plan.results, report)
+    summary = BatchSummary(out_dir, [plan.results[k] for k in plan.order], time.perf_counter() - start, report.log)
+    logger.info("%s", summary.text())
+    return summary
+
+
+def _check_arguments(modality: str, config: PreprocessingConfig | None, select: Sequence[int] | None,
+                     jobs: int | None) -> tuple[PreprocessingConfig, list[int] | None, int]:
+    """``(config, select, jobs)`` with their defaults; a ``ValueError`` for a bad modality, n4, select or jobs."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}.")
     config = config or PreprocessingConfig()
@@ -549,105 +313,138 @@ def preprocess_batch(inputs: str | os.PathLike | Iterable[str | os.PathLike], ou
     jobs = default_jobs() if jobs is None else int(jobs)
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}.")
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    paths = list_images(inputs)
-    prepare_output_dir(out_dir, "output folder (--out)")  # created, probed, stale temporary files removed
-    input_paths = {str(p.resolve()) for p in paths}
-    params_hash = parameter_hash(modality, config)
-    common = {"modality": modality, "config": config.to_dict(), "select": select, "command": command,
-              "params_hash": params_hash, "software": software_versions("numpy", "SimpleITK", "h5py"),
-              "git_commit": git_commit()}
+    return config, select, jobs
 
-    # plan: which volume goes where, which are up to date
-    results: dict[tuple[int, int], VolumeResult] = {}
-    tasks: list[tuple[int, dict[str, Any]]] = []
-    owners: dict[str, str] = {}
-    order: list[tuple[int, int]] = []
-    for p_index, path in enumerate(paths):
-        source = str(path)
-        stem = _stem(path)
-        try:
-            length = _series_length(path)
-            stamp = source_stamp(path)
-        except Exception as exc:  # noqa: BLE001 - an unreadable header fails this input only
-            key = (p_index, 0)
-            order.append(key)
-            results[key] = VolumeResult(stem, source, str(out_dir / output_name(stem)), "failed",
-                                        _error_message(exc))
-            continue
-        indices: list[int | None] = [None] if length is None else (list(range(length)) if select is None
-                                                                     else list(select))
-        wanted = []
-        for v_index, index in enumerate(indices):
-            name = stem if index is None else f"{stem}_t{index:03d}"
-            out = out_dir / output_name(stem, index)
-            key = (p_index, v_index)
-            order.append(key)
-            resolved = str(out.resolve())
-            if resolved in input_paths:
-                raise ValueError(f"The output {out} would overwrite the input {path}; choose another --out folder.")
-            if resolved in owners:
-                raise ValueError(f"{owners[resolved]} and {path} would both write {out}; rename one of them or "
-                                 "preprocess them into different folders.")
-            owners[resolved] = str(path)
-            if length is not None and index >= length:
-                results[key] = VolumeResult(name, source, str(out), "failed",
-                                            f"{path}: index {index} is outside the 4D series of {length} volumes "
-                                            f"(0..{length - 1}).")
-                continue
-            if out.exists():
-                fresh, attrs = _up_to_date(out, str(path.resolve()), stamp, params_hash)
-                if attrs is None:
-                    results[key] = VolumeResult(name, source, str(out), "failed",
-                                                f"{out} exists and is not a ct2mr output; it is left untouched. "
-                                                "Move it or choose another --out folder.")
-                    continue
-                if fresh and not force:
-                    results[key] = VolumeResult(name, source, str(out), "skipped", "up to date",
-                                                flat=bool(attrs.get("flat", False)))
-                    continue
-            wanted.append((name, index, str(out), key))
-        if wanted:
-            task = {**common, "path": str(path), "source": source, "stamp": stamp, "series_length": length,
-                    "volumes": [(n, i, o) for n, i, o, _ in wanted], "keys": [k for *_, k in wanted]}
-            tasks.append((p_index, task))
 
-    total = len(order)
-    done = 0
-    log = out_dir / LOG_NAME
-    run = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+@dataclass
+class _Plan:
+    """What a batch does, decided before any volume is read.
 
-    def report(new: Sequence[VolumeResult]) -> None:
-        nonlocal done
-        _append_log(log, run, new)
+    Attributes:
+        out_dir: the output folder.
+        input_paths: resolved paths of every input (an output must not be one of them).
+        force: re-process up-to-date volumes.
+        order: ``(input index, volume index)`` of every volume, in input order.
+        results: the outcomes known up front (skipped, failed), by key.
+        tasks: one task per input with volumes to process (the worker's argument, :func:`_process_task`).
+        owners: resolved output path -> the input that writes it (two inputs must not share an output).
+    """
+
+    out_dir: Path
+    input_paths: set[str]
+    force: bool
+    order: list[tuple[int, int]] = field(default_factory=list)
+    results: dict[tuple[int, int], VolumeResult] = field(default_factory=dict)
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    owners: dict[str, str] = field(default_factory=dict)
+
+
+def _plan_input(plan: _Plan, p_index: int, path: Path, select: list[int] | None, params_hash: str,
+                common: dict[str, Any]) -> None:
+    """Add one input's volumes to ``plan``: a task for those to process, results for the others."""
+    source = str(path)
+    stem = volume_stem(path)
+    try:
+        length = _series_length(path)
+        stamp = source_stamp(path)
+    except Exception as exc:  # noqa: BLE001 - an unreadable header fails this input only
+        key = (p_index, 0)
+        plan.order.append(key)
+        plan.results[key] = VolumeResult(stem, source, str(plan.out_dir / output_name(stem)), "failed",
+                                         _error_message(exc))
+        return
+    indices: list[int | None] = [None] if length is None else (list(range(length)) if select is None
+                                                                 else list(select))
+    wanted = []
+    for v_index, index in enumerate(indices):
+        key = (p_index, v_index)
+        plan.order.append(key)
+        volume = _plan_volume(plan, key, path, stem, index, length, stamp, params_hash)
+        if volume is not None:
+            wanted.append(volume)
+    if wanted:
+        plan.tasks.append({**common, "path": str(path), "source": source, "stamp": stamp, "series_length": length,
+                           "volumes": [(n, i, o) for n, i, o, _ in wanted], "keys": [k for *_, k in wanted]})
+
+
+def _plan_volume(plan: _Plan, key: tuple[int, int], path: Path, stem: str, index: int | None, length: int | None,
+                 stamp: dict[str, int], params_hash: str) -> tuple[str, int | None, str, tuple[int, int]] | None:
+    """``(name, index, output, key)`` of a volume to process, or ``None`` with its outcome put in ``plan.results``.
+
+    Raises:
+        ValueError: the output would overwrite an input, or another input writes it too.
+    """
+    source = str(path)
+    name = stem if index is None else f"{stem}_t{index:03d}"
+    out = plan.out_dir / output_name(stem, index)
+    _claim_output(plan, out, path)
+    if length is not None and index >= length:
+        plan.results[key] = VolumeResult(name, source, str(out), "failed",
+                                         f"{path}: index {index} is outside the 4D series of {length} volumes "
+                                         f"(0..{length - 1}).")
+        return None
+    if out.exists():
+        fresh, attrs = _up_to_date(out, str(path.resolve()), stamp, params_hash)
+        if attrs is None:
+            plan.results[key] = VolumeResult(name, source, str(out), "failed",
+                                             f"{out} exists and is not a ct2mr output; it is left untouched. "
+                                             "Move it or choose another --out folder.")
+            return None
+        if fresh and not plan.force:
+            plan.results[key] = VolumeResult(name, source, str(out), "skipped", "up to date",
+                                             flat=bool(attrs.get("flat", False)))
+            return None
+    return name, index, str(out), key
+
+
+def _claim_output(plan: _Plan, out: Path, path: Path) -> None:
+    """Record that ``path`` writes ``out``; a ``ValueError`` when ``out`` is an input or another input's output."""
+    resolved = str(out.resolve())
+    if resolved in plan.input_paths:
+        raise ValueError(f"The output {out} would overwrite the input {path}; choose another --out folder.")
+    if resolved in plan.owners:
+        raise ValueError(f"{plan.owners[resolved]} and {path} would both write {out}; rename one of them or "
+                         "preprocess them into different folders.")
+    plan.owners[resolved] = str(path)
+
+
+class _Reporter:
+    """Appends finished volumes to the run log and calls ``progress(done, total, result)`` for each."""
+
+    def __init__(self, log: Path, total: int, progress: Callable[[int, int, VolumeResult], None] | None) -> None:
+        self.log, self.total, self.progress, self.done = log, total, progress, 0
+        self.run = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    def __call__(self, new: Sequence[VolumeResult]) -> None:
+        """Report the newly finished ``new``."""
+        _append_log(self.log, self.run, new)
         for result in new:
-            done += 1
-            if progress:
-                progress(done, total, result)
+            self.done += 1
+            if self.progress:
+                self.progress(self.done, self.total, result)
 
-    report([results[k] for k in order if k in results])
+
+def _run_tasks(tasks: list[dict[str, Any]], jobs: int, results: dict[tuple[int, int], VolumeResult],
+               report: _Reporter) -> None:
+    """Process every task, in this process (one worker) or in a pool of ``jobs`` worker processes."""
     n_workers = min(jobs, len(tasks))
     if n_workers <= 1:
-        for _, task in tasks:
+        for task in tasks:
             new = _process_task(task)
             results.update(zip(task["keys"], new))
             report(new)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // n_workers)
-        context = _mp_context()
-        with concurrent.futures.ProcessPoolExecutor(n_workers, mp_context=context, initializer=_init_worker,
-                                                    initargs=(threads,)) as pool:
-            futures = {pool.submit(_process_task, task): task for _, task in tasks}
-            for future in concurrent.futures.as_completed(futures):
-                task = futures[future]
-                try:
-                    new = future.result()
-                except Exception as exc:  # noqa: BLE001 - a worker that died (e.g. killed for memory)
-                    new = [VolumeResult(n, task["source"], o, "failed", f"worker process failed: "
-                                        f"{_error_message(exc)}") for n, _, o in task["volumes"]]
-                results.update(zip(task["keys"], new))
-                report(new)
-    summary = BatchSummary(out_dir, [results[k] for k in order], time.perf_counter() - start, log)
-    logger.info("%s", summary.text())
-    return summary
+        return
+    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    context = _mp_context()
+    with concurrent.futures.ProcessPoolExecutor(n_workers, mp_context=context, initializer=_init_worker,
+                                                initargs=(threads,)) as pool:
+        futures = {pool.submit(_process_task, task): task for task in tasks}
+        for future in concurrent.futures.as_completed(futures):
+            task = futures[future]
+            try:
+                new = future.result()
+            except Exception as exc:  # noqa: BLE001 - a worker that died (e.g. killed for memory)
+                new = [VolumeResult(n, task["source"], o, "failed", f"worker process failed: "
+                                    f"{_error_message(exc)}") for n, _, o in task["volumes"]]
+            results.update(zip(task["keys"], new))
+            report(new)

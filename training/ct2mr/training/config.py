@@ -59,6 +59,7 @@ __all__ = [
     "load_config",
     "shorthand_overrides",
     "split_overrides",
+    "split_path_overrides",
     "to_yaml",
 ]
 
@@ -215,6 +216,10 @@ class LawConfig:
         scales_mm: Gaussian sigmas (mm) of the features (0: the voxel itself).
         gradient_sigma_mm: blur (mm) before the gradient-magnitude feature.
         smoothness: weight of the curve's squared second difference.
+        lr_scale: the curves' learning rate as a multiple of ``train.lr_g`` once the GAN trains (0 keeps the fitted
+            law; the ResNet branch still learns what needs context).
+        file: start from the laws of an earlier run's ``intensity_law.json`` instead of fitting (same knots), e.g.
+            to compare recipes from one law or to reuse a fit made on a faster machine.
     """
 
     enabled: bool = False
@@ -227,7 +232,9 @@ class LawConfig:
     samples: int = 10000
     scales_mm: List[float] = field(default_factory=lambda: [0.0, 3.0, 8.0, 20.0])
     gradient_sigma_mm: float = 1.5
-    smoothness: float = 0.01
+    smoothness: float = 0.0001
+    lr_scale: float = 1.0
+    file: Optional[str] = None
 
 
 @dataclass
@@ -424,6 +431,25 @@ class TrainConfig:
     snapshot_every: int = 0
 
 
+def _validate_law(m: "ModelConfig") -> None:
+    """``model.law`` against the generators' curve and its own ranges (issue 13)."""
+    knots = (m.generator.extra or {}).get("law_knots", 0)
+    if knots != m.law.knots:
+        raise ValueError(f"model.law.enabled needs generators with an intensity curve of model.law.knots "
+                         f"= {m.law.knots} knots: set model.generator.extra.law_knots={m.law.knots} "
+                         f"(it is {knots}).")
+    if m.law.knots < 2 or m.law.restarts < 1 or min(m.law.iterations, m.law.screen_iterations) < 0 \
+            or m.law.finalists < 1 or m.law.spacing_mm <= 0 or m.law.samples < 10:
+        raise ValueError("model.law needs knots >= 2, restarts >= 1, finalists >= 1, iterations and "
+                         "screen_iterations >= 0, spacing_mm > 0 and samples >= 10.")
+    if m.law.lr_scale < 0 or m.law.smoothness < 0:
+        raise ValueError(f"model.law.lr_scale and model.law.smoothness must be >= 0, got {m.law.lr_scale} "
+                         f"and {m.law.smoothness}.")
+    if m.law.file and not Path(m.law.file).is_file():
+        raise ValueError(f"model.law.file {m.law.file} does not exist: give the intensity_law.json of an "
+                         "earlier run, or leave it unset to fit the laws.")
+
+
 @dataclass
 class RunConfig:
     """A whole experiment: ``name``, the preset it started from, and the three sections."""
@@ -458,6 +484,16 @@ class RunConfig:
         Raises:
             ValueError: a value outside its range or allowed set; the message names the key and what is allowed.
         """
+        self._validate_choices()
+        self._validate_model()
+        if self.model.law.enabled:
+            _validate_law(self.model)
+        self._validate_data()
+        self._validate_training()
+        return self
+
+    def _validate_choices(self) -> None:
+        """Names from their allowed sets (networks, heads, optimiser, ...), this install's extensions included."""
         m, d, t = self.model, self.data, self.train
         _choice("model.generator.name", m.generator.name, _extend(GENERATOR_NAMES, "networks", "GENERATORS"))
         _choice("model.generator.norm", m.generator.norm, _extend(NORM_NAMES, "networks", "NORMS"))
@@ -472,6 +508,10 @@ class RunConfig:
         _choice("train.optimizer", t.optimizer, OPTIMIZERS)
         _choice("train.precision", t.precision, PRECISIONS)
         _choice("train.decay", t.decay, DECAY_MODES)
+
+    def _validate_model(self) -> None:
+        """Network sizes, loss weights, MIND/PatchNCE/histogram settings, Rician and paired terms."""
+        m, d = self.model, self.data
         if m.generator.base_channels < 1 or m.discriminator.base_channels < 1:
             raise ValueError("model.generator.base_channels and model.discriminator.base_channels must be >= 1.")
         if m.generator.n_blocks < 0 or m.generator.depth < 1 or m.discriminator.n_layers < 1:
@@ -490,16 +530,6 @@ class RunConfig:
         if m.beta != 0 and not 0.3 <= m.beta <= 0.7:
             raise ValueError(f"model.beta (dual contrast) must be 0 (off) or in [0.3, 0.7] (thesis section 6.2.1, "
                              f"following DC-CycleGAN), got {m.beta}.")
-        if m.law.enabled:
-            knots = (m.generator.extra or {}).get("law_knots", 0)
-            if knots != m.law.knots:
-                raise ValueError(f"model.law.enabled needs generators with an intensity curve of model.law.knots "
-                                 f"= {m.law.knots} knots: set model.generator.extra.law_knots={m.law.knots} "
-                                 f"(it is {knots}).")
-            if m.law.knots < 2 or m.law.restarts < 1 or min(m.law.iterations, m.law.screen_iterations) < 0 \
-                    or m.law.finalists < 1 or m.law.spacing_mm <= 0 or m.law.samples < 10:
-                raise ValueError("model.law needs knots >= 2, restarts >= 1, finalists >= 1, iterations and "
-                                 "screen_iterations >= 0, spacing_mm > 0 and samples >= 10.")
         r = m.rician
         if len(r.sigma_range) != 2 or not 0 <= r.sigma_range[0] <= r.sigma_range[1]:
             raise ValueError(f"model.rician.sigma_range must be [low, high] with 0 <= low <= high, got "
@@ -513,7 +543,10 @@ class RunConfig:
             raise ValueError("model.paired.enabled needs data.paired_ct and data.paired_mr, the same number of "
                              f"registered volumes in the same order (got {len(d.paired_ct)} CT, {len(d.paired_mr)} "
                              "MR); pass --paired-ct and --paired-mr, or disable it with model.paired.enabled=false.")
-        # patches
+
+    def _validate_data(self) -> None:
+        """Patch size against the networks' down-sampling, batch, split fractions, sampling; the preprocessing."""
+        m, d = self.model, self.data
         patch = list(d.patch_size)
         if len(patch) == 1:
             d.patch_size = patch = patch * 3
@@ -533,7 +566,10 @@ class RunConfig:
         if d.foreground_tries < 1 or d.prefetch < 0:
             raise ValueError("data.foreground_tries must be >= 1 and data.prefetch >= 0.")
         PreprocessingConfig.from_dict(d.preprocessing)
-        # training
+
+    def _validate_training(self) -> None:
+        """Steps, rates, schedule, pool, freezing, logging, validation crop, budgets and device."""
+        t = self.train
         if t.steps < 1:
             raise ValueError(f"train.steps must be >= 1, got {t.steps}.")
         if t.lr_g <= 0 or t.lr_d <= 0:
@@ -566,7 +602,6 @@ class RunConfig:
             raise ValueError(f"train.val_overlap must be in [0, 1), got {t.val_overlap}.")
         if t.device != "auto" and t.device != "cpu" and not t.device.startswith("cuda"):
             raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}.")
-        return self
 
 
 # ---- presets and loading ------------------------------------------------------------------------------------
@@ -722,6 +757,28 @@ def split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
     paths, overrides = [], []
     for item in items:
         (overrides if _OVERRIDE.match(str(item)) and not os.path.exists(item) else paths).append(item)
+    return paths, overrides
+
+
+def split_path_overrides(values: Dict[str, Optional[Sequence[str]]]
+                         ) -> tuple[dict[str, Optional[list[str]]], list[str]]:
+    """:func:`split_overrides` over several path options at once (``ct2mr train --ct``, ``--mr``, ``--val-ct`` ...).
+
+    Args:
+        values: option name -> its values as parsed (``None`` or empty: the option was not given).
+
+    Returns:
+        ``(paths, overrides)``: every option with the paths it keeps (``None`` when only overrides were there; a
+        value that was not given is returned as it is), and the overrides taken out, in command-line order.
+    """
+    paths: dict[str, Optional[list[str]]] = {}
+    overrides: list[str] = []
+    for name, items in values.items():
+        if items:
+            kept, found = split_overrides(items)
+            items = kept or None
+            overrides += found
+        paths[name] = items
     return paths, overrides
 
 

@@ -38,14 +38,16 @@ Arrays are NumPy (z, y, x) in the network's normalised [-1, 1] units, on an isot
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["IntensityLaw", "law_knots", "hat_basis", "source_features", "target_features", "fit_intensity_law"]
+__all__ = ["IntensityLaw", "read_intensity_laws", "law_knots", "hat_basis", "source_features", "target_features", "fit_intensity_law"]
 
 
 def law_knots(count: int) -> np.ndarray:
@@ -97,6 +99,43 @@ class IntensityLaw:
         return {"source": self.source, "target": self.target, "knots": [round(float(v), 5) for v in self.knots],
                 "values": [round(float(v), 5) for v in self.values], "distance": self.distance,
                 "restarts": self.restarts, "seconds": round(self.seconds, 2)}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "IntensityLaw":
+        """The law of a :meth:`to_dict` record (one entry of a run's ``intensity_law.json``).
+
+        Raises:
+            ValueError: knots and values missing, of different lengths, not increasing, or outside [-1, 1].
+        """
+        try:
+            knots = np.asarray(record["knots"], np.float64)
+            values = np.asarray(record["values"], np.float64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"An intensity law needs 'knots' and 'values' lists of numbers ({exc}).") from None
+        if knots.ndim != 1 or knots.shape != values.shape or len(knots) < 2 or np.any(np.diff(knots) <= 0) \
+                or np.abs(knots).max() > 1 + 1e-6 or np.abs(values).max() > 1 + 1e-6:
+            raise ValueError("An intensity law needs as many values as knots (>= 2), increasing knots, and both "
+                             "within [-1, 1].")
+        return cls(knots, values, float(record.get("distance", float("nan"))), list(record.get("restarts", [])),
+                   float(record.get("seconds", 0.0)), str(record.get("source", "ct")), str(record.get("target", "mr")))
+
+
+def read_intensity_laws(path: str | os.PathLike) -> dict[str, IntensityLaw]:
+    """The laws of a run's ``intensity_law.json``: ``{"G": CT -> MR law, "F": MR -> CT law}`` (plain JSON, no code).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON, or without valid ``G`` and ``F`` laws.
+    """
+    import json
+
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON ({exc}).") from None
+    if not isinstance(document, dict) or not {"G", "F"} <= set(document):
+        raise ValueError(f"{path} holds no 'G' and 'F' laws: give the intensity_law.json a law run wrote.")
+    return {name: IntensityLaw.from_dict(document[name]) for name in ("G", "F")}
 
 
 def _subsample(volume: np.ndarray, voxel_mm: float, spacing_mm: float) -> tuple[np.ndarray, float]:
@@ -162,7 +201,7 @@ def fit_intensity_law(sources: Sequence[np.ndarray], targets: Sequence[np.ndarra
                       spacing_mm: float = 2.0, scales_mm: Sequence[float] = (0.0, 3.0, 8.0, 20.0),
                       gradient_sigma_mm: float = 1.5, samples: int = 10000, restarts: int = 16,
                       iterations: int = 300, screen_iterations: int = 60, finalists: int = 3,
-                      control_points: int = 6, projections: int = 16, smoothness: float = 0.01,
+                      control_points: int = 6, projections: int = 16, smoothness: float = 1e-4,
                       gradient_weight: float = 4.0, max_volumes: int = 8, seed: int = 0,
                       ct_window: Sequence[float] = (-1000.0, 1000.0), starts: Sequence[Sequence[float]] = (),
                       progress: Callable[[int, int, str], None] | None = None) -> IntensityLaw:
@@ -201,95 +240,127 @@ def fit_intensity_law(sources: Sequence[np.ndarray], targets: Sequence[np.ndarra
     Raises:
         ValueError: no source or no target volume, or a volume that is not 3D.
     """
-    import torch
-
-    from ct2mr.preprocessing.masks import body_mask
-
     if not sources or not targets:
         raise ValueError("fit_intensity_law needs at least one source and one target volume.")
     start = time.perf_counter()
-    rng = np.random.default_rng(seed)
     grid = law_knots(knots)
+    given = [np.asarray(v, np.float32) for v in starts]
+    if any(v.shape != (len(grid),) for v in given):
+        raise ValueError(f"Every starting curve needs {len(grid)} values (one per knot).")
+    basis, target = _feature_matrices(sources, targets, (source_modality, target_modality), voxel_mm, grid,
+                                      spacing_mm, scales_mm, gradient_sigma_mm, samples, max_volumes, ct_window,
+                                      np.random.default_rng(seed))
+    objective = _SlicedObjective(basis, target, len(scales_mm), gradient_weight, projections, smoothness, seed)
+    inits = [grid.astype(np.float32), *given, *_random_curves(grid, restarts - 1, control_points, objective.generator)]
+    name = f"intensity law {source_modality}->{target_modality}"
+    # successive halving: every start gets a short screen, the best few the full optimisation
+    screened = []
+    for r, init in enumerate(inits):
+        screened.append(objective.optimise(init, min(iterations, screen_iterations)))
+        if progress is not None:
+            progress(r + 1, len(inits) + finalists, f"{name}: start {r + 1}, distance {screened[-1][0]:.5f}")
+    best: tuple[float, np.ndarray] | None = None
+    for i, index in enumerate(np.argsort([score for score, _ in screened])[:max(1, finalists)]):
+        score, curve = objective.optimise(screened[index][1], max(0, iterations - screen_iterations))
+        if best is None or score < best[0]:
+            best = (score, curve.astype(np.float64))
+        if progress is not None:
+            progress(len(inits) + i + 1, len(inits) + finalists, f"{name}: finalist {i + 1}, distance {score:.5f}")
+    assert best is not None
+    return IntensityLaw(grid, best[1], best[0], [round(score, 6) for score, _ in screened],
+                        time.perf_counter() - start, source_modality, target_modality)
 
-    def chosen(volumes: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return list(volumes[:max_volumes])
 
-    def mask(volume: np.ndarray, modality: str) -> np.ndarray:
-        return body_mask(volume, modality, normalised=True, ct_window=ct_window)
+def _feature_matrices(sources: Sequence[np.ndarray], targets: Sequence[np.ndarray], modalities: tuple[str, str],
+                      voxel_mm: float, grid: np.ndarray, spacing_mm: float, scales_mm: Sequence[float],
+                      gradient_sigma_mm: float, samples: int, max_volumes: int, ct_window: Sequence[float],
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The source basis (F, K, N) of :func:`source_features` and the target rows (M, S + 1) of
+    :func:`target_features`, over the first ``max_volumes`` volumes of each side, subsampled to ``spacing_mm``.
 
-    basis, target = [], []
-    for volume in chosen(sources):
-        if volume.ndim != 3:
-            raise ValueError(f"fit_intensity_law needs (z, y, x) volumes, got shape {volume.shape}.")
-        small, mm = _subsample(volume, voxel_mm, spacing_mm)
-        basis.append(source_features(small, mask(small, source_modality), mm, grid, scales_mm, gradient_sigma_mm,
-                                     samples, rng))
-    for volume in chosen(targets):
-        if volume.ndim != 3:
-            raise ValueError(f"fit_intensity_law needs (z, y, x) volumes, got shape {volume.shape}.")
-        small, mm = _subsample(volume, voxel_mm, spacing_mm)
-        target.append(target_features(small, mask(small, target_modality), mm, scales_mm, gradient_sigma_mm,
-                                      samples, rng))
-    n_scales = len(scales_mm)
-    B = torch.from_numpy(np.concatenate(basis, 2))
-    B[n_scales:] *= gradient_weight
-    Y = torch.from_numpy(np.concatenate(target, 0))
-    Y[:, n_scales] *= gradient_weight
-    generator = torch.Generator().manual_seed(seed)
-    count = min(B.shape[2], Y.shape[0])
+    Raises:
+        ValueError: a volume that is not 3D.
+    """
+    from ct2mr.preprocessing.masks import body_mask
 
-    def distance(values: torch.Tensor, n_dirs: int) -> torch.Tensor:
-        rows = torch.einsum("fkn,k->nf", B, values)
-        rows = torch.cat([rows[:, :n_scales], rows[:, n_scales:].norm(dim=1, keepdim=True)], 1)
-        rows = rows[torch.randperm(rows.shape[0], generator=generator)[:count]]
-        other = Y[torch.randperm(Y.shape[0], generator=generator)[:count]]
-        dirs = torch.randn(rows.shape[1], n_dirs, generator=generator)
+    out = []
+    for volumes, modality, features in ((sources, modalities[0], source_features),
+                                        (targets, modalities[1], target_features)):
+        rows = []
+        for volume in list(volumes)[:max_volumes]:
+            if volume.ndim != 3:
+                raise ValueError(f"fit_intensity_law needs (z, y, x) volumes, got shape {volume.shape}.")
+            small, mm = _subsample(volume, voxel_mm, spacing_mm)
+            mask = body_mask(small, modality, normalised=True, ct_window=ct_window)
+            extra = (grid,) if features is source_features else ()
+            rows.append(features(small, mask, mm, *extra, scales_mm, gradient_sigma_mm, samples, rng))
+        out.append(np.concatenate(rows, 2 if features is source_features else 0))
+    return out[0], out[1]
+
+
+def _random_curves(grid: np.ndarray, count: int, control_points: int, generator) -> list[np.ndarray]:  # noqa: ANN001
+    """``count`` smooth random starts: uniform values in [-1, 1] at a few control points, linear in between."""
+    import torch
+
+    coarse = np.linspace(-1.0, 1.0, max(2, min(len(grid), control_points)))
+    curves = []
+    for _ in range(max(0, count)):
+        control = torch.rand(len(coarse), generator=generator).numpy() * 2.0 - 1.0
+        curves.append(np.interp(grid, coarse, control).astype(np.float32))
+    return curves
+
+
+class _SlicedObjective:
+    """The fit's objective: sliced Wasserstein distance between the law's source features and the target's, plus
+    the curvature penalty; Adam over the knot values (module docstring).
+
+    Args:
+        basis: (F, K, N) source features per knot (:func:`source_features`).
+        target: (M, S + 1) target features (:func:`target_features`).
+        n_scales: S, the blurred-intensity features (the rest are gradient components).
+        gradient_weight, projections, smoothness, seed: see :func:`fit_intensity_law`.
+    """
+
+    def __init__(self, basis: np.ndarray, target: np.ndarray, n_scales: int, gradient_weight: float,
+                 projections: int, smoothness: float, seed: int) -> None:
+        import torch
+
+        self.B = torch.from_numpy(basis)
+        self.B[n_scales:] *= gradient_weight
+        self.Y = torch.from_numpy(target)
+        self.Y[:, n_scales] *= gradient_weight
+        self.n_scales, self.projections, self.smoothness = n_scales, projections, smoothness
+        self.generator = torch.Generator().manual_seed(seed)
+        self.count = min(self.B.shape[2], self.Y.shape[0])
+
+    def distance(self, values, n_dirs: int):  # noqa: ANN001, ANN201 (torch tensors)
+        """Sliced W2^2 between the law ``values`` (K,) applied to the source features and the target features."""
+        import torch
+
+        rows = torch.einsum("fkn,k->nf", self.B, values)
+        rows = torch.cat([rows[:, :self.n_scales], rows[:, self.n_scales:].norm(dim=1, keepdim=True)], 1)
+        rows = rows[torch.randperm(rows.shape[0], generator=self.generator)[:self.count]]
+        other = self.Y[torch.randperm(self.Y.shape[0], generator=self.generator)[:self.count]]
+        dirs = torch.randn(rows.shape[1], n_dirs, generator=self.generator)
         dirs = dirs / dirs.norm(dim=0, keepdim=True)
         a = torch.sort((rows @ dirs).t().contiguous(), 1).values
         b = torch.sort((other @ dirs).t().contiguous(), 1).values
         return (a - b).square().mean()
 
-    given = [torch.tensor(np.asarray(v, np.float32)) for v in starts]
-    if any(v.shape != (len(grid),) for v in given):
-        raise ValueError(f"Every starting curve needs {len(grid)} values (one per knot).")
-    coarse = np.linspace(-1.0, 1.0, max(2, min(len(grid), control_points)))
-    inits = [torch.tensor(grid, dtype=torch.float32), *given]
-    for _ in range(max(0, restarts - 1)):  # smooth random curves: uniform values at a few control points
-        control = torch.rand(len(coarse), generator=generator).numpy() * 2.0 - 1.0
-        inits.append(torch.tensor(np.interp(grid, coarse, control), dtype=torch.float32))
+    def optimise(self, curve0: np.ndarray, steps: int) -> tuple[float, np.ndarray]:
+        """Adam from ``curve0`` (K,) for ``steps``; returns (distance over 4 x 64 directions, curve (K,))."""
+        import torch
 
-    def optimise(curve0: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
-        values = curve0.clone().requires_grad_(True)
+        values = torch.tensor(np.asarray(curve0, np.float32)).requires_grad_(True)
         optimiser = torch.optim.Adam([values], lr=0.05)
         for _ in range(steps):
             curve = values.clamp(-1.0, 1.0)
-            loss = distance(curve, projections)
-            if smoothness > 0 and len(grid) > 2:
-                loss = loss + smoothness * (curve[2:] - 2 * curve[1:-1] + curve[:-2]).square().sum()
+            loss = self.distance(curve, self.projections)
+            if self.smoothness > 0 and len(curve) > 2:
+                loss = loss + self.smoothness * (curve[2:] - 2 * curve[1:-1] + curve[:-2]).square().sum()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
         with torch.no_grad():
             curve = values.clamp(-1.0, 1.0)
-            return float(np.mean([distance(curve, 64).item() for _ in range(4)])), curve.detach()
-
-    # successive halving: every start gets a short screen, the best few the full optimisation
-    screened = []
-    for r, init in enumerate(inits):
-        screened.append(optimise(init, min(iterations, screen_iterations)))
-        if progress is not None:
-            progress(r + 1, len(inits) + finalists, f"intensity law {source_modality}->{target_modality}: start "
-                     f"{r + 1}, distance {screened[-1][0]:.5f}")
-    scores = [round(score, 6) for score, _ in screened]
-    order = np.argsort([score for score, _ in screened])[:max(1, finalists)]
-    best: tuple[float, np.ndarray] | None = None
-    for i, index in enumerate(order):
-        score, curve = optimise(screened[index][1], max(0, iterations - screen_iterations))
-        if best is None or score < best[0]:
-            best = (score, curve.numpy().astype(np.float64))
-        if progress is not None:
-            progress(len(inits) + i + 1, len(inits) + finalists, f"intensity law {source_modality}->"
-                     f"{target_modality}: finalist {i + 1}, distance {score:.5f}")
-    assert best is not None
-    return IntensityLaw(grid, best[1], best[0], scores, time.perf_counter() - start, source_modality,
-                        target_modality)
+            return float(np.mean([self.distance(curve, 64).item() for _ in range(4)])), curve.numpy().copy()

@@ -64,12 +64,14 @@ from torch import nn
 
 from ct2mr.models.checkpoint import CheckpointError, load_training_state, save_checkpoint, save_training_state
 from ct2mr.training.config import RunConfig, load_config, to_yaml
-from ct2mr.training.data import (DomainVolume, PairedPatchSampler, PatchPrefetcher, TrainingBatches, UnpairedPatchSampler,
-                   load_domain, make_split, pair_volumes, read_split, write_split)
+from ct2mr.preprocessing.collections import DomainVolume, load_domain
+from ct2mr.training.data import (PairedPatchSampler, PatchPrefetcher, TrainingBatches, UnpairedPatchSampler, make_split,
+                                 pair_volumes, read_split, write_split)
 from ct2mr.inference.translate import (InferenceSettings, cluster_device, resolve_device, resolve_precision,
                                        sliding_window)
 from ct2mr.io.images import verify_file, write_json, write_text
 from ct2mr.networks import build_discriminator, build_generator
+from ct2mr.networks.resnet import IntensityCurve
 from ct2mr.provenance import software_versions
 from ct2mr.inference.ood import training_ct_statistics
 from ct2mr.preprocessing.pipeline import PreprocessingConfig
@@ -418,6 +420,43 @@ class CycleGANTrainer:
         m, t = config.model, config.train
         self.slots = self.dist.slots(config.data.batch_size)
         self.global_batch = config.data.batch_size * self.dist.world_size
+        self._check_losses()
+        self.adv = losses.AdversarialLoss(m.adversarial, gp_weight=m.gp_weight)
+        self.adv_pair = losses.AdversarialLoss(m.paired.adversarial) if m.paired.enabled else None
+        self._build_networks()
+        self.channels_last = self.device.type == "cuda" if t.channels_last is None else bool(t.channels_last)
+        for net in self.networks.values():
+            net.to(self.device)
+            if self.channels_last:
+                net.to(memory_format=torch.channels_last_3d)
+        self.checkpointed_blocks = 0
+        if t.grad_checkpointing:
+            self.checkpointed_blocks = enable_gradient_checkpointing(self.G) + enable_gradient_checkpointing(self.F)
+        # optimisers and schedules (TTUR: separate rates)
+        self.opt_g = self._optimizer(self._generator_groups(), t.lr_g)
+        self.opt_d = self._optimizer([p for d in self.discriminators.values() for p in d.parameters()], t.lr_d)
+        steps, decay, start = t.steps, t.decay, config.decay_start
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda k: lr_factor(k, steps, decay, start))
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, lambda k: lr_factor(k, steps, decay, start))
+        self.dtype = resolve_precision(t.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        # randomness owned by the trainer (per slot where it touches samples)
+        self.pool_mr = ImagePool(t.pool_size, self.slots, self.global_batch, t.seed, stream=0)
+        self.pool_ct = ImagePool(t.pool_size, self.slots, self.global_batch, t.seed, stream=1)
+        self.noise = {s: torch.Generator(device=self.device).manual_seed(t.seed * 1_000_003 + 7919 * s + 17)
+                      for s in self.slots}
+        self.gp_generator = torch.Generator(device=self.device).manual_seed(t.seed * 1_000_003 + 104_729
+                                                                            + self.dist.rank)
+        self._wrap_for_ddp()
+        self.step_count = 0
+        self.clock_fraction: float | None = None
+
+    # -- construction helpers --
+    def _check_losses(self) -> None:
+        """Refuse a configuration that needs a loss or head this install's ``ct2mr.losses`` lacks."""
+        from ct2mr import losses
+
+        m = self.config.model
         heads = getattr(losses, "ADVERSARIAL_HEADS", ("lsgan",))
         for key, head in (("model.adversarial", m.adversarial), ("model.paired.adversarial", m.paired.adversarial)):
             if head not in heads and (key == "model.adversarial" or m.paired.enabled):
@@ -428,8 +467,6 @@ class CycleGANTrainer:
             if check is None:
                 raise _Missing("model.beta (dual contrast) needs ct2mr.losses.check_beta/dual_contrast_loss.")
             check(m.beta)
-        self.adv = losses.AdversarialLoss(m.adversarial, gp_weight=m.gp_weight)
-        self.adv_pair = losses.AdversarialLoss(m.paired.adversarial) if m.paired.enabled else None
         if m.alpha or m.rician.tau:
             _require_losses("ssim3d", "structural_cycle_loss")
         if m.rician.corrupt_d or m.rician.tau:
@@ -443,6 +480,9 @@ class CycleGANTrainer:
         if m.lambda_nce:
             _require_losses("patch_nce_loss", "PatchSampleHead", "encoder_features", "default_nce_layers")
 
+    def _build_networks(self) -> None:
+        """G, F, the discriminators (+ pair discriminators) and the PatchNCE heads of ``model.*``."""
+        m, t = self.config.model, self.config.train
         self.architecture = {"generator": m.generator.to_spec(), "discriminator": m.discriminator.to_spec()}
         if m.paired.enabled:
             self.architecture["pair_discriminator"] = m.discriminator.to_spec(in_channels=2)
@@ -467,31 +507,9 @@ class CycleGANTrainer:
             self.heads = {"H_G": PatchSampleHead(channels, m.nce_channels),
                           "H_F": PatchSampleHead(channels, m.nce_channels)}
             self.nce_generator = torch.Generator().manual_seed(t.seed * 1_000_003 + 3571 + self.dist.rank)
-        self.channels_last = self.device.type == "cuda" if t.channels_last is None else bool(t.channels_last)
-        for net in self.networks.values():
-            net.to(self.device)
-            if self.channels_last:
-                net.to(memory_format=torch.channels_last_3d)
-        self.checkpointed_blocks = 0
-        if t.grad_checkpointing:
-            self.checkpointed_blocks = enable_gradient_checkpointing(self.G) + enable_gradient_checkpointing(self.F)
-        # optimisers and schedules (TTUR: separate rates)
-        self.opt_g = self._optimizer(list(self.G.parameters()) + list(self.F.parameters())
-                                     + [p for h in self.heads.values() for p in h.parameters()], t.lr_g)
-        self.opt_d = self._optimizer([p for d in self.discriminators.values() for p in d.parameters()], t.lr_d)
-        steps, decay, start = t.steps, t.decay, config.decay_start
-        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda k: lr_factor(k, steps, decay, start))
-        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, lambda k: lr_factor(k, steps, decay, start))
-        self.dtype = resolve_precision(t.precision, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        # randomness owned by the trainer (per slot where it touches samples)
-        self.pool_mr = ImagePool(t.pool_size, self.slots, self.global_batch, t.seed, stream=0)
-        self.pool_ct = ImagePool(t.pool_size, self.slots, self.global_batch, t.seed, stream=1)
-        self.noise = {s: torch.Generator(device=self.device).manual_seed(t.seed * 1_000_003 + 7919 * s + 17)
-                      for s in self.slots}
-        self.gp_generator = torch.Generator(device=self.device).manual_seed(t.seed * 1_000_003 + 104_729
-                                                                            + self.dist.rank)
-        # DistributedDataParallel wrappers (the unwrapped modules stay in G, F, D_*)
+
+    def _wrap_for_ddp(self) -> None:
+        """DistributedDataParallel wrappers in a torchrun job (``_G``, ``_F``, ``_D``, ``_H``); else the plain modules."""
         self._G, self._F = self.G, self.F
         self._D = dict(self.discriminators)
         if self.dist.enabled:
@@ -509,10 +527,7 @@ class CycleGANTrainer:
             self._H = {k: wrap(v) for k, v in self.heads.items()}
         else:
             self._H = dict(self.heads)
-        self.step_count = 0
-        self.clock_fraction: float | None = None
 
-    # -- construction helpers --
     def _build(self, builder: Callable[[dict], nn.Module], spec: dict[str, Any], key: str) -> nn.Module:
         from ct2mr.networks import factory, norm
 
@@ -531,8 +546,23 @@ class CycleGANTrainer:
                 raise _Missing(f"{key}: {exc} (this install's ct2mr.networks predates the option).") from exc
             raise
 
-    def _optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    def _generator_groups(self) -> list[dict[str, Any]]:
+        """G's, F's and the heads' parameters; the intensity curves in a group of their own at ``model.law.lr_scale``
+        times the rate when that is not 1 (issue 13: the GAN steps otherwise pull the fitted law away)."""
+        params = list(self.G.parameters()) + list(self.F.parameters()) + [p for h in self.heads.values()
+                                                                            for p in h.parameters()]
+        scale = self.config.model.law.lr_scale
+        curves = {id(m.values) for net in (self.G, self.F) for m in net.modules() if isinstance(m, IntensityCurve)}
+        if scale == 1.0 or not curves:
+            return [{"params": params}]
+        return [{"params": [p for p in params if id(p) not in curves]},
+                {"params": [p for p in params if id(p) in curves], "lr_scale": scale}]
+
+    def _optimizer(self, params: list, lr: float) -> torch.optim.Optimizer:
         t = self.config.train
+        for group in params:
+            if isinstance(group, dict) and "lr_scale" in group:
+                group["lr"] = lr * group["lr_scale"]
         if t.optimizer == "adam":
             return torch.optim.Adam(params, lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         if t.optimizer == "rmsprop":
@@ -557,7 +587,7 @@ class CycleGANTrainer:
         factor = lr_factor(int(round(self.clock_fraction * t.steps)), t.steps, t.decay, self.config.decay_start)
         for opt, base in ((self.opt_g, t.lr_g), (self.opt_d, t.lr_d)):
             for group in opt.param_groups:
-                group["lr"] = base * factor
+                group["lr"] = base * group.get("lr_scale", 1.0) * factor
 
     def lr(self) -> tuple[float, float]:
         """Current learning rates (G/F, D)."""
@@ -646,17 +676,34 @@ class CycleGANTrainer:
         Raises:
             FloatingPointError: a non-finite loss.
         """
-        m, t = self.config.model, self.config.train
+        t = self.config.train
         step = self.step_count + 1
         x, y = self._to_device(batch["ct"]), self._to_device(batch["mr"])
-        paired = m.paired.enabled
-        if paired:
-            xp, yp = self._to_device(batch["paired_ct"]), self._to_device(batch["paired_mr"])
+        pair = None
+        if self.config.model.paired.enabled:
+            pair = {"xp": self._to_device(batch["paired_ct"]), "yp": self._to_device(batch["paired_mr"])}
         lr_g, lr_d = self.lr()
-        G, F = self._G, self._F
         terms: dict[str, torch.Tensor] = {}
+        fake_mr, fake_ct = self._generator_step(x, y, pair, terms)
+        frozen = d_frozen(step, t.freeze_d_every, t.freeze_d_steps)
+        if not frozen:
+            self._discriminator_step(x, y, fake_mr, fake_ct, pair, terms)
+        self._set_d_grad(True)
+        self.scaler.update()
+        with warnings.catch_warnings():  # fp16: a step skipped by the scaler is normal, not a misordered schedule
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+            self.sched_g.step()
+            self.sched_d.step()
+        if self.clock_fraction is not None:  # a wall-clock budget sets the rates (follow_clock), not the step count
+            self.follow_clock(self.clock_fraction)
+        self.step_count = step
+        return self._step_report(terms, frozen, lr_g, lr_d)
 
-        # ---- generators ----
+    def _generator_step(self, x: torch.Tensor, y: torch.Tensor, pair: dict[str, torch.Tensor] | None,
+                        terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """G and F's update (adversarial, cycle, identity and the structure/paired terms); returns G(x), F(y)."""
+        m = self.config.model
+        G, F = self._G, self._F
         self._set_d_grad(False)
         self.G.train(), self.F.train()
         with self._autocast():
@@ -671,87 +718,99 @@ class CycleGANTrainer:
                 terms["identity_MR"] = self._identity(y, G(y), mr=True)
                 terms["identity_CT"] = self._identity(x, F(x), mr=False)
                 total = total + m.lambda_id * (terms["identity_MR"] + terms["identity_CT"])
-            if m.lambda_hist > 0:
-                from ct2mr.losses import histogram_loss
-
-                masks = ((x > _FOREGROUND).float(), (y > _FOREGROUND).float()) if m.hist_mask else (None, None)
-                terms["hist_MR"] = histogram_loss(fake_mr.float(), y.float(), m.hist_bins, m.hist_distance,
-                                                  mask=masks[0], real_mask=masks[1])
-                total = total + m.lambda_hist * terms["hist_MR"]
-                if m.hist_symmetric:
-                    terms["hist_CT"] = histogram_loss(fake_ct.float(), x.float(), m.hist_bins, m.hist_distance,
-                                                      mask=masks[1], real_mask=masks[0])
-                    total = total + m.lambda_hist * terms["hist_CT"]
-            if m.lambda_mi > 0:
-                from ct2mr.losses import mutual_information_loss
-
-                terms["mi"] = mutual_information_loss(x.float(), fake_mr.float())
-                total = total + m.lambda_mi * terms["mi"]
-            if m.lambda_mind > 0:
-                from ct2mr.losses import mind_loss
-
-                terms["mind_MR"] = mind_loss(x, fake_mr, m.mind_dilation)
-                terms["mind_CT"] = mind_loss(y, fake_ct, m.mind_dilation)
-                total = total + m.lambda_mind * (terms["mind_MR"] + terms["mind_CT"])
-            if m.lambda_nce > 0:
-                terms["nce_MR"] = self._patch_nce(self.G, self._H["H_G"], x, fake_mr)
-                terms["nce_CT"] = self._patch_nce(self.F, self._H["H_F"], y, fake_ct)
-                total = total + m.lambda_nce * (terms["nce_MR"] + terms["nce_CT"])
-            if paired:
-                g_xp, f_yp = G(xp), F(yp)
-                terms["paired_L1"] = (g_xp - yp).abs().mean() + (f_yp - xp).abs().mean()
-                terms["paired_cycle"] = (F(g_xp) - xp).abs().mean() + (G(f_yp) - yp).abs().mean()
-                terms["G_adv_pair"] = (self.adv_pair.generator(self.D_MR_pair(torch.cat([xp, g_xp], 1)))
-                                       + self.adv_pair.generator(self.D_CT_pair(torch.cat([yp, f_yp], 1))))
-                total = (total + m.paired.gamma * terms["paired_L1"] + m.lambda_cyc * terms["paired_cycle"]
-                         + m.paired.lambda_adv * terms["G_adv_pair"])
+            total = total + self._structure_terms(x, y, fake_mr, fake_ct, terms)
+            if pair is not None:
+                total = total + self._paired_generator_terms(pair, terms)
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.step(self.opt_g)
         terms["G_total"] = total
+        return fake_mr, fake_ct
 
-        # ---- discriminators ----
-        frozen = d_frozen(step, t.freeze_d_every, t.freeze_d_steps)
-        if not frozen:
-            self._set_d_grad(True)
-            D = self._D
-            pooled_mr, pooled_ct = self.pool_mr.query(fake_mr), self.pool_ct.query(fake_ct)
-            with self._autocast():
-                real_in, fake_in = self._rician(y), self._rician(pooled_mr)
-                terms["D_MR"] = self.adv.discriminator(D["D_MR"](real_in), D["D_MR"](fake_in))
-                terms["D_CT"] = self.adv.discriminator(D["D_CT"](x), D["D_CT"](pooled_ct))
-                d_total = terms["D_MR"] + terms["D_CT"]
-                if m.beta > 0:
-                    from ct2mr.losses import dual_contrast_loss
+    def _structure_terms(self, x: torch.Tensor, y: torch.Tensor, fake_mr: torch.Tensor, fake_ct: torch.Tensor,
+                         terms: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        """The weighted histogram, mutual-information, MIND and PatchNCE terms that are switched on (0 if none)."""
+        m = self.config.model
+        total: torch.Tensor | float = 0.0
+        if m.lambda_hist > 0:
+            from ct2mr.losses import histogram_loss
 
-                    terms["DC_MR"] = dual_contrast_loss(self.adv, D["D_MR"](self._rician(x)))
-                    terms["DC_CT"] = dual_contrast_loss(self.adv, D["D_CT"](y))
-                    d_total = d_total + m.beta * (terms["DC_MR"] + terms["DC_CT"])
-                if paired:
-                    terms["D_pair"] = (
-                        self.adv_pair.discriminator(D["D_MR_pair"](torch.cat([xp, yp], 1)),
-                                                    D["D_MR_pair"](torch.cat([xp, g_xp.detach()], 1)))
-                        + self.adv_pair.discriminator(D["D_CT_pair"](torch.cat([yp, xp], 1)),
-                                                      D["D_CT_pair"](torch.cat([yp, f_yp.detach()], 1))))
-                    d_total = d_total + m.paired.lambda_adv * terms["D_pair"]
-            if self.adv.needs_gradient_penalty:
-                terms["gp"] = (self.adv.gradient_penalty(self.D_MR, real_in, fake_in, generator=self.gp_generator)
-                               + self.adv.gradient_penalty(self.D_CT, x, pooled_ct, generator=self.gp_generator))
-                d_total = d_total + terms["gp"]
-            self.opt_d.zero_grad(set_to_none=True)
-            self.scaler.scale(d_total).backward()
-            self.scaler.step(self.opt_d)
-            terms["D_total"] = d_total
+            masks = ((x > _FOREGROUND).float(), (y > _FOREGROUND).float()) if m.hist_mask else (None, None)
+            terms["hist_MR"] = histogram_loss(fake_mr.float(), y.float(), m.hist_bins, m.hist_distance,
+                                              mask=masks[0], real_mask=masks[1])
+            total = total + m.lambda_hist * terms["hist_MR"]
+            if m.hist_symmetric:
+                terms["hist_CT"] = histogram_loss(fake_ct.float(), x.float(), m.hist_bins, m.hist_distance,
+                                                  mask=masks[1], real_mask=masks[0])
+                total = total + m.lambda_hist * terms["hist_CT"]
+        if m.lambda_mi > 0:
+            from ct2mr.losses import mutual_information_loss
+
+            terms["mi"] = mutual_information_loss(x.float(), fake_mr.float())
+            total = total + m.lambda_mi * terms["mi"]
+        if m.lambda_mind > 0:
+            from ct2mr.losses import mind_loss
+
+            terms["mind_MR"] = mind_loss(x, fake_mr, m.mind_dilation)
+            terms["mind_CT"] = mind_loss(y, fake_ct, m.mind_dilation)
+            total = total + m.lambda_mind * (terms["mind_MR"] + terms["mind_CT"])
+        if m.lambda_nce > 0:
+            terms["nce_MR"] = self._patch_nce(self.G, self._H["H_G"], x, fake_mr)
+            terms["nce_CT"] = self._patch_nce(self.F, self._H["H_F"], y, fake_ct)
+            total = total + m.lambda_nce * (terms["nce_MR"] + terms["nce_CT"])
+        return total
+
+    def _paired_generator_terms(self, pair: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """MR-GAN's paired terms (Jin et al. 2019, eq. 5), weighted; keeps G(x_p), F(y_p) in ``pair`` for the D step."""
+        m = self.config.model
+        G, F = self._G, self._F
+        xp, yp = pair["xp"], pair["yp"]
+        pair["g_xp"], pair["f_yp"] = g_xp, f_yp = G(xp), F(yp)
+        terms["paired_L1"] = (g_xp - yp).abs().mean() + (f_yp - xp).abs().mean()
+        terms["paired_cycle"] = (F(g_xp) - xp).abs().mean() + (G(f_yp) - yp).abs().mean()
+        terms["G_adv_pair"] = (self.adv_pair.generator(self.D_MR_pair(torch.cat([xp, g_xp], 1)))
+                               + self.adv_pair.generator(self.D_CT_pair(torch.cat([yp, f_yp], 1))))
+        return (m.paired.gamma * terms["paired_L1"] + m.lambda_cyc * terms["paired_cycle"]
+                + m.paired.lambda_adv * terms["G_adv_pair"])
+
+    def _discriminator_step(self, x: torch.Tensor, y: torch.Tensor, fake_mr: torch.Tensor, fake_ct: torch.Tensor,
+                            pair: dict[str, torch.Tensor] | None, terms: dict[str, torch.Tensor]) -> None:
+        """The discriminators' update on real volumes and pooled fakes (+ dual contrast, paired D, gradient penalty)."""
+        m = self.config.model
         self._set_d_grad(True)
-        self.scaler.update()
-        with warnings.catch_warnings():  # fp16: a step skipped by the scaler is normal, not a misordered schedule
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
-            self.sched_g.step()
-            self.sched_d.step()
-        if self.clock_fraction is not None:  # a wall-clock budget sets the rates (follow_clock), not the step count
-            self.follow_clock(self.clock_fraction)
-        self.step_count = step
+        D = self._D
+        pooled_mr, pooled_ct = self.pool_mr.query(fake_mr), self.pool_ct.query(fake_ct)
+        with self._autocast():
+            real_in, fake_in = self._rician(y), self._rician(pooled_mr)
+            terms["D_MR"] = self.adv.discriminator(D["D_MR"](real_in), D["D_MR"](fake_in))
+            terms["D_CT"] = self.adv.discriminator(D["D_CT"](x), D["D_CT"](pooled_ct))
+            d_total = terms["D_MR"] + terms["D_CT"]
+            if m.beta > 0:
+                from ct2mr.losses import dual_contrast_loss
 
+                terms["DC_MR"] = dual_contrast_loss(self.adv, D["D_MR"](self._rician(x)))
+                terms["DC_CT"] = dual_contrast_loss(self.adv, D["D_CT"](y))
+                d_total = d_total + m.beta * (terms["DC_MR"] + terms["DC_CT"])
+            if pair is not None:
+                xp, yp = pair["xp"], pair["yp"]
+                terms["D_pair"] = (
+                    self.adv_pair.discriminator(D["D_MR_pair"](torch.cat([xp, yp], 1)),
+                                                D["D_MR_pair"](torch.cat([xp, pair["g_xp"].detach()], 1)))
+                    + self.adv_pair.discriminator(D["D_CT_pair"](torch.cat([yp, xp], 1)),
+                                                  D["D_CT_pair"](torch.cat([yp, pair["f_yp"].detach()], 1))))
+                d_total = d_total + m.paired.lambda_adv * terms["D_pair"]
+        if self.adv.needs_gradient_penalty:
+            terms["gp"] = (self.adv.gradient_penalty(self.D_MR, real_in, fake_in, generator=self.gp_generator)
+                           + self.adv.gradient_penalty(self.D_CT, x, pooled_ct, generator=self.gp_generator))
+            d_total = d_total + terms["gp"]
+        self.opt_d.zero_grad(set_to_none=True)
+        self.scaler.scale(d_total).backward()
+        self.scaler.step(self.opt_d)
+        terms["D_total"] = d_total
+
+    def _step_report(self, terms: dict[str, torch.Tensor], frozen: bool, lr_g: float, lr_d: float
+                     ) -> dict[str, float]:
+        """The step's terms as floats with the sums M1 logged; raises FloatingPointError on a non-finite one."""
         names = list(terms)
         values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).cpu().tolist()
         out = dict(zip(names, values))
@@ -1117,7 +1176,7 @@ def train_run(config: RunConfig, out_dir: str | Path, resume: bool = False,
         FloatingPointError: a non-finite loss.
     """
     out_dir = Path(out_dir)
-    t, d = config.train, config.data
+    t = config.train
     dist, device = init_distributed(t.device)
     try:
         return _train_run(config, out_dir, resume, progress, command, dist, device)
@@ -1131,16 +1190,18 @@ def start_intensity_laws(trainer: "CycleGANTrainer", config: RunConfig, ct_volum
     """Fit the CT -> MR and MR -> CT intensity laws and start G's and F's intensity curves there (issue 13).
 
     :func:`ct2mr.training.intensity_law.fit_intensity_law` on the preprocessed training volumes, with ``model.law``'s
-    settings and ``train.seed`` (every process computes the same laws). With ``out_dir``, writes
-    ``intensity_law.json`` (both laws, their distances per restart) and ``intensity_law.png`` (the curves).
+    settings and ``train.seed`` (every process computes the same laws); with ``model.law.file``, the laws of that
+    earlier run are read instead (no fit). With ``out_dir``, writes ``intensity_law.json`` (both laws, their distances
+    per restart) and ``intensity_law.png`` (the curves).
 
     Returns:
         Seconds spent (they count in ``train.max_minutes``).
 
     Raises:
-        ValueError: a generator without an intensity curve of ``model.law.knots`` knots.
+        ValueError: a generator without an intensity curve of ``model.law.knots`` knots, or a ``model.law.file``
+            that is not a law file or has another number of knots.
     """
-    from ct2mr.training.intensity_law import fit_intensity_law
+    from ct2mr.training.intensity_law import fit_intensity_law, read_intensity_laws
 
     law, prep = config.model.law, PreprocessingConfig.from_dict(config.data.preprocessing)
     start = time.perf_counter()
@@ -1156,12 +1217,13 @@ def start_intensity_laws(trainer: "CycleGANTrainer", config: RunConfig, ct_volum
         return [v.array for v in list(firsts.values())[::-1] + rest]
 
     ct, mr = one_per_source(ct_volumes), one_per_source(mr_volumes)
+    given = read_intensity_laws(law.file) if law.file else {}
     fitted = {}
     for name, net, (src, dst, a, b) in (("G", trainer.G, ("ct", "mr", ct, mr)), ("F", trainer.F, ("mr", "ct", mr, ct))):
         if not hasattr(net, "set_intensity_law"):
             raise ValueError(f"model.law.enabled needs {name} with an intensity curve (a resnet generator with "
                              f"extra.law_knots={law.knots}).")
-        fitted[name] = fit_intensity_law(a, b, src, dst, **settings)
+        fitted[name] = given.get(name) or fit_intensity_law(a, b, src, dst, **settings)
         net.set_intensity_law(fitted[name].values)
         logger.info("Intensity law %s -> %s fitted in %.1f s (distance %.5f; starts %s)", src, dst,
                     fitted[name].seconds, fitted[name].distance, fitted[name].restarts)
@@ -1191,15 +1253,33 @@ def start_intensity_laws(trainer: "CycleGANTrainer", config: RunConfig, ct_volum
     return time.perf_counter() - start
 
 
-def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callable | None, command: str,
-               dist: DistContext, device: torch.device) -> Path:
-    t, d = config.train, config.data
+@dataclass
+class _RunData:
+    """The volumes a run trains and validates on, read once at its start."""
+
+    prep: PreprocessingConfig
+    split: dict[str, dict[str, list[str]]]
+    ct: list[DomainVolume]
+    mr: list[DomainVolume]
+    pairs: Any
+    val_ct: list[DomainVolume]
+    val_mr: list[DomainVolume]
+    ct_statistics: Any
+
+
+def _check_run_folder(out_dir: Path, resume: bool) -> dict[str, Any] | None:
+    """The run folder's state pointer; refuses a resume without one and a fresh run over one."""
     pointer = _latest_state(out_dir)
     if resume and pointer is None:
         raise FileNotFoundError(f"Nothing to resume in {out_dir}: no {STATE_POINTER}.")
     if not resume and pointer is not None:
         raise ValueError(f"{out_dir} already holds a run (checkpoint at step {pointer['step']}). Continue it with "
                          "--resume, or choose another --out (or delete the folder).")
+    return pointer
+
+
+def _torch_settings(t: Any, device: torch.device) -> None:
+    """Determinism, cuDNN autotuning and the thread count of ``train.*``."""
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -1208,6 +1288,11 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
         torch.backends.cudnn.deterministic = bool(t.deterministic)
     if t.threads:
         torch.set_num_threads(t.threads)
+
+
+def _load_run_data(config: RunConfig, out_dir: Path, resume: bool, dist: DistContext) -> _RunData:
+    """Read and preprocess the split's training (and, on rank 0, validation) volumes."""
+    t, d = config.train, config.data
     if not resume:  # record absolute paths, so that --resume works from any working directory
         for key in ("ct", "mr", "val_ct", "val_mr", "paired_ct", "paired_mr"):
             setattr(d, key, _absolute(getattr(d, key)))
@@ -1225,14 +1310,217 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
     if t.val_every > 0 and dist.is_main:
         val_ct = _load_limited(split["ct"]["val"], "ct", prep, t.val_volumes)
         val_mr = _load_limited(split["mr"]["val"], "mr", prep, t.val_volumes)
+    return _RunData(prep, split, ct_volumes, mr_volumes, pairs, val_ct, val_mr, ct_statistics)
 
-    seed_everything(t.seed)
-    trainer = CycleGANTrainer(config, device, dist)
-    slots = trainer.slots
+
+def _batch_source(config: RunConfig, slots: Any, data: _RunData) -> TrainingBatches:
+    """The per-slot unpaired (and paired) patch samplers of ``data.*``."""
+    t, d = config.train, config.data
     common = dict(foreground=d.foreground, slots=slots, foreground_tries=d.foreground_tries,
                   foreground_bias=d.foreground_bias, balance=d.balance)
-    source = TrainingBatches(UnpairedPatchSampler(ct_volumes, mr_volumes, config.patch_size, seed=t.seed, **common),
-                             PairedPatchSampler(pairs, config.patch_size, seed=t.seed, **common) if pairs else None)
+    return TrainingBatches(UnpairedPatchSampler(data.ct, data.mr, config.patch_size, seed=t.seed, **common),
+                           PairedPatchSampler(data.pairs, config.patch_size, seed=t.seed, **common)
+                           if data.pairs else None)
+
+
+class _TrainingRun:
+    """One call of :func:`train_run` after the data is read: the run folder, the loop, checkpoints and snapshots.
+
+    Rank 0 owns the folder (config, split, ``log.jsonl``, TensorBoard, snapshots, ``model.safetensors``); every rank
+    writes its own sampler and RNG state into the resumable checkpoint.
+    """
+
+    def __init__(self, config: RunConfig, out_dir: Path, dist: DistContext, device: torch.device,
+                 trainer: CycleGANTrainer, data: _RunData, command: str, prefetch: PatchPrefetcher) -> None:
+        self.config, self.out_dir, self.dist, self.device = config, out_dir, dist, device
+        self.trainer, self.data, self.command, self.prefetch = trainer, data, command, prefetch
+        self.log: Any = None
+        self.writer: Any = None
+        self.elapsed_before = 0.0
+        self.run_start = time.perf_counter()
+        multiple = config.model.generator.multiple
+        self.inference = {"roi_size": [int(math.ceil(max(96, p) / multiple) * multiple) for p in config.patch_size],
+                          "overlap": 0.25}
+
+    def elapsed(self) -> float:
+        """Training seconds of this run, summed over earlier resumed parts."""
+        return self.elapsed_before + time.perf_counter() - self.run_start
+
+    def open_folder(self, resume: bool, start: int) -> None:
+        """Write the config, split and run record (rank 0), and open the log and TensorBoard writer."""
+        config, out_dir, data, t, d = self.config, self.out_dir, self.data, self.config.train, self.config.data
+        if self.dist.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_text(out_dir / "config.yaml", to_yaml(config))
+            if not resume:
+                write_split(out_dir / "split.json", data.split, seed=t.seed, val_fraction=d.val_fraction,
+                            test_fraction=d.test_fraction)
+            write_json(out_dir / "config.json",
+                       {"config": config.to_dict(), "command": self.command, "world_size": self.dist.world_size,
+                        "global_batch": self.trainer.global_batch, "ct": [v.name for v in data.ct],
+                        "mr": [v.name for v in data.mr], "val_ct": [v.name for v in data.val_ct],
+                        "val_mr": [v.name for v in data.val_mr]})
+            if resume:
+                _truncate_log(out_dir / "log.jsonl", start)
+            self.log = open(out_dir / "log.jsonl", "a", encoding="utf-8")
+            if t.tensorboard:
+                self.writer = _open_writer(out_dir, start + 1 if resume else None)
+        self.dist.barrier()
+
+    def close(self) -> None:
+        """Stop the prefetcher and close the log and the TensorBoard writer."""
+        self.prefetch.close()
+        if self.log is not None:
+            self.log.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    def summary(self, step: int, last: dict[str, float]) -> dict[str, Any]:
+        """The ``training`` record stored in every checkpoint."""
+        config, data = self.config, self.data
+        return {"name": config.name, "preset": config.preset, "steps": step,
+                "config": portable_config(config.to_dict()), "command": self.command,
+                "ct_volumes": [v.name for v in data.ct], "mr_volumes": [v.name for v in data.mr],
+                "ct_statistics": data.ct_statistics, "last_losses": last,
+                "software": software_versions("torch", "monai", "SimpleITK", "numpy"), "device": str(self.device),
+                "world_size": self.dist.world_size, "global_batch": self.trainer.global_batch}
+
+    def save_state(self, step: int, last: dict[str, float]) -> None:
+        """The resumable checkpoint of ``step`` (every rank), ``last.safetensors`` and the state pointer (rank 0)."""
+        out_dir, dist, trainer = self.out_dir, self.dist, self.trainer
+        folder = out_dir / "checkpoints" / f"step_{step:08d}"
+        if dist.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        save_training_state(folder / f"rank{dist.rank}.pt", {**trainer.local_state_dict(),
+                                                              "sampler": self.prefetch.state_dict()})
+        dist.barrier()
+        if dist.is_main:
+            save_training_state(folder / "trainer.pt", trainer.state_dict())
+            save_checkpoint(out_dir / "last.safetensors", trainer.networks, trainer.architecture, self.data.prep,
+                            self.inference, self.summary(step, last))
+            write_json(out_dir / STATE_POINTER, {"step": step, "dir": str(folder.relative_to(out_dir)),
+                                                 "world_size": dist.world_size, "global_batch": trainer.global_batch,
+                                                 "elapsed_s": round(self.elapsed(), 3),
+                                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=None)
+            for old in (out_dir / "checkpoints").glob("step_*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def run_validation(self, step: int) -> dict[str, float]:
+        """:func:`validate` on the validation volumes, logged and sent to TensorBoard."""
+        metrics, panels = validate(self.trainer, self.data.val_ct, self.data.val_mr, self.data.mr)
+        if self.log is not None:
+            self.log.write(json.dumps({"step": step, "validation": {k: round(v, 6) for k, v in metrics.items()}})
+                           + "\n")
+            self.log.flush()
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"val/{k}", v, step)
+            for k, img in panels.items():
+                self.writer.add_image(f"val/{k}_triplanar", img, step, dataformats="HW")
+        return metrics
+
+    def snapshot(self, step: int, last: dict[str, float]) -> None:
+        """G and F of ``step`` as a translatable model in ``snapshots/`` (the learning curve's points)."""
+        folder = self.out_dir / "snapshots"
+        folder.mkdir(exist_ok=True)
+        save_checkpoint(folder / f"step_{step:08d}.safetensors", {"G": self.trainer.G, "F": self.trainer.F},
+                        self.trainer.architecture, self.data.prep, self.inference,
+                        {**self.summary(step, last), "elapsed_s": round(self.elapsed(), 3)})
+
+    def log_step(self, step: int, losses: dict[str, float], rate: float) -> None:
+        """Average the losses over ranks; one ``log.jsonl`` line and the TensorBoard scalars."""
+        keys = sorted(k for k in losses if not k.startswith("lr_"))
+        averaged = self.dist.mean(torch.tensor([losses[k] for k in keys], dtype=torch.float64)).tolist()
+        logged = dict(zip(keys, averaged))
+        record = {"step": step, "seconds": round(time.perf_counter() - self.run_start, 3),  # frozen D: null
+                  **{k: round(v, 6) if math.isfinite(v) else None for k, v in logged.items()},
+                  "lr_G": losses["lr_G"], "lr_D": losses["lr_D"], "patches_per_s": round(rate, 4)}
+        if self.device.type == "cuda":
+            record["max_memory_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        if self.log is not None:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+        if self.writer is not None:
+            for k, v in logged.items():
+                if math.isfinite(v):
+                    self.writer.add_scalar(f"loss/{k}" if k != "D_updated" else "train/D_updated", v, step)
+            self.writer.add_scalar("lr/G", losses["lr_G"], step)
+            self.writer.add_scalar("lr/D", losses["lr_D"], step)
+            self.writer.add_scalar("train/patches_per_s", rate, step)
+
+    def loop(self, start: int, law_seconds: float, progress: Callable | None) -> Path:
+        """Train from step ``start + 1`` to ``train.steps`` or the time budget; write the final model."""
+        t, dist, trainer = self.config.train, self.dist, self.trainer
+        budget_s = None if t.max_minutes is None else 60.0 * float(t.max_minutes)
+        losses: dict[str, float] = {}
+        self.run_start = time.perf_counter()
+        rate, validated_at, final_step = 0.0, -1, t.steps
+        next_snapshot = (self.elapsed_before // (60 * t.snapshot_minutes) + 1) * 60 * t.snapshot_minutes \
+            if t.snapshot_minutes else math.inf
+        if budget_s is not None:
+            trainer.follow_clock(self.elapsed_before / budget_s)
+        if law_seconds and dist.is_main and (t.snapshot_minutes or t.snapshot_every):
+            self.snapshot(0, {})  # the fitted laws alone: the learning curve's first point
+        for step in range(start + 1, t.steps + 1):
+            if budget_s is not None and dist.all_true(self.elapsed() >= budget_s) and step > start + 1:
+                final_step = step - 1
+                logger.info("Time budget of %.1f min spent after step %d", t.max_minutes, final_step)
+                break
+            tick = time.perf_counter()
+            losses = trainer.train_step(self.prefetch.next())
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = trainer.global_batch / max(time.perf_counter() - tick, 1e-9)
+            rate = now if step == start + 1 else 0.9 * rate + 0.1 * now
+            if step % t.log_every == 0 or step == t.steps:
+                self.log_step(step, losses, rate)
+            if budget_s is not None:
+                trainer.follow_clock(self.elapsed() / budget_s)
+            if t.val_every and step % t.val_every == 0 and dist.is_main and self.data.val_ct + self.data.val_mr:
+                self.run_validation(step)
+                validated_at = step
+            if dist.is_main and (self.elapsed() >= next_snapshot or (t.snapshot_every and step % t.snapshot_every == 0)):
+                self.snapshot(step, losses)
+                while next_snapshot <= self.elapsed():
+                    next_snapshot += 60 * t.snapshot_minutes
+            if step % t.checkpoint_every == 0 and step < t.steps:
+                self.save_state(step, losses)
+            if progress is not None and dist.is_main:
+                progress(step, t.steps, {**losses, "patches_per_s": rate})
+        return self.finish(start, final_step, validated_at, losses)
+
+    def finish(self, start: int, final_step: int, validated_at: int, losses: dict[str, float]) -> Path:
+        """Last validation and snapshot, the resumable state, and ``model.safetensors`` (G and F)."""
+        t, dist = self.config.train, self.dist
+        if t.val_every and dist.is_main and self.data.val_ct + self.data.val_mr and validated_at != final_step \
+                and start < final_step:
+            self.run_validation(final_step)
+        if (t.snapshot_minutes or t.snapshot_every) and dist.is_main and final_step > start:
+            self.snapshot(final_step, losses)
+        self.save_state(final_step, losses)
+        final = self.out_dir / "model.safetensors"
+        if dist.is_main:
+            save_checkpoint(final, {"G": self.trainer.G, "F": self.trainer.F}, self.trainer.architecture,
+                            self.data.prep, self.inference,
+                            {**self.summary(final_step, losses), "elapsed_s": round(self.elapsed(), 3),
+                             "stopped_by": "max_minutes" if final_step < t.steps else "steps"})
+            logger.info("Trained steps %d-%d in %.1f s", start + 1, final_step, time.perf_counter() - self.run_start)
+        dist.barrier()
+        return final
+
+
+def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callable | None, command: str,
+               dist: DistContext, device: torch.device) -> Path:
+    """:func:`train_run` in one process of the job: read the data, build or restore the trainer, fit the laws, train."""
+    t = config.train
+    pointer = _check_run_folder(out_dir, resume)
+    _torch_settings(t, device)
+    data = _load_run_data(config, out_dir, resume, dist)
+    seed_everything(t.seed)
+    trainer = CycleGANTrainer(config, device, dist)
+    source = _batch_source(config, trainer.slots, data)
     if resume:
         folder = out_dir / pointer["dir"]
         shared = load_training_state(folder / "trainer.pt")
@@ -1243,164 +1531,16 @@ def _train_run(config: RunConfig, out_dir: Path, resume: bool, progress: Callabl
     if config.model.law.enabled and not resume:
         if dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-        law_seconds = start_intensity_laws(trainer, config, ct_volumes, mr_volumes, out_dir if dist.is_main else None)
+        law_seconds = start_intensity_laws(trainer, config, data.ct, data.mr, out_dir if dist.is_main else None)
     start = trainer.step_count
-    elapsed_before = float(pointer.get("elapsed_s", 0.0)) if resume and pointer else law_seconds
-    budget_s = None if t.max_minutes is None else 60.0 * float(t.max_minutes)
-    prefetch = PatchPrefetcher(source, d.prefetch, pin_memory=device.type == "cuda")
-
-    # ---- the run folder (rank 0) ----
-    writer = None
-    log = None
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(out_dir / "config.yaml", to_yaml(config))
-        if not resume:
-            write_split(out_dir / "split.json", split, seed=t.seed, val_fraction=d.val_fraction,
-                        test_fraction=d.test_fraction)
-        write_json(out_dir / "config.json",
-                   {"config": config.to_dict(), "command": command, "world_size": dist.world_size,
-                    "global_batch": trainer.global_batch, "ct": [v.name for v in ct_volumes],
-                    "mr": [v.name for v in mr_volumes], "val_ct": [v.name for v in val_ct],
-                    "val_mr": [v.name for v in val_mr]})
-        if resume:
-            _truncate_log(out_dir / "log.jsonl", start)
-        log = open(out_dir / "log.jsonl", "a", encoding="utf-8")
-        if t.tensorboard:
-            writer = _open_writer(out_dir, start + 1 if resume else None)
-    dist.barrier()
-
-    architecture = trainer.architecture
-    multiple = config.model.generator.multiple
-    inference = {"roi_size": [int(math.ceil(max(96, p) / multiple) * multiple) for p in config.patch_size],
-                 "overlap": 0.25}
-
-    def elapsed() -> float:
-        """Training seconds of this run, summed over earlier resumed parts."""
-        return elapsed_before + time.perf_counter() - run_start
-
-    def summary(step: int, last: dict[str, float]) -> dict[str, Any]:
-        return {"name": config.name, "preset": config.preset, "steps": step, "config": portable_config(config.to_dict()),
-                "command": command, "ct_volumes": [v.name for v in ct_volumes],
-                "mr_volumes": [v.name for v in mr_volumes], "ct_statistics": ct_statistics,
-                "last_losses": last, "software": software_versions("torch", "monai", "SimpleITK", "numpy"),
-                "device": str(device), "world_size": dist.world_size, "global_batch": trainer.global_batch}
-
-    def save_state(step: int, last: dict[str, float]) -> None:
-        folder = out_dir / "checkpoints" / f"step_{step:08d}"
-        if dist.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        save_training_state(folder / f"rank{dist.rank}.pt", {**trainer.local_state_dict(),
-                                                              "sampler": prefetch.state_dict()})
-        dist.barrier()
-        if dist.is_main:
-            save_training_state(folder / "trainer.pt", trainer.state_dict())
-            save_checkpoint(out_dir / "last.safetensors", trainer.networks, architecture, prep, inference,
-                            summary(step, last))
-            write_json(out_dir / STATE_POINTER, {"step": step, "dir": str(folder.relative_to(out_dir)),
-                                                 "world_size": dist.world_size, "global_batch": trainer.global_batch,
-                                                 "elapsed_s": round(elapsed(), 3),
-                                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=None)
-            for old in (out_dir / "checkpoints").glob("step_*"):
-                if old != folder:
-                    shutil.rmtree(old, ignore_errors=True)
-
-    def run_validation(step: int) -> dict[str, float]:
-        metrics, panels = validate(trainer, val_ct, val_mr, mr_volumes)
-        if log is not None:
-            log.write(json.dumps({"step": step, "validation": {k: round(v, 6) for k, v in metrics.items()}}) + "\n")
-            log.flush()
-        if writer is not None:
-            for k, v in metrics.items():
-                writer.add_scalar(f"val/{k}", v, step)
-            for k, img in panels.items():
-                writer.add_image(f"val/{k}_triplanar", img, step, dataformats="HW")
-        return metrics
-
-    def snapshot(step: int, last: dict[str, float]) -> None:
-        folder = out_dir / "snapshots"
-        folder.mkdir(exist_ok=True)
-        save_checkpoint(folder / f"step_{step:08d}.safetensors", {"G": trainer.G, "F": trainer.F}, architecture,
-                        prep, inference, {**summary(step, last), "elapsed_s": round(elapsed(), 3)})
-
-    losses: dict[str, float] = {}
-    run_start = time.perf_counter()
-    rate = 0.0
-    validated_at = -1
-    next_snapshot = (elapsed_before // (60 * t.snapshot_minutes) + 1) * 60 * t.snapshot_minutes \
-        if t.snapshot_minutes else math.inf
-    if budget_s is not None:
-        trainer.follow_clock(elapsed_before / budget_s)
-    final_step = t.steps
-    if law_seconds and dist.is_main and (t.snapshot_minutes or t.snapshot_every):
-        snapshot(0, {})  # the fitted laws alone: the learning curve's first point
+    run = _TrainingRun(config, out_dir, dist, device, trainer, data, command,
+                       PatchPrefetcher(source, config.data.prefetch, pin_memory=device.type == "cuda"))
+    run.elapsed_before = float(pointer.get("elapsed_s", 0.0)) if resume and pointer else law_seconds
     try:
-        for step in range(start + 1, t.steps + 1):
-            if budget_s is not None and dist.all_true(elapsed() >= budget_s) and step > start + 1:
-                final_step = step - 1
-                logger.info("Time budget of %.1f min spent after step %d", t.max_minutes, final_step)
-                break
-            tick = time.perf_counter()
-            batch = prefetch.next()
-            losses = trainer.train_step(batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - tick
-            now = trainer.global_batch / max(seconds, 1e-9)
-            rate = now if step == start + 1 else 0.9 * rate + 0.1 * now
-            if step % t.log_every == 0 or step == t.steps:
-                keys = sorted(k for k in losses if not k.startswith("lr_"))
-                averaged = dist.mean(torch.tensor([losses[k] for k in keys], dtype=torch.float64)).tolist()
-                logged = dict(zip(keys, averaged))
-                record = {"step": step, "seconds": round(time.perf_counter() - run_start, 3),  # frozen D: null
-                          **{k: round(v, 6) if math.isfinite(v) else None for k, v in logged.items()},
-                          "lr_G": losses["lr_G"],
-                          "lr_D": losses["lr_D"], "patches_per_s": round(rate, 4)}
-                if device.type == "cuda":
-                    record["max_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-                if log is not None:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                if writer is not None:
-                    for k, v in logged.items():
-                        if math.isfinite(v):
-                            writer.add_scalar(f"loss/{k}" if k != "D_updated" else "train/D_updated", v, step)
-                    writer.add_scalar("lr/G", losses["lr_G"], step)
-                    writer.add_scalar("lr/D", losses["lr_D"], step)
-                    writer.add_scalar("train/patches_per_s", rate, step)
-            if budget_s is not None:
-                trainer.follow_clock(elapsed() / budget_s)
-            if t.val_every and step % t.val_every == 0 and dist.is_main and val_ct + val_mr:
-                run_validation(step)
-                validated_at = step
-            if dist.is_main and (elapsed() >= next_snapshot or (t.snapshot_every and step % t.snapshot_every == 0)):
-                snapshot(step, losses)
-                while next_snapshot <= elapsed():
-                    next_snapshot += 60 * t.snapshot_minutes
-            if step % t.checkpoint_every == 0 and step < t.steps:
-                save_state(step, losses)
-            if progress is not None and dist.is_main:
-                progress(step, t.steps, {**losses, "patches_per_s": rate})
-        if t.val_every and dist.is_main and val_ct + val_mr and validated_at != final_step and start < final_step:
-            run_validation(final_step)
-        if (t.snapshot_minutes or t.snapshot_every) and dist.is_main and final_step > start:
-            snapshot(final_step, losses)
-        save_state(final_step, losses)
-        final = out_dir / "model.safetensors"
-        if dist.is_main:
-            save_checkpoint(final, {"G": trainer.G, "F": trainer.F}, architecture, prep, inference,
-                            {**summary(final_step, losses), "elapsed_s": round(elapsed(), 3),
-                             "stopped_by": "max_minutes" if final_step < t.steps else "steps"})
-            logger.info("Trained steps %d-%d in %.1f s", start + 1, final_step, time.perf_counter() - run_start)
-        dist.barrier()
-        return final
+        run.open_folder(resume, start)
+        return run.loop(start, law_seconds, progress)
     finally:
-        prefetch.close()
-        if log is not None:
-            log.close()
-        if writer is not None:
-            writer.close()
+        run.close()
 
 
 def train(ct: Sequence[str | Path] | None, mr: Sequence[str | Path] | None, out_dir: str | Path,
