@@ -4,7 +4,8 @@
 # Run from the repository root after `make setup`, with ../shared/data beside the repository.
 # Recipe: preset law (issue 13: the generators' intensity curves start at an unpaired intensity law fitted before
 # the first step, then the SC objective without histogram or identity terms; CT window [-1000, 1000] HU), the best
-# recipe of benchmarks/known_mapping.py. PRESET=sc gives the earlier candidate.
+# recipe of benchmarks/known_mapping.py. PRESET=sc gives the earlier candidate; the bundled v1.0 adds
+# model.law.smoothness=0.01 (the curvature weight of the law preset when it was trained).
 # CPU, 2 threads, a wall-clock budget of MINUTES (default 60); resumable: rerun the same command to continue a killed
 # run (the budget is summed over resumes). chest_ct_lung2.nrrd is held out for validation and for the anatomy
 # checks of the model card. The checkpoint lands in runs/default-v1.0/model.safetensors.
