@@ -71,6 +71,9 @@ RECIPES = {
     "law-frozen": ["--preset", "law", "model.law.lr_scale=0.0"],
     "law-slow": ["--preset", "law", "model.law.lr_scale=0.1"],
     "law-trainable": ["--preset", "law", "model.law.lr_scale=1.0"],
+    "law-anchor": ["--preset", "law", "model.law.anchor=10.0"],
+    "law81-anchor": ["--preset", "law", "model.law.knots=81", "model.generator.extra.law_knots=81",
+                     "model.law.anchor=10.0"],
 }
 HU_BINS = np.arange(-1030.0, 3010.0, 10.0)
 

@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from ct2mr.models.checkpoint import load_checkpoint
 from ct2mr.training.config import load_config
-from ct2mr.training.intensity_law import fit_intensity_law, hat_basis, law_knots, read_intensity_laws
+from ct2mr.training.intensity_law import (IntensityLaw, blurred_at, estimate_noise_sigma, fit_intensity_law,
+                                          hat_basis, law_knots, read_intensity_laws)
 from ct2mr.networks.resnet import IntensityCurve, ResnetGenerator3D
 from ct2mr.training.trainer import CycleGANTrainer, seed_everything, train_run
 from ct2mr_testdata import ABDOMEN_MR, HEART_CT, need
@@ -57,6 +59,29 @@ def test_unpaired_fit_recovers_a_non_monotone_law():
     np.testing.assert_array_equal(law.values, again.values)  # seeded: the same law
     record = json.loads(json.dumps(law.to_dict()))
     assert record["source"] == "mr" and len(record["values"]) == 21
+    assert record["noise"] >= 0 and record["bias"] >= 0  # the fitted degradation amplitudes
+    assert IntensityLaw.from_dict(record).bias == pytest.approx(record["bias"])
+
+
+def test_degrading_the_law_output_makes_the_true_law_closer_to_a_noisy_target():
+    """The fit compares a degraded law output with the target: for a target that is the true law plus white noise,
+    the true law measured with that noise is much closer than measured bare, so the fit need not bend the law to
+    make up the noise's spread (issue 13)."""
+    rng = np.random.default_rng(0)
+    on_knots = {"air": -1.0, "fat": -0.1, "muscle": 0.1, "bone": 0.6}  # every tissue on a knot: the law is exact
+    sources = [phantom(48, 0.0, on_knots), phantom(40, 0.05, on_knots)]
+    targets = [v + rng.normal(0.0, 0.1, v.shape).astype(np.float32)  # the same bodies: only the noise differs
+               for v in (phantom(48, 0.0, TRUE_LAW), phantom(40, 0.05, TRUE_LAW))]
+    knots = law_knots(21)
+    true = np.interp(knots, sorted(on_knots.values()), [TRUE_LAW[k] for k in sorted(on_knots, key=on_knots.get)])
+
+    def measured(noise: float) -> float:
+        law = fit_intensity_law(sources, targets, "mr", "mr", voxel_mm=2.0, knots=21, spacing_mm=2.0,
+                                scales_mm=(0.0, 3.0, 8.0), samples=3000, restarts=1, iterations=0, seed=0,
+                                starts=[true], noise=noise, degradation=False)
+        return law.restarts[1]  # [identity, the given start]
+
+    assert measured(0.1) < 0.5 * measured(0.0)
 
 
 def test_fit_refuses_empty_or_non_3d_input():
@@ -89,7 +114,7 @@ def test_intensity_curve_starts_near_identity_and_takes_a_law():
 
 
 def test_law_preset_needs_a_curve_of_matching_knots():
-    with pytest.raises(ValueError, match="law_knots=41"):
+    with pytest.raises(ValueError, match="law_knots=81"):
         load_config("law", ["model.generator.extra.law_knots=0"])
 
 
@@ -103,7 +128,7 @@ def test_training_starts_the_curves_at_the_fitted_laws(tmp_path):
         "model.law.restarts=2", "model.law.iterations=20", "model.law.samples=2000", "model.law.spacing_mm=4"])
     path = train_run(config, tmp_path / "run")
     record = json.loads((tmp_path / "run" / "intensity_law.json").read_text())
-    assert set(record) == {"G", "F"} and record["G"]["source"] == "ct" and len(record["G"]["values"]) == 41
+    assert set(record) == {"G", "F"} and record["G"]["source"] == "ct" and len(record["G"]["values"]) == 81
     assert (tmp_path / "run" / "intensity_law.png").stat().st_size > 1000
     step0 = load_checkpoint(tmp_path / "run" / "snapshots" / "step_00000000.safetensors")
     curve = torch.tanh(step0.G.law.values.detach()).numpy()
@@ -123,7 +148,7 @@ def test_curve_learning_rate_scale_keeps_or_slows_the_fitted_law():
     group runs at a tenth of lr_G, also under the wall-clock schedule."""
     seed_everything(0)
     frozen = CycleGANTrainer(load_config("law", TINY_LAW + ["model.law.lr_scale=0"]), torch.device("cpu"))
-    frozen.G.set_intensity_law(np.linspace(1.0, -1.0, 41))  # an inverted law, far from the identity start
+    frozen.G.set_intensity_law(np.linspace(1.0, -1.0, 81))  # an inverted law, far from the identity start
     curve = frozen.G.law.values.detach().clone()
     rest = {n: p.detach().clone() for n, p in frozen.G.named_parameters() if not n.startswith("law.")}
     g = torch.Generator().manual_seed(0)
@@ -134,14 +159,65 @@ def test_curve_learning_rate_scale_keeps_or_slows_the_fitted_law():
     slow = CycleGANTrainer(load_config("law", TINY_LAW + ["model.law.lr_scale=0.1"]), torch.device("cpu"))
     groups = slow.opt_g.param_groups
     assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(0.1 * groups[0]["lr"])
-    assert sum(p.numel() for p in groups[1]["params"]) == 2 * 41  # G's and F's curves, nothing else
+    assert sum(p.numel() for p in groups[1]["params"]) == 2 * 81  # G's and F's curves, nothing else
     slow.follow_clock(0.9)
     assert groups[1]["lr"] == pytest.approx(0.1 * groups[0]["lr"]) and groups[0]["lr"] < slow.config.train.lr_g
     one = load_config("law", TINY_LAW + ["model.law.lr_scale=1"])  # the curves train with everything else
     assert len(CycleGANTrainer(one, torch.device("cpu")).opt_g.param_groups) == 1
 
 
+def test_wide_blurs_on_a_coarse_grid_match_the_full_grid_blur():
+    """blurred_at: the coarse-grid blur (sigma >= 4 voxels) of a speckled hat map (the worst case: detail finer than
+    the coarse grid aliases) follows the full-grid Gaussian at the sampled voxels far more closely than a blur of
+    the wrong width does; a narrow blur is the full-grid one exactly, an unblurred feature the voxel itself."""
+    rng = np.random.default_rng(0)
+    volume = ndimage.gaussian_filter(rng.normal(size=(96, 96, 96)).astype(np.float32), 2.0)
+    volume /= np.abs(volume).max()
+    phi = hat_basis(volume, law_knots(41), 20)  # sharp-edged, like the fit's features
+    # voxels at least 2.5 sigma from the faces (there the edge padding and scipy's reflection differ)
+    index = np.ravel_multi_index(rng.integers(25, 71, size=(3, 4000)), volume.shape)
+    for sigma in (4.0, 10.0):
+        exact = ndimage.gaussian_filter(phi, sigma).ravel()[index]
+        coarse = blurred_at(phi, sigma, index)
+        assert np.corrcoef(coarse, exact)[0, 1] > 0.99
+        assert np.abs(coarse - exact).mean() < 0.1 * exact.std()
+        wider = ndimage.gaussian_filter(phi, 1.5 * sigma).ravel()[index]  # the check can tell a wrong width
+        assert np.abs(wider - exact).mean() > 0.3 * exact.std()
+    np.testing.assert_array_equal(blurred_at(phi, 1.5, index), ndimage.gaussian_filter(phi, 1.5).ravel()[index])
+    np.testing.assert_array_equal(blurred_at(phi, 0.0, index), phi.ravel()[index])
+
+
+def test_noise_estimate_finds_white_noise_under_smooth_anatomy():
+    """estimate_noise_sigma: within 10 % of the sigma of white noise added to a smooth field, near 0 without it."""
+    rng = np.random.default_rng(0)
+    smooth = ndimage.gaussian_filter(rng.normal(size=(48, 48, 48)), 4.0) * 20.0
+    mask = np.ones(smooth.shape, bool)
+    assert estimate_noise_sigma(smooth + rng.normal(0.0, 0.05, smooth.shape), mask) == pytest.approx(0.05, rel=0.1)
+    assert estimate_noise_sigma(smooth, mask) < 0.01
+    assert estimate_noise_sigma(smooth, np.zeros(smooth.shape, bool)) == 0.0
+
+
+def test_law_anchor_penalises_what_the_resnet_branch_adds():
+    """curve_output is G without its ResNet branch (equal at the zero-initialised start), and model.law.anchor adds
+    |G(x) - C_G(x)| + |F(y) - C_F(y)| to the generators' loss: zero at the start, positive once R has learnt."""
+    seed_everything(0)
+    trainer = CycleGANTrainer(load_config("law", TINY_LAW + ["model.law.anchor=5"]), torch.device("cpu"))
+    trainer.G.set_intensity_law(np.linspace(1.0, -1.0, 81))
+    x = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.G(x), trainer.G.curve_output(x))
+    batch = {"ct": x, "mr": x.flip(2)}
+    first = trainer.train_step(batch)
+    assert first["law_anchor"] == pytest.approx(0.0, abs=1e-6)
+    second = trainer.train_step(batch)
+    assert second["law_anchor"] > 0
+    with pytest.raises(ValueError, match="per-voxel path"):
+        ResnetGenerator3D(base_channels=2, n_blocks=0).curve_output(x)
+
+
 def test_law_settings_are_checked():
+    with pytest.raises(ValueError, match="anchor"):
+        load_config("law", ["model.law.anchor=-1"])
     with pytest.raises(ValueError, match="lr_scale"):
         load_config("law", ["model.law.lr_scale=-1"])
     with pytest.raises(ValueError, match="does not exist"):
@@ -151,7 +227,7 @@ def test_law_settings_are_checked():
 def test_a_run_can_start_from_an_earlier_runs_laws(tmp_path):
     """model.law.file: the laws are read, not fitted (no fit time), recorded again, and the curves start there."""
     need(HEART_CT, ABDOMEN_MR)
-    knots = law_knots(41)
+    knots = law_knots(81)
     given = {"G": {"source": "ct", "target": "mr", "knots": knots.tolist(), "values": (-knots).tolist(),
                    "distance": 0.5, "restarts": [], "seconds": 0.0},
              "F": {"source": "mr", "target": "ct", "knots": knots.tolist(), "values": (0.5 * knots).tolist(),

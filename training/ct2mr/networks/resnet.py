@@ -157,6 +157,21 @@ class ResnetGenerator3D(nn.Module):
             out = out + self.law(x)
         return torch.tanh(out)
 
+    def curve_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-voxel part alone, ``tanh(P(x) + L(x))`` (B, C_out, D, H, W) in [-1, 1]: what the generator gives
+        without its ResNet branch ``R``. ``|G(x) - G.curve_output(x)|`` is what the context adds, which
+        ``model.law.anchor`` penalises (issue 13).
+
+        Raises:
+            ValueError: the generator has neither an intensity curve nor a pointwise path.
+        """
+        if self.pointwise is None and self.law is None:
+            raise ValueError("This generator has no per-voxel path: build it with law_knots > 0 or pointwise > 0.")
+        out = self.law(x) if self.law is not None else 0.0
+        if self.pointwise is not None:
+            out = out + self.pointwise(x)
+        return torch.tanh(out)
+
     def set_intensity_law(self, values: Sequence[float]) -> None:
         """Start the intensity curve ``L`` at a law (K values in [-1, 1] at evenly spaced knots; K = law_knots).
 

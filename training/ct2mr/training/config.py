@@ -220,6 +220,14 @@ class LawConfig:
             law; the ResNet branch still learns what needs context).
         file: start from the laws of an earlier run's ``intensity_law.json`` instead of fitting (same knots), e.g.
             to compare recipes from one law or to reuse a fit made on a faster machine.
+        noise: sigma (normalised target units) of the white noise the fit adds to the law's output before comparing
+            it with the target (``null``: estimated from the target volumes; 0: none); with ``degradation``, where
+            the fitted sigma starts.
+        degradation: fit the target's noise sigma and a smooth multiplicative bias amplitude with the law (the
+            law's output degraded as an acquisition degrades the target) instead of keeping the sigma at ``noise``.
+        anchor: weight of ``|G(x) - C_G(x)| + |F(y) - C_F(y)|`` (mean, normalised units), ``C`` the generator's
+            per-voxel curve alone (:meth:`ResnetGenerator3D.curve_output`): the ResNet branch pays for every change
+            it makes to the law, so the GAN adds only what the law cannot (0: off).
     """
 
     enabled: bool = False
@@ -235,6 +243,9 @@ class LawConfig:
     smoothness: float = 0.0001
     lr_scale: float = 1.0
     file: Optional[str] = None
+    noise: Optional[float] = None
+    degradation: bool = True
+    anchor: float = 0.0
 
 
 @dataclass
@@ -442,9 +453,9 @@ def _validate_law(m: "ModelConfig") -> None:
             or m.law.finalists < 1 or m.law.spacing_mm <= 0 or m.law.samples < 10:
         raise ValueError("model.law needs knots >= 2, restarts >= 1, finalists >= 1, iterations and "
                          "screen_iterations >= 0, spacing_mm > 0 and samples >= 10.")
-    if m.law.lr_scale < 0 or m.law.smoothness < 0:
-        raise ValueError(f"model.law.lr_scale and model.law.smoothness must be >= 0, got {m.law.lr_scale} "
-                         f"and {m.law.smoothness}.")
+    if m.law.lr_scale < 0 or m.law.smoothness < 0 or m.law.anchor < 0 or (m.law.noise or 0.0) < 0:
+        raise ValueError(f"model.law.lr_scale, smoothness, anchor and noise must be >= 0, got {m.law.lr_scale}, "
+                         f"{m.law.smoothness}, {m.law.anchor} and {m.law.noise}.")
     if m.law.file and not Path(m.law.file).is_file():
         raise ValueError(f"model.law.file {m.law.file} does not exist: give the intensity_law.json of an "
                          "earlier run, or leave it unset to fit the laws.")

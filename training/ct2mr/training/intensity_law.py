@@ -21,14 +21,24 @@ Method (ours, written for this project; the ingredients are standard):
   1D projections on random directions. Matching the joint distribution of a voxel and its surroundings, not only
   the 1D histogram, is what separates the laws that a histogram cannot: a monotone law reproduces the MR histogram
   as well as the true one, but not where bright voxels sit (fat under the skin, not in bone).
+- The law's output is degraded before its features are compared, as an acquisition degrades the target: a
+  smooth multiplicative field (a receive bias; sigma 30 mm) and white noise, their two amplitudes fitted with the
+  law (``degradation``). A bare law has neither, and without them the law closest to a biased, noisy MR is a
+  distorted one, not the conditional mean E[MR | CT]: on the benchmark the simulator's own law was 4x farther from
+  its MRs than the fitted law, and the fit made cortical bone (500-800 HU) brighter than muscle (see below).
 - ``v`` is optimised with Adam plus a small second-difference smoothness penalty, from the identity curve and from
   many smooth random curves (restarts), by successive halving: every start gets a short screen and the best few
   the full optimisation; the curve with the lowest distance wins. The random starts are the global part.
+- The wide blurs (8 and 20 mm) are computed on a coarser grid (:func:`blurred_at`), so the features of 81 knots
+  cost less than those of 41 did on the full grid.
 
-Measured on the known-mapping benchmark (benchmarks/RESULTS.md): the laws alone (the ``law`` preset's step-0
-snapshot) score SSIM 0.49 / MAE 0.17 on the held-out case before any GAN step, against 0.08-0.12 / 0.41-0.51 for
+Measured on the known-mapping benchmark (benchmarks/RESULTS.md), second session: the laws alone (the ``law``
+preset's step-0 snapshot) scored SSIM 0.49 / MAE 0.17 on the held-out case before any GAN step, against 0.08-0.12 / 0.41-0.51 for
 the SC and M1 recipes after 30 minutes; with 16 random starts instead of 32, 0.36; with the intensity
 and its blurs alone (no gradient feature) the identity start wins, i.e. a monotone law, at 0.13.
+Fourth session (81 knots, coarse-grid blurs, fitted degradation; the fit alone applied to the held-out CT): 41
+knots 0.60 / 0.133, 81 knots 0.63 / 0.121, with the degradation 0.67 / 0.114 (the paired lookup: 0.79 / 0.091);
+through the trainer (``ct2mr translate`` of the step-0 snapshot), 81 knots without the degradation 0.67 / 0.114.
 What it cannot do: model effects that are not a function of intensity (blur, bias, susceptibility); the GAN's
 ResNet branch is there for those. The distance of the true law is not always the lowest (the benchmark's MR has
 blur, bias and noise that no pointwise law reproduces), so the result is a starting point, not an answer.
@@ -47,7 +57,11 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["IntensityLaw", "read_intensity_laws", "law_knots", "hat_basis", "source_features", "target_features", "fit_intensity_law"]
+__all__ = ["IntensityLaw", "read_intensity_laws", "law_knots", "hat_basis", "blurred_at", "field_features", "estimate_noise_sigma", "source_features", "target_features", "fit_intensity_law"]
+
+
+#: Sigma (mm) of the smooth random field that stands for a receive bias in the fit (:class:`_SlicedObjective`).
+BIAS_SIGMA_MM = 30.0
 
 
 def law_knots(count: int) -> np.ndarray:
@@ -80,6 +94,8 @@ class IntensityLaw:
         restarts: distance of every start after the screen, the identity start first.
         seconds: wall-clock time of the fit.
         source, target: modality names (``"ct"``, ``"mr"``).
+        noise: sigma of the white noise the fit added to the law's output (target units; 0: none).
+        bias: amplitude (standard deviation) of the smooth multiplicative bias the fit applied to it (0: none).
     """
 
     knots: np.ndarray
@@ -89,6 +105,8 @@ class IntensityLaw:
     seconds: float = 0.0
     source: str = "ct"
     target: str = "mr"
+    noise: float = 0.0
+    bias: float = 0.0
 
     def __call__(self, volume: np.ndarray) -> np.ndarray:
         """The law applied voxel by voxel (float32, same shape as ``volume``)."""
@@ -98,7 +116,8 @@ class IntensityLaw:
         """JSON-ready record (what the trainer writes as ``intensity_law_<source>_to_<target>.json``)."""
         return {"source": self.source, "target": self.target, "knots": [round(float(v), 5) for v in self.knots],
                 "values": [round(float(v), 5) for v in self.values], "distance": self.distance,
-                "restarts": self.restarts, "seconds": round(self.seconds, 2)}
+                "restarts": self.restarts, "seconds": round(self.seconds, 2), "noise": round(self.noise, 5),
+                "bias": round(self.bias, 5)}
 
     @classmethod
     def from_dict(cls, record: dict) -> "IntensityLaw":
@@ -117,7 +136,8 @@ class IntensityLaw:
             raise ValueError("An intensity law needs as many values as knots (>= 2), increasing knots, and both "
                              "within [-1, 1].")
         return cls(knots, values, float(record.get("distance", float("nan"))), list(record.get("restarts", [])),
-                   float(record.get("seconds", 0.0)), str(record.get("source", "ct")), str(record.get("target", "mr")))
+                   float(record.get("seconds", 0.0)), str(record.get("source", "ct")), str(record.get("target", "mr")),
+                   float(record.get("noise", 0.0)), float(record.get("bias", 0.0)))
 
 
 def read_intensity_laws(path: str | os.PathLike) -> dict[str, IntensityLaw]:
@@ -150,6 +170,33 @@ def _sample(mask: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarra
     return rng.choice(index, min(count, len(index)), replace=False)
 
 
+def blurred_at(volume: np.ndarray, sigma_vox: float, index: np.ndarray) -> np.ndarray:
+    """The Gaussian blur of ``volume`` at the flat voxel ``index`` (float32, shape (N,)); sigma in voxels.
+
+    A wide blur (sigma >= 4 voxels) is computed on a grid ``r = floor(sigma / 2)`` times coarser: block means of
+    ``r^3`` voxels (variance (r^2 - 1) / 12 per axis), the Gaussian of the remaining variance there (about 2 coarse
+    voxels), then trilinear interpolation at the voxels' positions. An approximation: the block mean aliases what
+    is finer than ``r`` voxels, and the edge padding differs from scipy's reflection within about 2 sigma of the
+    faces. Away from the faces, on a worst case (the hat map of 2-voxel speckle), it correlates 0.999 with the
+    full-grid blur (mean error 3-5 % of the feature's spread); on the benchmark the fitted law did not change
+    measurably (the law alone SSIM 0.604 against 0.605 with full-grid blurs; benchmarks/RESULTS.md). The cost falls 3x (sigma 4) to 25x
+    (sigma 10), which is what lets a fit have 81 knots (issue 13). Both sides of the fit use this function, so the
+    source and target features are blurred alike. ``sigma_vox <= 0`` returns the voxels themselves.
+    """
+    if sigma_vox <= 0:
+        return volume.ravel()[index].astype(np.float32)
+    r = int(sigma_vox // 2) if sigma_vox >= 4 else 1
+    if r < 2:
+        return ndimage.gaussian_filter(volume, sigma_vox).ravel()[index].astype(np.float32)
+    pad = [(0, (-n) % r) for n in volume.shape]
+    padded = np.pad(volume, pad, mode="edge")
+    shape = [n // r for n in padded.shape]
+    coarse = padded.reshape(shape[0], r, shape[1], r, shape[2], r).mean(axis=(1, 3, 5))
+    coarse = ndimage.gaussian_filter(coarse, np.sqrt(max(sigma_vox ** 2 - (r * r - 1) / 12.0, 0.0)) / r)
+    points = (np.stack(np.unravel_index(index, volume.shape)).astype(np.float64) - (r - 1) / 2.0) / r
+    return ndimage.map_coordinates(coarse, points, order=1, mode="nearest").astype(np.float32)
+
+
 def source_features(volume: np.ndarray, mask: np.ndarray, voxel_mm: float, knots: np.ndarray,
                     scales_mm: Sequence[float], gradient_sigma_mm: float, count: int, rng: np.random.Generator
                     ) -> np.ndarray:
@@ -170,15 +217,43 @@ def source_features(volume: np.ndarray, mask: np.ndarray, voxel_mm: float, knots
         blurred law values followed by the three gradient components (per mm) of the law.
     """
     index = _sample(mask, count, rng)
-    out = np.empty((len(scales_mm) + 3, len(knots), len(index)), np.float32)
-    for k in range(len(knots)):
-        phi = hat_basis(volume, knots, k)
-        for s, sigma in enumerate(scales_mm):
-            out[s, k] = (ndimage.gaussian_filter(phi, sigma / voxel_mm) if sigma > 0 else phi).ravel()[index]
-        smooth = ndimage.gaussian_filter(phi, gradient_sigma_mm / voxel_mm)
-        for a, grad in enumerate(np.gradient(smooth, voxel_mm)):
-            out[len(scales_mm) + a, k] = grad.ravel()[index]
+    return np.stack([field_features(hat_basis(volume, knots, k), index, voxel_mm, scales_mm, gradient_sigma_mm)
+                     for k in range(len(knots))], 1)
+
+
+def field_features(field: np.ndarray, index: np.ndarray, voxel_mm: float, scales_mm: Sequence[float],
+                   gradient_sigma_mm: float) -> np.ndarray:
+    """The fit's linear features of one field at the flat voxel ``index``: its blurs at ``scales_mm`` and the three
+    components (per mm, z, y, x) of its gradient after a ``gradient_sigma_mm`` blur; float32 (len(scales_mm) + 3, N).
+    Linear in ``field``: what :func:`source_features` computes per hat map and the fit per unit noise field."""
+    out = np.empty((len(scales_mm) + 3, len(index)), np.float32)
+    for s, sigma in enumerate(scales_mm):
+        out[s] = blurred_at(field, sigma / voxel_mm, index)
+    smooth = ndimage.gaussian_filter(field, gradient_sigma_mm / voxel_mm)
+    for a, grad in enumerate(np.gradient(smooth, voxel_mm)):
+        out[len(scales_mm) + a] = grad.ravel()[index]
     return out
+
+
+def estimate_noise_sigma(volume: np.ndarray, mask: np.ndarray) -> float:
+    """Robust standard deviation of white noise in ``volume`` (z, y, x) inside ``mask`` (same units as the volume).
+
+    The residual of each voxel against the mean of its 6 face neighbours is, for white noise of sigma ``s``, normal
+    with variance ``s^2 (1 + 1/6)``; its median absolute deviation (x 1.4826) is robust to the few voxels on
+    tissue edges. Anatomy smooth at the voxel scale adds little; the estimate is an upper bound where it is not.
+    Returns 0 for an empty mask or a volume under 3 voxels along an axis.
+    """
+    if min(volume.shape) < 3 or not mask.any():
+        return 0.0
+    v = volume.astype(np.float32)
+    core = v[1:-1, 1:-1, 1:-1]
+    neighbours = (v[:-2, 1:-1, 1:-1] + v[2:, 1:-1, 1:-1] + v[1:-1, :-2, 1:-1] + v[1:-1, 2:, 1:-1]
+                  + v[1:-1, 1:-1, :-2] + v[1:-1, 1:-1, 2:]) / 6.0
+    residual = (core - neighbours)[mask[1:-1, 1:-1, 1:-1]]
+    if residual.size == 0:
+        return 0.0
+    mad = np.median(np.abs(residual - np.median(residual)))
+    return float(1.4826 * mad / np.sqrt(7.0 / 6.0))
 
 
 def target_features(volume: np.ndarray, mask: np.ndarray, voxel_mm: float, scales_mm: Sequence[float],
@@ -189,8 +264,7 @@ def target_features(volume: np.ndarray, mask: np.ndarray, voxel_mm: float, scale
         float32 (N, len(scales_mm) + 1); see :func:`source_features` for the arguments.
     """
     index = _sample(mask, count, rng)
-    columns = [(ndimage.gaussian_filter(volume, sigma / voxel_mm) if sigma > 0 else volume).ravel()[index]
-               for sigma in scales_mm]
+    columns = [blurred_at(volume, sigma / voxel_mm, index) for sigma in scales_mm]
     smooth = ndimage.gaussian_filter(volume, gradient_sigma_mm / voxel_mm)
     magnitude = np.sqrt(sum(np.square(g) for g in np.gradient(smooth, voxel_mm)))
     return np.stack(columns + [magnitude.ravel()[index]], 1).astype(np.float32)
@@ -204,7 +278,7 @@ def fit_intensity_law(sources: Sequence[np.ndarray], targets: Sequence[np.ndarra
                       control_points: int = 6, projections: int = 16, smoothness: float = 1e-4,
                       gradient_weight: float = 4.0, max_volumes: int = 8, seed: int = 0,
                       ct_window: Sequence[float] = (-1000.0, 1000.0), starts: Sequence[Sequence[float]] = (),
-                      progress: Callable[[int, int, str], None] | None = None) -> IntensityLaw:
+                      noise: float | None = None, degradation: bool = True, progress: Callable[[int, int, str], None] | None = None) -> IntensityLaw:
     """Fit the law ``source -> target`` from unpaired volumes (module docstring: the method).
 
     Args:
@@ -232,6 +306,13 @@ def fit_intensity_law(sources: Sequence[np.ndarray], targets: Sequence[np.ndarra
         ct_window: the CT window (HU) behind the normalised CT (for its body mask).
         starts: further starting curves (K values each), tried after the identity and before the random starts
             (e.g. an earlier model's law); with ``iterations=0`` their distances are only measured.
+        noise: sigma (target units) of white noise added to the law's output before its features are compared
+            (``None``: the targets' own noise, :func:`estimate_noise_sigma`; 0: none). The target is noisy and a
+            law is not: without it the fit bends the law to make up the missing spread and gradient (issue 13).
+            With ``degradation`` this is where the fitted sigma starts.
+        degradation: fit, with the law, the target's noise sigma and the amplitude of a smooth multiplicative
+            bias field (a receive coil's), both applied to the law's output before the comparison
+            (:class:`_SlicedObjective`); ``False`` keeps the sigma at ``noise`` and models no bias.
         progress: ``progress(done, total, message)`` per restart.
 
     Returns:
@@ -247,13 +328,27 @@ def fit_intensity_law(sources: Sequence[np.ndarray], targets: Sequence[np.ndarra
     given = [np.asarray(v, np.float32) for v in starts]
     if any(v.shape != (len(grid),) for v in given):
         raise ValueError(f"Every starting curve needs {len(grid)} values (one per knot).")
-    basis, target = _feature_matrices(sources, targets, (source_modality, target_modality), voxel_mm, grid,
-                                      spacing_mm, scales_mm, gradient_sigma_mm, samples, max_volumes, ct_window,
-                                      np.random.default_rng(seed))
-    objective = _SlicedObjective(basis, target, len(scales_mm), gradient_weight, projections, smoothness, seed)
+    basis, unit, field, target, estimated = _feature_matrices(
+        sources, targets, (source_modality, target_modality), voxel_mm, grid, spacing_mm, scales_mm,
+        gradient_sigma_mm, samples, max_volumes, ct_window, np.random.default_rng(seed))
+    sigma = estimated if noise is None else max(0.0, float(noise))
+    objective = _SlicedObjective(basis, target, len(scales_mm), gradient_weight, projections, smoothness, seed,
+                                 unit, field if degradation else None, (sigma, 0.05 if degradation else 0.0),
+                                 degradation)
     inits = [grid.astype(np.float32), *given, *_random_curves(grid, restarts - 1, control_points, objective.generator)]
-    name = f"intensity law {source_modality}->{target_modality}"
-    # successive halving: every start gets a short screen, the best few the full optimisation
+    best, screened = _successive_halving(objective, inits, iterations, screen_iterations, finalists,
+                                         f"intensity law {source_modality}->{target_modality}", progress)
+    k = len(grid)
+    return IntensityLaw(grid, best[1][:k], best[0], [round(score, 6) for score, _ in screened],
+                        time.perf_counter() - start, source_modality, target_modality, float(best[1][k]),
+                        float(best[1][k + 1]))
+
+
+def _successive_halving(objective: "_SlicedObjective", inits: Sequence[np.ndarray], iterations: int,
+                        screen_iterations: int, finalists: int, name: str,
+                        progress: Callable[[int, int, str], None] | None) -> tuple[tuple[float, np.ndarray], list]:
+    """Every start gets a short screen, the best ``finalists`` the full optimisation; returns (the best (distance,
+    state (K + 2,)), the screened (distance, state) of every start)."""
     screened = []
     for r, init in enumerate(inits):
         screened.append(objective.optimise(init, min(iterations, screen_iterations)))
@@ -261,41 +356,49 @@ def fit_intensity_law(sources: Sequence[np.ndarray], targets: Sequence[np.ndarra
             progress(r + 1, len(inits) + finalists, f"{name}: start {r + 1}, distance {screened[-1][0]:.5f}")
     best: tuple[float, np.ndarray] | None = None
     for i, index in enumerate(np.argsort([score for score, _ in screened])[:max(1, finalists)]):
-        score, curve = objective.optimise(screened[index][1], max(0, iterations - screen_iterations))
+        score, state = objective.optimise(screened[index][1], max(0, iterations - screen_iterations))
         if best is None or score < best[0]:
-            best = (score, curve.astype(np.float64))
+            best = (score, state.astype(np.float64))
         if progress is not None:
             progress(len(inits) + i + 1, len(inits) + finalists, f"{name}: finalist {i + 1}, distance {score:.5f}")
     assert best is not None
-    return IntensityLaw(grid, best[1], best[0], [round(score, 6) for score, _ in screened],
-                        time.perf_counter() - start, source_modality, target_modality)
+    return best, screened
 
 
 def _feature_matrices(sources: Sequence[np.ndarray], targets: Sequence[np.ndarray], modalities: tuple[str, str],
                       voxel_mm: float, grid: np.ndarray, spacing_mm: float, scales_mm: Sequence[float],
                       gradient_sigma_mm: float, samples: int, max_volumes: int, ct_window: Sequence[float],
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The source basis (F, K, N) of :func:`source_features` and the target rows (M, S + 1) of
-    :func:`target_features`, over the first ``max_volumes`` volumes of each side, subsampled to ``spacing_mm``.
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """The source basis (F, K, N) of :func:`source_features`, the features (F, N) of a unit white-noise field at the
+    same voxels, a unit smooth random field (N,) there (sigma ``BIAS_SIGMA_MM``), the target rows (M, S + 1) of :func:`target_features`, and the median noise sigma of the targets
+    (:func:`estimate_noise_sigma`), over the first ``max_volumes`` volumes of each side, subsampled to ``spacing_mm``.
 
     Raises:
         ValueError: a volume that is not 3D.
     """
     from ct2mr.preprocessing.masks import body_mask
 
-    out = []
-    for volumes, modality, features in ((sources, modalities[0], source_features),
-                                        (targets, modalities[1], target_features)):
-        rows = []
+    def grids(volumes: Sequence[np.ndarray], modality: str):  # noqa: ANN202 (a generator of tuples)
         for volume in list(volumes)[:max_volumes]:
             if volume.ndim != 3:
                 raise ValueError(f"fit_intensity_law needs (z, y, x) volumes, got shape {volume.shape}.")
             small, mm = _subsample(volume, voxel_mm, spacing_mm)
-            mask = body_mask(small, modality, normalised=True, ct_window=ct_window)
-            extra = (grid,) if features is source_features else ()
-            rows.append(features(small, mask, mm, *extra, scales_mm, gradient_sigma_mm, samples, rng))
-        out.append(np.concatenate(rows, 2 if features is source_features else 0))
-    return out[0], out[1]
+            yield small, mm, body_mask(small, modality, normalised=True, ct_window=ct_window)
+
+    basis, noise, fields, target, sigmas = [], [], [], [], []
+    for small, mm, mask in grids(sources, modalities[0]):
+        index = _sample(mask, samples, rng)
+        basis.append(np.stack([field_features(hat_basis(small, grid, k), index, mm, scales_mm, gradient_sigma_mm)
+                               for k in range(len(grid))], 1))
+        unit = rng.standard_normal(small.shape).astype(np.float32)
+        noise.append(field_features(unit, index, mm, scales_mm, gradient_sigma_mm))
+        smooth = blurred_at(rng.standard_normal(small.shape).astype(np.float32), BIAS_SIGMA_MM / mm, index)
+        fields.append((smooth - smooth.mean()) / max(float(smooth.std()), 1e-12))
+    for small, mm, mask in grids(targets, modalities[1]):
+        target.append(target_features(small, mask, mm, scales_mm, gradient_sigma_mm, samples, rng))
+        sigmas.append(estimate_noise_sigma(small, mask))
+    return (np.concatenate(basis, 2), np.concatenate(noise, 1), np.concatenate(fields), np.concatenate(target, 0),
+            float(np.median(sigmas)))
 
 
 def _random_curves(grid: np.ndarray, count: int, control_points: int, generator) -> list[np.ndarray]:  # noqa: ANN001
@@ -312,32 +415,57 @@ def _random_curves(grid: np.ndarray, count: int, control_points: int, generator)
 
 class _SlicedObjective:
     """The fit's objective: sliced Wasserstein distance between the law's source features and the target's, plus
-    the curvature penalty; Adam over the knot values (module docstring).
+    the curvature penalty; Adam over the knot values and, with ``degradation``, two degradation amplitudes
+    (module docstring).
+
+    The law's output is degraded before its features are compared, as an acquisition degrades the target: times
+    ``1 + b g(r)`` (``g`` a smooth zero-mean unit-variance field: a receive bias, on the ``value + 1`` scale so that
+    the -1 background stays dark) plus white noise of sigma ``s``. A law alone has neither; without them the closest
+    law to a noisy, biased target is a wider, distorted one, not the conditional mean (issue 13).
 
     Args:
         basis: (F, K, N) source features per knot (:func:`source_features`).
         target: (M, S + 1) target features (:func:`target_features`).
         n_scales: S, the blurred-intensity features (the rest are gradient components).
         gradient_weight, projections, smoothness, seed: see :func:`fit_intensity_law`.
+        noise: (F, N) features of a unit white-noise field at the source voxels, or ``None``.
+        field: (N,) a unit smooth field ``g`` at the source voxels, or ``None``.
+        degradation: ``(s, b)`` where the amplitudes start; ``learn``: whether Adam fits them (else they stay).
     """
 
     def __init__(self, basis: np.ndarray, target: np.ndarray, n_scales: int, gradient_weight: float,
-                 projections: int, smoothness: float, seed: int) -> None:
+                 projections: int, smoothness: float, seed: int, noise: np.ndarray | None = None,
+                 field: np.ndarray | None = None, degradation: tuple[float, float] = (0.0, 0.0),
+                 learn: bool = False) -> None:
         import torch
 
         self.B = torch.from_numpy(basis)
         self.B[n_scales:] *= gradient_weight
+        self.noise = torch.from_numpy(np.ascontiguousarray(noise.T, np.float32)) if noise is not None else None
+        if self.noise is not None:
+            self.noise[:, n_scales:] *= gradient_weight
+        self.field = torch.from_numpy(np.asarray(field, np.float32))[:, None] if field is not None else None
+        self.degradation, self.learn = np.asarray(degradation, np.float32), learn
         self.Y = torch.from_numpy(target)
         self.Y[:, n_scales] *= gradient_weight
         self.n_scales, self.projections, self.smoothness = n_scales, projections, smoothness
         self.generator = torch.Generator().manual_seed(seed)
         self.count = min(self.B.shape[2], self.Y.shape[0])
 
-    def distance(self, values, n_dirs: int):  # noqa: ANN001, ANN201 (torch tensors)
-        """Sliced W2^2 between the law ``values`` (K,) applied to the source features and the target features."""
+    def distance(self, values, n_dirs: int, degradation=None):  # noqa: ANN001, ANN201 (torch tensors)
+        """Sliced W2^2 between the law ``values`` (K,) applied to the source features, degraded by
+        ``degradation`` = (noise sigma, bias amplitude) (a tensor (2,); ``None``: the starting amplitudes), and the
+        target features."""
         import torch
 
+        if degradation is None:
+            degradation = torch.from_numpy(self.degradation)
         rows = torch.einsum("fkn,k->nf", self.B, values)
+        if self.field is not None:
+            scale = 1.0 + degradation[1].abs() * self.field
+            rows = torch.cat([(rows[:, :self.n_scales] + 1.0) * scale - 1.0, rows[:, self.n_scales:] * scale], 1)
+        if self.noise is not None:
+            rows = rows + degradation[0].abs() * self.noise
         rows = torch.cat([rows[:, :self.n_scales], rows[:, self.n_scales:].norm(dim=1, keepdim=True)], 1)
         rows = rows[torch.randperm(rows.shape[0], generator=self.generator)[:self.count]]
         other = self.Y[torch.randperm(self.Y.shape[0], generator=self.generator)[:self.count]]
@@ -347,15 +475,23 @@ class _SlicedObjective:
         b = torch.sort((other @ dirs).t().contiguous(), 1).values
         return (a - b).square().mean()
 
-    def optimise(self, curve0: np.ndarray, steps: int) -> tuple[float, np.ndarray]:
-        """Adam from ``curve0`` (K,) for ``steps``; returns (distance over 4 x 64 directions, curve (K,))."""
+    def optimise(self, state0: np.ndarray, steps: int) -> tuple[float, np.ndarray]:
+        """Adam from ``state0`` for ``steps``: the curve (K,) or the curve followed by the two degradation amplitudes
+        (K + 2,; a bare curve starts them at ``degradation``). Returns (distance over 4 x 64 directions, state
+        (K + 2,): the curve clamped to [-1, 1], then ``|s|``, ``|b|``)."""
         import torch
 
-        values = torch.tensor(np.asarray(curve0, np.float32)).requires_grad_(True)
-        optimiser = torch.optim.Adam([values], lr=0.05)
+        state0 = np.asarray(state0, np.float32)
+        k = self.B.shape[1]
+        if state0.shape == (k,):
+            state0 = np.concatenate([state0, self.degradation])
+        values = torch.tensor(state0[:k]).requires_grad_(True)
+        degradation = torch.tensor(state0[k:]).requires_grad_(self.learn)
+        groups = [{"params": [values], "lr": 0.05}] + ([{"params": [degradation], "lr": 0.005}] if self.learn else [])
+        optimiser = torch.optim.Adam(groups)
         for _ in range(steps):
             curve = values.clamp(-1.0, 1.0)
-            loss = self.distance(curve, self.projections)
+            loss = self.distance(curve, self.projections, degradation)
             if self.smoothness > 0 and len(curve) > 2:
                 loss = loss + self.smoothness * (curve[2:] - 2 * curve[1:-1] + curve[:-2]).square().sum()
             optimiser.zero_grad()
@@ -363,4 +499,5 @@ class _SlicedObjective:
             optimiser.step()
         with torch.no_grad():
             curve = values.clamp(-1.0, 1.0)
-            return float(np.mean([self.distance(curve, 64).item() for _ in range(4)])), curve.numpy().copy()
+            score = float(np.mean([self.distance(curve, 64, degradation).item() for _ in range(4)]))
+            return score, np.concatenate([curve.numpy(), degradation.abs().numpy()])

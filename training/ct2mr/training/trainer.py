@@ -719,6 +719,10 @@ class CycleGANTrainer:
                 terms["identity_CT"] = self._identity(x, F(x), mr=False)
                 total = total + m.lambda_id * (terms["identity_MR"] + terms["identity_CT"])
             total = total + self._structure_terms(x, y, fake_mr, fake_ct, terms)
+            if m.law.enabled and m.law.anchor > 0:
+                terms["law_anchor"] = ((fake_mr - self.G.curve_output(x)).abs().mean()
+                                       + (fake_ct - self.F.curve_output(y)).abs().mean())
+                total = total + m.law.anchor * terms["law_anchor"]
             if pair is not None:
                 total = total + self._paired_generator_terms(pair, terms)
         self.opt_g.zero_grad(set_to_none=True)
@@ -1208,7 +1212,8 @@ def start_intensity_laws(trainer: "CycleGANTrainer", config: RunConfig, ct_volum
     settings = dict(voxel_mm=prep.target_spacing, knots=law.knots, spacing_mm=law.spacing_mm,
                     scales_mm=tuple(law.scales_mm), gradient_sigma_mm=law.gradient_sigma_mm, samples=law.samples,
                     restarts=law.restarts, iterations=law.iterations, screen_iterations=law.screen_iterations,
-                    finalists=law.finalists, smoothness=law.smoothness,
+                    finalists=law.finalists, smoothness=law.smoothness, noise=law.noise,
+                    degradation=law.degradation,
                     seed=config.train.seed, ct_window=tuple(prep.ct_window))
     def one_per_source(volumes: Sequence[DomainVolume]) -> list[np.ndarray]:
         """Each acquisition first (the phases of a 4D series share one), so one cine series cannot fill the cap."""
