@@ -38,7 +38,8 @@ the SC and M1 recipes after 30 minutes; with 16 random starts instead of 32, 0.3
 and its blurs alone (no gradient feature) the identity start wins, i.e. a monotone law, at 0.13.
 Fourth session (81 knots, coarse-grid blurs, fitted degradation; the fit alone applied to the held-out CT): 41
 knots 0.60 / 0.133, 81 knots 0.63 / 0.121, with the degradation 0.67 / 0.114 (the paired lookup: 0.79 / 0.091);
-through the trainer (``ct2mr translate`` of the step-0 snapshot), 81 knots without the degradation 0.67 / 0.114.
+through the trainer (``ct2mr translate`` of the step-0 snapshot), 81 knots without the degradation 0.67 / 0.114,
+with it 0.70 / 0.106.
 What it cannot do: model effects that are not a function of intensity (blur, bias, susceptibility); the GAN's
 ResNet branch is there for those. The distance of the true law is not always the lowest (the benchmark's MR has
 blur, bias and noise that no pointwise law reproduces), so the result is a starting point, not an answer.
