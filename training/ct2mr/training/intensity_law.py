@@ -33,9 +33,9 @@ Method (ours, written for this project; the ingredients are standard):
   cost less than those of 41 did on the full grid.
 
 Measured on the known-mapping benchmark (benchmarks/RESULTS.md), second session: the laws alone (the ``law``
-preset's step-0 snapshot) scored SSIM 0.49 / MAE 0.17 on the held-out case before any GAN step, against 0.08-0.12 / 0.41-0.51 for
-the SC and M1 recipes after 30 minutes; with 16 random starts instead of 32, 0.36; with the intensity
-and its blurs alone (no gradient feature) the identity start wins, i.e. a monotone law, at 0.13.
+preset's step-0 snapshot) scored SSIM 0.49 / MAE 0.17 on the held-out case before any GAN step, against
+0.08-0.12 / 0.41-0.51 for the SC and M1 recipes after 30 minutes; with 16 random starts instead of 32, 0.36; with
+the intensity and its blurs alone (no gradient feature) the identity start wins, i.e. a monotone law, at 0.13.
 Fourth session (81 knots, coarse-grid blurs, fitted degradation; the fit alone applied to the held-out CT): 41
 knots 0.60 / 0.133, 81 knots 0.63 / 0.121, with the degradation 0.67 / 0.114 (the paired lookup: 0.79 / 0.091);
 through the trainer (``ct2mr translate`` of the step-0 snapshot), 81 knots without the degradation 0.67 / 0.114,
@@ -58,7 +58,8 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["IntensityLaw", "read_intensity_laws", "law_knots", "hat_basis", "blurred_at", "field_features", "estimate_noise_sigma", "source_features", "target_features", "fit_intensity_law"]
+__all__ = ["IntensityLaw", "read_intensity_laws", "law_knots", "hat_basis", "blurred_at", "field_features",
+           "estimate_noise_sigma", "source_features", "target_features", "fit_intensity_law"]
 
 
 #: Sigma (mm) of the smooth random field that stands for a receive bias in the fit (:class:`_SlicedObjective`).
@@ -180,9 +181,10 @@ def blurred_at(volume: np.ndarray, sigma_vox: float, index: np.ndarray) -> np.nd
     is finer than ``r`` voxels, and the edge padding differs from scipy's reflection within about 2 sigma of the
     faces. Away from the faces, on a worst case (the hat map of 2-voxel speckle), it correlates 0.999 with the
     full-grid blur (mean error 3-5 % of the feature's spread); on the benchmark the fitted law did not change
-    measurably (the law alone SSIM 0.604 against 0.605 with full-grid blurs; benchmarks/RESULTS.md). The cost falls 3x (sigma 4) to 25x
-    (sigma 10), which is what lets a fit have 81 knots (issue 13). Both sides of the fit use this function, so the
-    source and target features are blurred alike. ``sigma_vox <= 0`` returns the voxels themselves.
+    measurably (the law alone SSIM 0.604 against 0.605 with full-grid blurs; benchmarks/RESULTS.md). The cost
+    falls 3x (sigma 4) to 25x (sigma 10), which is what lets a fit have 81 knots (issue 13). Both sides of the
+    fit use this function, so the source and target features are blurred alike. ``sigma_vox <= 0`` returns the
+    voxels themselves.
     """
     if sigma_vox <= 0:
         return volume.ravel()[index].astype(np.float32)
@@ -217,7 +219,12 @@ def source_features(volume: np.ndarray, mask: np.ndarray, voxel_mm: float, knots
         float32 (len(scales_mm) + 3, K, N): for a law ``v`` (K,), ``einsum("fkn,k->nf", B, v)`` gives each voxel's
         blurred law values followed by the three gradient components (per mm) of the law.
     """
-    index = _sample(mask, count, rng)
+    return _basis_at(volume, knots, _sample(mask, count, rng), voxel_mm, scales_mm, gradient_sigma_mm)
+
+
+def _basis_at(volume: np.ndarray, knots: np.ndarray, index: np.ndarray, voxel_mm: float,
+              scales_mm: Sequence[float], gradient_sigma_mm: float) -> np.ndarray:
+    """:func:`field_features` of every hat map of ``volume`` at the flat voxel ``index``: float32 (F, K, N)."""
     return np.stack([field_features(hat_basis(volume, knots, k), index, voxel_mm, scales_mm, gradient_sigma_mm)
                      for k in range(len(knots))], 1)
 
@@ -264,11 +271,9 @@ def target_features(volume: np.ndarray, mask: np.ndarray, voxel_mm: float, scale
     Returns:
         float32 (N, len(scales_mm) + 1); see :func:`source_features` for the arguments.
     """
-    index = _sample(mask, count, rng)
-    columns = [blurred_at(volume, sigma / voxel_mm, index) for sigma in scales_mm]
-    smooth = ndimage.gaussian_filter(volume, gradient_sigma_mm / voxel_mm)
-    magnitude = np.sqrt(sum(np.square(g) for g in np.gradient(smooth, voxel_mm)))
-    return np.stack(columns + [magnitude.ravel()[index]], 1).astype(np.float32)
+    linear = field_features(volume, _sample(mask, count, rng), voxel_mm, scales_mm, gradient_sigma_mm)
+    magnitude = np.sqrt(np.square(linear[len(scales_mm):]).sum(0, keepdims=True))
+    return np.concatenate([linear[:len(scales_mm)], magnitude]).T.astype(np.float32)
 
 
 def fit_intensity_law(sources: Sequence[np.ndarray], targets: Sequence[np.ndarray], source_modality: str = "ct",
@@ -279,7 +284,8 @@ def fit_intensity_law(sources: Sequence[np.ndarray], targets: Sequence[np.ndarra
                       control_points: int = 6, projections: int = 16, smoothness: float = 1e-4,
                       gradient_weight: float = 4.0, max_volumes: int = 8, seed: int = 0,
                       ct_window: Sequence[float] = (-1000.0, 1000.0), starts: Sequence[Sequence[float]] = (),
-                      noise: float | None = None, degradation: bool = True, progress: Callable[[int, int, str], None] | None = None) -> IntensityLaw:
+                      noise: float | None = None, degradation: bool = True,
+                      progress: Callable[[int, int, str], None] | None = None) -> IntensityLaw:
     """Fit the law ``source -> target`` from unpaired volumes (module docstring: the method).
 
     Args:
@@ -371,8 +377,9 @@ def _feature_matrices(sources: Sequence[np.ndarray], targets: Sequence[np.ndarra
                       gradient_sigma_mm: float, samples: int, max_volumes: int, ct_window: Sequence[float],
                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """The source basis (F, K, N) of :func:`source_features`, the features (F, N) of a unit white-noise field at the
-    same voxels, a unit smooth random field (N,) there (sigma ``BIAS_SIGMA_MM``), the target rows (M, S + 1) of :func:`target_features`, and the median noise sigma of the targets
-    (:func:`estimate_noise_sigma`), over the first ``max_volumes`` volumes of each side, subsampled to ``spacing_mm``.
+    same voxels, a unit smooth random field (N,) there (sigma ``BIAS_SIGMA_MM``), the target rows (M, S + 1) of
+    :func:`target_features`, and the median noise sigma of the targets (:func:`estimate_noise_sigma`), over the
+    first ``max_volumes`` volumes of each side, subsampled to ``spacing_mm``.
 
     Raises:
         ValueError: a volume that is not 3D.
@@ -389,8 +396,7 @@ def _feature_matrices(sources: Sequence[np.ndarray], targets: Sequence[np.ndarra
     basis, noise, fields, target, sigmas = [], [], [], [], []
     for small, mm, mask in grids(sources, modalities[0]):
         index = _sample(mask, samples, rng)
-        basis.append(np.stack([field_features(hat_basis(small, grid, k), index, mm, scales_mm, gradient_sigma_mm)
-                               for k in range(len(grid))], 1))
+        basis.append(_basis_at(small, grid, index, mm, scales_mm, gradient_sigma_mm))
         unit = rng.standard_normal(small.shape).astype(np.float32)
         noise.append(field_features(unit, index, mm, scales_mm, gradient_sigma_mm))
         smooth = blurred_at(rng.standard_normal(small.shape).astype(np.float32), BIAS_SIGMA_MM / mm, index)
