@@ -72,6 +72,7 @@ RECIPES = {
     "law-slow": ["--preset", "law", "model.law.lr_scale=0.1"],
     "law-trainable": ["--preset", "law", "model.law.lr_scale=1.0"],
     "law-anchor": ["--preset", "law", "model.law.anchor=10.0"],
+    "law-raw": ["--preset", "law", "model.law.relative=false"],
     "law81-anchor": ["--preset", "law", "model.law.knots=81", "model.generator.extra.law_knots=81",
                      "model.law.anchor=10.0"],
 }

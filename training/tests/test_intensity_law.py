@@ -12,7 +12,8 @@ from scipy import ndimage
 from ct2mr.models.checkpoint import load_checkpoint
 from ct2mr.training.config import load_config
 from ct2mr.training.intensity_law import (IntensityLaw, blurred_at, estimate_noise_sigma, fit_intensity_law,
-                                          hat_basis, law_knots, read_intensity_laws)
+                                          hat_basis, law_knots, read_intensity_laws, relative_features,
+                                          target_features)
 from ct2mr.networks.resnet import IntensityCurve, ResnetGenerator3D
 from ct2mr.training.trainer import CycleGANTrainer, seed_everything, train_run
 from ct2mr_testdata import ABDOMEN_MR, HEART_CT, need
@@ -82,6 +83,44 @@ def test_degrading_the_law_output_makes_the_true_law_closer_to_a_noisy_target():
         return law.restarts[1]  # [identity, the given start]
 
     assert measured(0.1) < 0.5 * measured(0.0)
+
+
+def test_relative_features_do_not_see_a_smooth_receive_bias():
+    """A +-15 % smooth bias moves the raw intensity features of a phantom MR by tenths; the log-ratios of the
+    relative features hardly move, and the gradient over the widest blur moves less than half as much as the raw one."""
+    clean = phantom(48, 0.0, TRUE_LAW)
+    x = np.linspace(-0.5, 0.5, 48, dtype=np.float32)
+    biased = (clean + 1.0) * np.exp(0.3 * x)[None, None, :] - 1.0  # a ramp along x: exp(+-0.15)
+    mask = clean > -0.9
+
+    def features(volume: np.ndarray) -> torch.Tensor:
+        rows = target_features(volume, mask, 2.0, (0.0, 3.0, 8.0), 1.5, 4000, np.random.default_rng(0))
+        return torch.from_numpy(rows)
+
+    raw_clean, raw_biased = features(clean), features(biased)
+    rel_clean, rel_biased = relative_features(raw_clean, 3), relative_features(raw_biased, 3)
+    raw_change = (raw_biased - raw_clean).abs().mean(0)
+    rel_change = (rel_biased - rel_clean).abs().mean(0)
+    assert raw_change[:2].min() > 0.05, raw_change  # the voxel and its 3 mm blur: fat moves by about 0.2
+    assert rel_change[:2].max() < 0.2 * raw_change[:2].min(), (rel_change, raw_change)
+    assert rel_change[3] < 0.5 * raw_change[3], (rel_change, raw_change)  # the gradient: less than half
+    torch.testing.assert_close(rel_clean[:, 2], raw_clean[:, 2])  # the widest blur is kept as it is
+    with pytest.raises(ValueError, match="two blur scales"):
+        relative_features(raw_clean[:, [0, 3]], 1)
+
+
+def test_relative_features_apply_to_mr_targets_only():
+    """MR -> CT: a CT has no receive field, so ``relative`` changes nothing; CT -> MR: it changes the distances."""
+    mr = [phantom(40, 0.0, TRUE_LAW)]
+    ct = [phantom(40, 0.05, SOURCE)]
+
+    def distances(source: list, target: list, modalities: tuple[str, str], relative: bool) -> list[float]:
+        return fit_intensity_law(source, target, *modalities, voxel_mm=2.0, knots=11, spacing_mm=2.0,
+                                 scales_mm=(0.0, 3.0, 8.0), samples=2000, restarts=2, iterations=0, seed=0,
+                                 relative=relative).restarts
+
+    assert distances(mr, ct, ("mr", "ct"), True) == distances(mr, ct, ("mr", "ct"), False)
+    assert distances(ct, mr, ("ct", "mr"), True) != distances(ct, mr, ("ct", "mr"), False)
 
 
 def test_fit_refuses_empty_or_non_3d_input():

@@ -218,6 +218,9 @@ class LawConfig:
         smoothness: weight of the curve's squared second difference.
         lr_scale: the curves' learning rate as a multiple of ``train.lr_g`` once the GAN trains (0 keeps the fitted
             law; the ResNet branch still learns what needs context).
+        relative: the fit compares, for an MR target, features a smooth receive bias leaves unchanged (log-ratios
+            of each blur to the widest: :func:`ct2mr.training.intensity_law.relative_features`) instead of the raw
+            blurs; the MR -> CT fit never does.
         file: start from the laws of an earlier run's ``intensity_law.json`` instead of fitting (same knots), e.g.
             to compare recipes from one law or to reuse a fit made on a faster machine.
         noise: sigma (normalised target units) of the white noise the fit adds to the law's output before comparing
@@ -246,6 +249,7 @@ class LawConfig:
     noise: Optional[float] = None
     degradation: bool = True
     anchor: float = 0.0
+    relative: bool = True
 
 
 @dataclass

@@ -1213,7 +1213,7 @@ def start_intensity_laws(trainer: "CycleGANTrainer", config: RunConfig, ct_volum
                     scales_mm=tuple(law.scales_mm), gradient_sigma_mm=law.gradient_sigma_mm, samples=law.samples,
                     restarts=law.restarts, iterations=law.iterations, screen_iterations=law.screen_iterations,
                     finalists=law.finalists, smoothness=law.smoothness, noise=law.noise,
-                    degradation=law.degradation,
+                    degradation=law.degradation, relative=law.relative,
                     seed=config.train.seed, ct_window=tuple(prep.ct_window))
     def one_per_source(volumes: Sequence[DomainVolume]) -> list[np.ndarray]:
         """Each acquisition first (the phases of a 4D series share one), so one cine series cannot fill the cap."""
