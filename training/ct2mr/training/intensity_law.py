@@ -44,7 +44,8 @@ the intensity and its blurs alone (no gradient feature) the identity start wins,
 Fourth session (81 knots, coarse-grid blurs, fitted degradation; the fit alone applied to the held-out CT): 41
 knots 0.60 / 0.133, 81 knots 0.63 / 0.121, with the degradation 0.67 / 0.114 (the paired lookup: 0.79 / 0.091);
 through the trainer (``ct2mr translate`` of the step-0 snapshot), 81 knots without the degradation 0.67 / 0.114,
-with it 0.70 / 0.106.
+with it 0.70 / 0.106. Fifth session (``relative`` features): the fit alone 0.735 / 0.099; through the trainer
+0.766 / 0.091 at step 0 (the paired lookup's MAE: 0.091), 0.754 / 0.091 after 40 minutes.
 What it cannot do: model effects that are not a function of intensity (blur, bias, susceptibility); the GAN's
 ResNet branch is there for those. The distance of the true law is not always the lowest (the benchmark's MR has
 blur, bias and noise that no pointwise law reproduces), so the result is a starting point, not an answer.
