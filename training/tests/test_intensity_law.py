@@ -120,6 +120,9 @@ def test_relative_features_apply_to_mr_targets_only():
                                  relative=relative).restarts
 
     assert distances(mr, ct, ("mr", "ct"), True) == distances(mr, ct, ("mr", "ct"), False)
+    shuffled = fit_intensity_law(ct, mr, "ct", "mr", voxel_mm=2.0, knots=11, spacing_mm=2.0, scales_mm=(8.0, 0.0, 3.0),
+                                 samples=2000, restarts=2, iterations=0, seed=0).restarts
+    assert shuffled == distances(ct, mr, ("ct", "mr"), True)  # the widest blur is the reference in any order
     assert distances(ct, mr, ("ct", "mr"), True) != distances(ct, mr, ("ct", "mr"), False)
 
 

@@ -304,7 +304,7 @@ def fit_intensity_law(sources: Sequence[np.ndarray], targets: Sequence[np.ndarra
         voxel_mm: spacing of the input grids (mm).
         knots: K, knots of the law.
         spacing_mm: the volumes are subsampled to about this spacing (mm) first (speed).
-        scales_mm: blur sigmas (mm) of the features; 0 is the voxel.
+        scales_mm: blur sigmas (mm) of the features; 0 is the voxel (any order: they are sorted, finest first).
         gradient_sigma_mm: blur (mm) before the gradient-magnitude feature.
         samples: voxels sampled per volume.
         restarts: optimisation starts (the identity curve, then smooth random curves), besides ``starts``.
@@ -342,6 +342,7 @@ def fit_intensity_law(sources: Sequence[np.ndarray], targets: Sequence[np.ndarra
     if not sources or not targets:
         raise ValueError("fit_intensity_law needs at least one source and one target volume.")
     start = time.perf_counter()
+    scales_mm = tuple(sorted(scales_mm))  # finest first: relative_features takes the last as the widest
     grid = law_knots(knots)
     given = [np.asarray(v, np.float32) for v in starts]
     if any(v.shape != (len(grid),) for v in given):
@@ -449,10 +450,10 @@ def relative_features(rows, n_scales: int, offset: float = RELATIVE_OFFSET):  # 
 
     if n_scales < 2:
         raise ValueError(f"relative_features needs at least two blur scales, got {n_scales}.")
-    widest = rows[:, n_scales - 1:n_scales]
-    denominator = (widest + 1.0 + offset).clamp(min=0.02)
-    ratios = torch.log((rows[:, :n_scales - 1] + 1.0 + offset).clamp(min=0.02)) - torch.log(denominator)
-    return torch.cat([ratios, widest, rows[:, n_scales:] / denominator], 1)
+    shifted = (rows[:, :n_scales] + 1.0 + offset).clamp(min=0.02)
+    logs = torch.log(shifted)
+    ratios, widest = logs[:, :-1] - logs[:, -1:], rows[:, n_scales - 1:n_scales]
+    return torch.cat([ratios, widest, rows[:, n_scales:] / shifted[:, -1:]], 1)
 
 
 def _random_curves(grid: np.ndarray, count: int, control_points: int, generator) -> list[np.ndarray]:  # noqa: ANN001
