@@ -12,8 +12,8 @@ from scipy import ndimage
 from ct2mr.models.checkpoint import load_checkpoint
 from ct2mr.training.config import load_config
 from ct2mr.training.intensity_law import (IntensityLaw, blurred_at, estimate_noise_sigma, fit_intensity_law,
-                                          hat_basis, law_knots, read_intensity_laws, relative_features,
-                                          target_features)
+                                          hat_basis, inverse_intensity_law, law_knots, read_intensity_laws,
+                                          relative_features, target_features)
 from ct2mr.networks.resnet import IntensityCurve, ResnetGenerator3D
 from ct2mr.training.trainer import CycleGANTrainer, seed_everything, train_run
 from ct2mr_testdata import ABDOMEN_MR, HEART_CT, need
@@ -253,6 +253,16 @@ def test_law_anchor_penalises_what_the_resnet_branch_adds():
     assert first["law_anchor"] == pytest.approx(0.0, abs=1e-6)
     second = trainer.train_step(batch)
     assert second["law_anchor"] > 0
+    assert second["law_anchor"] == pytest.approx(second["law_anchor_G"] + second["law_anchor_F"], rel=1e-5)
+    with torch.no_grad():  # anchor_f: F's half has its own weight (0: G alone is anchored)
+        fake_mr, fake_ct = trainer.G(x), trainer.F(x.flip(2))
+        terms = {}
+        both = trainer._anchor_terms(x, x.flip(2), fake_mr, fake_ct, terms)
+        assert float(both) == pytest.approx(5 * float(terms["law_anchor"]), rel=1e-5)
+        trainer.config.model.law.anchor_f = 0.0
+        alone = trainer._anchor_terms(x, x.flip(2), fake_mr, fake_ct, terms)
+        assert float(alone) == pytest.approx(5 * float(terms["law_anchor_G"]), rel=1e-5)
+        assert float(terms["law_anchor_F"]) > 0 and float(alone) < float(both)
     with pytest.raises(ValueError, match="per-voxel path"):
         ResnetGenerator3D(base_channels=2, n_blocks=0).curve_output(x)
 
@@ -260,6 +270,8 @@ def test_law_anchor_penalises_what_the_resnet_branch_adds():
 def test_law_settings_are_checked():
     with pytest.raises(ValueError, match="anchor"):
         load_config("law", ["model.law.anchor=-1"])
+    with pytest.raises(ValueError, match="anchor_f"):
+        load_config("law", ["model.law.anchor_f=-1"])
     with pytest.raises(ValueError, match="lr_scale"):
         load_config("law", ["model.law.lr_scale=-1"])
     with pytest.raises(ValueError, match="does not exist"):
@@ -287,3 +299,43 @@ def test_a_run_can_start_from_an_earlier_runs_laws(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"G": given["G"]}))
     with pytest.raises(ValueError, match="'G' and 'F'"):
         read_intensity_laws(tmp_path / "bad.json")
+
+
+def test_inverse_law_undoes_a_one_to_one_law_and_averages_what_a_law_merges():
+    """inverse_intensity_law: E[x | law(x)] as a curve. A one-to-one law is undone to within 0.02; where |x| merges
+    +v and -v (equally frequent) the inverse is their mean 0, where only +v exists it is +v."""
+    rng = np.random.default_rng(0)
+    volume = np.full((40, 40, 40), -1.0, np.float32)
+    volume[4:36, 4:36, 4:36] = rng.uniform(-0.4, 0.8, (32, 32, 32))
+    knots = law_knots(41)
+    one_to_one = IntensityLaw(knots, 0.5 * knots + 0.3, 0.0)
+    inverse = inverse_intensity_law(one_to_one, [volume], spacing_mm=1.0)
+    assert inverse.source == "mr" and inverse.target == "ct" and len(inverse.values) == 41
+    inside = volume[volume > -0.9]
+    assert np.abs(inverse(one_to_one(inside)) - inside).mean() < 0.02
+    merged = inverse_intensity_law(IntensityLaw(knots, np.abs(knots), 0.0), [volume], spacing_mm=1.0)
+    assert abs(float(merged(np.float32(0.2)))) < 0.05
+    assert float(merged(np.float32(0.6))) == pytest.approx(0.6, abs=0.03)
+    assert merged.distance > 10 * inverse.distance  # what no per-voxel inverse can undo
+    with pytest.raises(ValueError, match="at least one"):
+        inverse_intensity_law(one_to_one, [])
+    with pytest.raises(ValueError, match="f_start"):
+        load_config("law", ["model.law.f_start=guess"])
+
+
+def test_f_can_start_at_the_inverse_of_gs_law(tmp_path):
+    """model.law.f_start=inverse: F's curve starts at inverse_intensity_law of G's law (here G's from a file, a
+    decreasing law, whose inverse is itself; the file's own F is not used), with no MR -> CT fit."""
+    need(HEART_CT, ABDOMEN_MR)
+    knots = law_knots(81)
+    law = {"source": "ct", "target": "mr", "knots": knots.tolist(), "values": (-knots).tolist(), "distance": 0.5}
+    given_f = {**law, "source": "mr", "target": "ct", "values": (0.5 * knots).tolist()}  # f_start overrides it
+    (tmp_path / "laws.json").write_text(json.dumps({"G": law, "F": given_f}))
+    config = load_config("law", TINY_LAW + [f'data.ct=["{HEART_CT}"]', f'data.mr=["{ABDOMEN_MR}"]', "train.steps=1",
+                                            "train.threads=1", f"model.law.file={tmp_path / 'laws.json'}",
+                                            "model.law.f_start=inverse"])
+    train_run(config, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "intensity_law.json").read_text())
+    assert record["F"]["source"] == "mr" and record["F"]["seconds"] < 30
+    middle = np.abs(knots) <= 0.3
+    np.testing.assert_allclose(np.asarray(record["F"]["values"])[middle], -knots[middle], atol=0.05)

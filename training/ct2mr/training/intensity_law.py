@@ -65,7 +65,8 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["IntensityLaw", "read_intensity_laws", "law_knots", "hat_basis", "blurred_at", "field_features",
-           "estimate_noise_sigma", "source_features", "target_features", "relative_features", "fit_intensity_law"]
+           "estimate_noise_sigma", "source_features", "target_features", "relative_features", "fit_intensity_law",
+           "inverse_intensity_law"]
 
 
 #: Sigma (mm) of the smooth random field that stands for a receive bias in the fit (:class:`_SlicedObjective`).
@@ -361,6 +362,60 @@ def fit_intensity_law(sources: Sequence[np.ndarray], targets: Sequence[np.ndarra
     return IntensityLaw(grid, best[1][:k], best[0], [round(score, 6) for score, _ in screened],
                         time.perf_counter() - start, source_modality, target_modality, float(best[1][k]),
                         float(best[1][k + 1]))
+
+
+def inverse_intensity_law(law: IntensityLaw, sources: Sequence[np.ndarray], voxel_mm: float = 1.0, *,
+                          spacing_mm: float = 2.0, samples: int = 20000, max_volumes: int = 8, seed: int = 0,
+                          smoothness: float = 1e-3, ct_window: Sequence[float] = (-1000.0, 1000.0)) -> IntensityLaw:
+    """The per-voxel law that best undoes ``law`` on its own source volumes: F's start when G's law is given.
+
+    The piecewise-linear ``g`` on ``len(law.knots)`` evenly spaced knots of the target scale that minimises
+    ``sum_i (g(law(x_i)) - x_i)^2 + smoothness * N * |D2 g|^2`` over body voxels ``x_i`` of ``sources`` (linear
+    least squares; ``D2`` the second difference, which also fills knots no voxel reaches), i.e. the piecewise-linear
+    approximation of ``E[x | law(x)]``. This is what the cycle loss ``|F(G(x)) - x|`` asks of F's curve, reached
+    without an unpaired MR -> CT fit (CycleGAN's cycle consistency: Zhu et al., ICCV 2017, eq. 2). Where ``law`` is
+    not one to one (fat and bone both bright in a UTE-like MR) the inverse averages the tissues it merges; F's ResNet
+    branch then has to tell them apart from context.
+
+    Args:
+        law: the fitted source -> target law (G's).
+        sources: (z, y, x) float32 source volumes in [-1, 1] on isotropic ``voxel_mm`` grids (the training CTs).
+        voxel_mm: spacing of the grids (mm).
+        spacing_mm: the volumes are subsampled to about this spacing first (speed).
+        samples: body voxels sampled per volume.
+        max_volumes: cap on the volumes used.
+        seed: seed of the voxel sample.
+        smoothness: weight of the squared second difference (per voxel sampled).
+        ct_window: the CT window (HU) behind a normalised CT source (for its body mask).
+
+    Returns:
+        An :class:`IntensityLaw` ``target -> source`` (``distance``: the mean squared residual).
+
+    Raises:
+        ValueError: no source volume, or a volume that is not 3D.
+    """
+    from ct2mr.preprocessing.masks import body_mask
+
+    if not sources:
+        raise ValueError("inverse_intensity_law needs at least one source volume.")
+    start, rng = time.perf_counter(), np.random.default_rng(seed)
+    values = []
+    for volume in list(sources)[:max_volumes]:
+        if volume.ndim != 3:
+            raise ValueError(f"inverse_intensity_law needs (z, y, x) volumes, got shape {volume.shape}.")
+        small, _ = _subsample(np.asarray(volume, np.float32), voxel_mm, spacing_mm)
+        mask = body_mask(small, law.source, normalised=True, ct_window=ct_window)
+        values.append(small.ravel()[_sample(mask, samples, rng)])
+    x = np.clip(np.concatenate(values).astype(np.float64), -1.0, 1.0)
+    grid = law_knots(len(law.knots))
+    mapped = np.clip(np.interp(x, law.knots, law.values), -1.0, 1.0)
+    design = np.stack([hat_basis(mapped, grid, k) for k in range(len(grid))], 1).astype(np.float64)
+    curvature = np.diff(np.eye(len(grid)), 2, axis=0) * np.sqrt(smoothness * len(x))
+    solution = np.linalg.lstsq(np.vstack([design, curvature]), np.concatenate([x, np.zeros(len(curvature))]),
+                               rcond=None)[0]
+    residual = float(np.mean((design @ solution - x) ** 2))
+    return IntensityLaw(grid, np.clip(solution, -1.0, 1.0), residual, [], time.perf_counter() - start, law.target,
+                        law.source)
 
 
 def _successive_halving(objective: "_SlicedObjective", inits: Sequence[np.ndarray], iterations: int,

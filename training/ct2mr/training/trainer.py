@@ -719,10 +719,8 @@ class CycleGANTrainer:
                 terms["identity_CT"] = self._identity(x, F(x), mr=False)
                 total = total + m.lambda_id * (terms["identity_MR"] + terms["identity_CT"])
             total = total + self._structure_terms(x, y, fake_mr, fake_ct, terms)
-            if m.law.enabled and m.law.anchor > 0:
-                terms["law_anchor"] = ((fake_mr - self.G.curve_output(x)).abs().mean()
-                                       + (fake_ct - self.F.curve_output(y)).abs().mean())
-                total = total + m.law.anchor * terms["law_anchor"]
+            if m.law.enabled:
+                total = total + self._anchor_terms(x, y, fake_mr, fake_ct, terms)
             if pair is not None:
                 total = total + self._paired_generator_terms(pair, terms)
         self.opt_g.zero_grad(set_to_none=True)
@@ -730,6 +728,22 @@ class CycleGANTrainer:
         self.scaler.step(self.opt_g)
         terms["G_total"] = total
         return fake_mr, fake_ct
+
+    def _anchor_terms(self, x: torch.Tensor, y: torch.Tensor, fake_mr: torch.Tensor, fake_ct: torch.Tensor,
+                      terms: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        """``model.law.anchor`` x |G(x) - C_G(x)| + ``anchor_f`` x |F(y) - C_F(y)| (means; 0 if both weights are 0).
+
+        ``C`` is a generator's per-voxel curve alone; ``terms`` gains ``law_anchor`` (the sum of the two means) and
+        ``law_anchor_G`` / ``law_anchor_F``.
+        """
+        law = self.config.model.law
+        weights = (law.anchor, law.anchor if law.anchor_f is None else law.anchor_f)
+        if max(weights) <= 0:
+            return 0.0
+        terms["law_anchor_G"] = (fake_mr - self.G.curve_output(x)).abs().mean()
+        terms["law_anchor_F"] = (fake_ct - self.F.curve_output(y)).abs().mean()
+        terms["law_anchor"] = terms["law_anchor_G"] + terms["law_anchor_F"]
+        return weights[0] * terms["law_anchor_G"] + weights[1] * terms["law_anchor_F"]
 
     def _structure_terms(self, x: torch.Tensor, y: torch.Tensor, fake_mr: torch.Tensor, fake_ct: torch.Tensor,
                          terms: dict[str, torch.Tensor]) -> torch.Tensor | float:
@@ -1194,7 +1208,8 @@ def start_intensity_laws(trainer: "CycleGANTrainer", config: RunConfig, ct_volum
     """Fit the CT -> MR and MR -> CT intensity laws and start G's and F's intensity curves there (issue 13).
 
     :func:`ct2mr.training.intensity_law.fit_intensity_law` on the preprocessed training volumes, with ``model.law``'s
-    settings and ``train.seed`` (every process computes the same laws); with ``model.law.file``, the laws of that
+    settings and ``train.seed`` (every process computes the same laws; with ``model.law.f_start: inverse`` F's law
+    is :func:`ct2mr.training.intensity_law.inverse_intensity_law` of G's); with ``model.law.file``, the laws of that
     earlier run are read instead (no fit). With ``out_dir``, writes ``intensity_law.json`` (both laws, their distances
     per restart) and ``intensity_law.png`` (the curves).
 
@@ -1205,7 +1220,7 @@ def start_intensity_laws(trainer: "CycleGANTrainer", config: RunConfig, ct_volum
         ValueError: a generator without an intensity curve of ``model.law.knots`` knots, or a ``model.law.file``
             that is not a law file or has another number of knots.
     """
-    from ct2mr.training.intensity_law import fit_intensity_law, read_intensity_laws
+    from ct2mr.training.intensity_law import fit_intensity_law, inverse_intensity_law, read_intensity_laws
 
     law, prep = config.model.law, PreprocessingConfig.from_dict(config.data.preprocessing)
     start = time.perf_counter()
@@ -1228,7 +1243,13 @@ def start_intensity_laws(trainer: "CycleGANTrainer", config: RunConfig, ct_volum
         if not hasattr(net, "set_intensity_law"):
             raise ValueError(f"model.law.enabled needs {name} with an intensity curve (a resnet generator with "
                              f"extra.law_knots={law.knots}).")
-        fitted[name] = given.get(name) or fit_intensity_law(a, b, src, dst, **settings)
+        if name == "F" and law.f_start == "inverse":  # also over a model.law.file's F: G's law decides
+            fitted[name] = inverse_intensity_law(fitted["G"], ct, settings["voxel_mm"], spacing_mm=law.spacing_mm,
+                                                 seed=config.train.seed, ct_window=settings["ct_window"])
+        elif name in given:
+            fitted[name] = given[name]
+        else:
+            fitted[name] = fit_intensity_law(a, b, src, dst, **settings)
         net.set_intensity_law(fitted[name].values)
         logger.info("Intensity law %s -> %s fitted in %.1f s (distance %.5f; starts %s)", src, dst,
                     fitted[name].seconds, fitted[name].distance, fitted[name].restarts)
