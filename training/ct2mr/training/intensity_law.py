@@ -175,6 +175,22 @@ def _subsample(volume: np.ndarray, voxel_mm: float, spacing_mm: float) -> tuple[
     return np.ascontiguousarray(volume[::stride, ::stride, ::stride]), voxel_mm * stride
 
 
+def _body_grids(volumes: Sequence[np.ndarray], modality: str, voxel_mm: float, spacing_mm: float, max_volumes: int,
+                ct_window: Sequence[float], caller: str):  # noqa: ANN202 (a generator of tuples)
+    """(subsampled volume, its spacing in mm, its body mask) of the first ``max_volumes`` of ``volumes``.
+
+    Raises:
+        ValueError: a volume that is not 3D (the message names ``caller``).
+    """
+    from ct2mr.preprocessing.masks import body_mask
+
+    for volume in list(volumes)[:max_volumes]:
+        if volume.ndim != 3:
+            raise ValueError(f"{caller} needs (z, y, x) volumes, got shape {volume.shape}.")
+        small, mm = _subsample(volume, voxel_mm, spacing_mm)
+        yield small, mm, body_mask(small, modality, normalised=True, ct_window=ct_window)
+
+
 def _sample(mask: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     index = np.flatnonzero(mask)
     if len(index) == 0:
@@ -394,18 +410,12 @@ def inverse_intensity_law(law: IntensityLaw, sources: Sequence[np.ndarray], voxe
     Raises:
         ValueError: no source volume, or a volume that is not 3D.
     """
-    from ct2mr.preprocessing.masks import body_mask
-
     if not sources:
         raise ValueError("inverse_intensity_law needs at least one source volume.")
     start, rng = time.perf_counter(), np.random.default_rng(seed)
-    values = []
-    for volume in list(sources)[:max_volumes]:
-        if volume.ndim != 3:
-            raise ValueError(f"inverse_intensity_law needs (z, y, x) volumes, got shape {volume.shape}.")
-        small, _ = _subsample(np.asarray(volume, np.float32), voxel_mm, spacing_mm)
-        mask = body_mask(small, law.source, normalised=True, ct_window=ct_window)
-        values.append(small.ravel()[_sample(mask, samples, rng)])
+    values = [small.ravel()[_sample(mask, samples, rng)] for small, _, mask in _body_grids(
+        [np.asarray(v, np.float32) for v in sources], law.source, voxel_mm, spacing_mm, max_volumes, ct_window,
+        "inverse_intensity_law")]
     x = np.clip(np.concatenate(values).astype(np.float64), -1.0, 1.0)
     grid = law_knots(len(law.knots))
     mapped = np.clip(np.interp(x, law.knots, law.values), -1.0, 1.0)
@@ -451,14 +461,8 @@ def _feature_matrices(sources: Sequence[np.ndarray], targets: Sequence[np.ndarra
     Raises:
         ValueError: a volume that is not 3D.
     """
-    from ct2mr.preprocessing.masks import body_mask
-
     def grids(volumes: Sequence[np.ndarray], modality: str):  # noqa: ANN202 (a generator of tuples)
-        for volume in list(volumes)[:max_volumes]:
-            if volume.ndim != 3:
-                raise ValueError(f"fit_intensity_law needs (z, y, x) volumes, got shape {volume.shape}.")
-            small, mm = _subsample(volume, voxel_mm, spacing_mm)
-            yield small, mm, body_mask(small, modality, normalised=True, ct_window=ct_window)
+        return _body_grids(volumes, modality, voxel_mm, spacing_mm, max_volumes, ct_window, "fit_intensity_law")
 
     basis, noise, fields, target, sigmas = [], [], [], [], []
     for small, mm, mask in grids(sources, modalities[0]):
