@@ -9,9 +9,10 @@
 # LAW_FILE= fits anew), F's curve starts at the inverse of G's law (model.law.f_start=inverse), and only G is anchored
 # to its law (model.law.anchor_f=0), so that F learns to undo G. PRESET=sc gives the earlier candidate; v1.0's
 # overrides are in the model card.
-# CPU, THREADS threads (default 2), a wall-clock budget of MINUTES (default 50); resumable: rerun the same command to
-# continue a killed run (the budget is summed over resumes). chest_ct_lung2.nrrd is held out for validation and for
-# the anatomy checks of the model card. The checkpoint lands in OUT/model.safetensors.
+# CPU, THREADS threads (default 2), a wall-clock budget of MINUTES (default 50); resumable: rerun the command to
+# continue a killed run, or with a larger MINUTES to train a finished one longer (MINUTES counts all runs together;
+# the learning rate follows the new budget). chest_ct_lung2.nrrd is held out for validation and for the anatomy checks
+# of the model card. The checkpoint lands in OUT/model.safetensors.
 set -euo pipefail
 MINUTES="${MINUTES:-50}"
 OUT="${OUT:-runs/default-v1.5}"
@@ -26,8 +27,8 @@ if [ "$PRESET" = law ] && [ -n "$LAW_FILE" ]; then
   RECIPE+=(model.law.knots=41 model.generator.extra.law_knots=41 "model.law.file=$LAW_FILE")
 fi
 DATA=../shared/data
-if [ -f "$OUT/state.json" ] && [ ! -f "$OUT/model.safetensors" ]; then
-  exec .venv/bin/ct2mr train --out "$OUT" --resume "$@"
+if [ -f "$OUT/state.json" ]; then  # killed or finished: continue it up to MINUTES in all
+  exec .venv/bin/ct2mr train --out "$OUT" --resume "train.max_minutes=$MINUTES" --threads "${THREADS:-2}" "$@"
 fi
 exec .venv/bin/ct2mr train --preset "$PRESET" \
   --ct "$DATA/ct/thorax_cta_1p5mm.nii.gz" "$DATA/ct/thorax_cta_heart_crop_1p5mm.nii.gz" \

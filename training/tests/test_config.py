@@ -34,6 +34,7 @@ def test_law_preset_starts_at_a_fitted_law_without_histogram_or_identity_terms()
     m = config.model
     assert config.preset == "law" and m.law.enabled and m.generator.extra == {"pointwise": 0, "law_knots": 81}
     assert m.law.knots == 81 and m.law.anchor == 10.0 and m.law.degradation
+    assert m.law.anchor_f == 0.0 and m.law.f_start == "inverse"  # G alone anchored; F starts at G's inverse
     assert (m.lambda_hist, m.lambda_id, m.lambda_mind, m.lambda_cyc) == (0.0, 0.0, 2.0, 10.0)
     assert list(config.data.preprocessing["ct_window"]) == [-1000.0, 1000.0]
 

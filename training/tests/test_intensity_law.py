@@ -243,7 +243,8 @@ def test_law_anchor_penalises_what_the_resnet_branch_adds():
     """curve_output is G without its ResNet branch (equal at the zero-initialised start), and model.law.anchor adds
     |G(x) - C_G(x)| + |F(y) - C_F(y)| to the generators' loss: zero at the start, positive once R has learnt."""
     seed_everything(0)
-    trainer = CycleGANTrainer(load_config("law", TINY_LAW + ["model.law.anchor=5"]), torch.device("cpu"))
+    trainer = CycleGANTrainer(load_config("law", TINY_LAW + ["model.law.anchor=5", "model.law.anchor_f=5"]),
+                              torch.device("cpu"))
     trainer.G.set_intensity_law(np.linspace(1.0, -1.0, 81))
     x = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
@@ -290,7 +291,8 @@ def test_a_run_can_start_from_an_earlier_runs_laws(tmp_path):
     assert read_intensity_laws(tmp_path / "laws.json")["F"].values[-1] == pytest.approx(0.5)
     config = load_config("law", TINY_LAW + [f'data.ct=["{HEART_CT}"]', f'data.mr=["{ABDOMEN_MR}"]', "train.steps=1",
                                             "train.threads=1", "train.snapshot_every=1",
-                                            f"model.law.file={tmp_path / 'laws.json'}"])
+                                            f"model.law.file={tmp_path / 'laws.json'}",
+                                            "model.law.f_start=fit"])  # F from the file, not G's inverse
     train_run(config, tmp_path / "run")
     record = json.loads((tmp_path / "run" / "intensity_law.json").read_text())
     np.testing.assert_allclose(record["G"]["values"], -knots, atol=1e-5)
