@@ -87,5 +87,5 @@ def test_bundled_default_model_loads_and_matches_its_checksum():
     assert meta["format"] == FORMAT
     assert path.stat().st_size < 20 * 2**20
     ckpt = load_checkpoint()
-    # v1.0 (issue 13): the thesis preprocessing with the lung-inclusive CT window its recipe records
+    # v1.5 (issue 13): the thesis preprocessing with the lung-inclusive CT window its recipe records
     assert ckpt.training["steps"] > 0 and ckpt.preprocessing == PreprocessingConfig(ct_window=(-1000.0, 1000.0))

@@ -19,7 +19,7 @@ from ct2mr_testdata import DICOM_CT, LUNG_CT, REPO, THORAX_CT, need, run_ct2mr
 
 
 def _assert_on_input_grid(out_dir, reference: sitk.Image, ct_window=(-1000.0, 1000.0)) -> dict[str, np.ndarray]:
-    """The outputs lie on ``reference``'s grid, finite, in range (``ct_window``: the default model v1.0's)."""
+    """The outputs lie on ``reference``'s grid, finite, in range (``ct_window``: the default model v1.5's)."""
     arrays = {}
     for key, name in OUTPUT_NAMES.items():
         image = sitk.ReadImage(str(out_dir / name))

@@ -133,7 +133,7 @@ def test_the_trainer_records_its_training_ct_statistics(tiny_checkpoint):
 
 
 def test_reference_comes_from_the_checkpoint_the_bundled_file_or_nowhere(bare_checkpoint, tmp_path):
-    default = load_checkpoint(None)  # v1.0: its trainer recorded the statistics
+    default = load_checkpoint(None)  # v1.5: its trainer recorded the statistics
     reference, note = reference_for(default)
     assert reference["volumes"] == 4 and "recorded in the checkpoint" in note
     assert set(reference["names"]) == set(default.training["ct_volumes"])

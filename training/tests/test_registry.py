@@ -259,7 +259,8 @@ def test_models_command(server, tmp_path, cache, capsys, small_checkpoint):
 
     assert main(["models", "--registry", str(extra), "list"]) == 0
     table = capsys.readouterr().out
-    assert "ct2mr-default-v1.0 *" in table and "ct2mr-default-v0.2 " in table and "bundled" in table and "downloadable" in table
+    assert "ct2mr-default-v1.5 *" in table and "ct2mr-default-v1.0 " in table and "ct2mr-default-v0.2 " in table
+    assert "bundled" in table and "downloadable" in table
 
     assert main(["models", "--registry", str(extra), "download", "lung", "--progress", "json"]) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -272,7 +273,7 @@ def test_models_command(server, tmp_path, cache, capsys, small_checkpoint):
 
     assert main(["models", "--registry", str(extra), "list", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert (rows["lung"]["status"], rows["mine"]["status"], rows["ct2mr-default-v1.0"]["status"]) == (
+    assert (rows["lung"]["status"], rows["mine"]["status"], rows["ct2mr-default-v1.5"]["status"]) == (
         "cached", "imported", "bundled")
 
     assert main(["models", "clear"]) == 0

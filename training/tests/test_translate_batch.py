@@ -227,7 +227,7 @@ def test_batch_reports_each_case_done_with_its_analysis(tmp_path):
     skipped = [e for e in again if e["event"] == "case_done"]
     assert [(e["case"], e["status"]) for e in skipped] == [("a", "skipped"), ("b", "skipped")]
     assert skipped[0]["outputs"]["analysis"] == str(out / "a" / "analysis.json")
-    assert skipped[0]["ct_window"] == [-1000.0, 1000.0] and skipped[0]["analysis"] is None  # the default model v1.0
+    assert skipped[0]["ct_window"] == [-1000.0, 1000.0] and skipped[0]["analysis"] is None  # the default model v1.5
 
 
 @pytest.mark.slow

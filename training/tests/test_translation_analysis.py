@@ -95,7 +95,7 @@ def test_translate_analysis_with_the_real_engine(tmp_path):
                      "--reference-mr", str(ABDOMEN_MR), check=True)
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     done = events[-1]
-    assert done["event"] == "done" and done["ct_window"] == [-1000.0, 1000.0]  # the default model v1.0
+    assert done["event"] == "done" and done["ct_window"] == [-1000.0, 1000.0]  # the default model v1.5
     analysis = json.loads((out / "analysis.json").read_text())
     assert done["analysis"] == analysis and done["outputs"]["analysis"] == str(out / "analysis.json")
     assert analysis["error"] == "" and list(analysis["histogram"]["columns"]) == ["Synthetic MR", "Reference MR"]

@@ -407,7 +407,7 @@ def test_real_engine_batch_is_one_process_with_prefetch(mrml, logic, tmp_path):
     for result, node in zip(batch.results, inputs, strict=True):
         assert result.syntheticMR.GetName() == f"{node.GetName()} synthetic MR"
         assert slicer.util.arrayFromVolume(result.syntheticMR).shape == slicer.util.arrayFromVolume(node).shape
-        assert result.device == "cpu" and result.ctWindow == (-1000.0, 1000.0)  # the default model v1.0
+        assert result.device == "cpu" and result.ctWindow == (-1000.0, 1000.0)  # the default model v1.5
         rows = [result.analysis.metricsTable.GetCellText(r, 0)
                 for r in range(result.analysis.metricsTable.GetNumberOfRows())]
         assert {"SSIM_cyc", "MAE_cyc (HU)", "W1"} <= set(rows)
@@ -523,12 +523,13 @@ def modelServer(tmp_path, monkeypatch):
 def test_model_list_and_download_with_a_good_checksum(logic, modelServer):
     logic.registryFiles = [modelServer["modelList"]()]
     rows = {r["name"]: r for r in logic.modelList()}
-    assert rows["ct2mr-default-v1.0"]["status"] == "bundled" and rows["ct2mr-default-v1.0"]["default"]
+    assert rows["ct2mr-default-v1.5"]["status"] == "bundled" and rows["ct2mr-default-v1.5"]["default"]
+    assert rows["ct2mr-default-v1.0"]["status"] == "bundled" and not rows["ct2mr-default-v1.0"]["default"]
     assert rows["ct2mr-default-v0.2"]["status"] == "bundled" and not rows["ct2mr-default-v0.2"]["default"]
     assert rows["lung-m1"]["status"] == "downloadable" and rows["lung-m1"]["path"] is None
     for key in ("name", "version", "description", "training_data", "licence", "url", "sha256", "size"):
         assert rows["lung-m1"][key], key
-    assert logic.modelPath() == rows["ct2mr-default-v1.0"]["path"]  # the default model is always there
+    assert logic.modelPath() == rows["ct2mr-default-v1.5"]["path"]  # the default model is always there
     with pytest.raises(ValueError, match="not downloaded yet"):
         logic.modelPath("lung-m1")
 
@@ -620,7 +621,7 @@ def test_real_engine_falls_back_to_the_cpu_and_adds_the_analysis(mrml, logic, sm
     rows = [result.analysis.metricsTable.GetCellText(r, 0) for r in range(result.analysis.metricsTable.GetNumberOfRows())]
     assert {"SSIM_cyc", "MAE_cyc", "MAE_cyc (HU)", "W1", "Edge correlation", "GMS", "NMI"} <= set(rows)
     assert -1.0 <= result.analysis.metrics["SSIM_cyc"] <= 1.0 and result.analysis.metrics["W1"] >= 0.0
-    assert result.ctWindow == (-1000.0, 1000.0)  # the default model v1.0
+    assert result.ctWindow == (-1000.0, 1000.0)  # the default model v1.5
     assert os.listdir(logic.temporaryDirectory) == []
 
 

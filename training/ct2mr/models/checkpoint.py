@@ -45,7 +45,7 @@ __all__ = [
 
 FORMAT = "ct2mr.cyclegan"
 FORMAT_VERSION = "1"
-DEFAULT_MODEL = "ct2mr-default-v1.0"
+DEFAULT_MODEL = "ct2mr-default-v1.5"
 
 
 class CheckpointError(ValueError):
