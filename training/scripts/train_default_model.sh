@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains a default-model candidate, NAME (default ct2mr-default-v1.5) in OUT (default runs/default-v1.5); whether it is
-# bundled, and the anatomy figures, are in training/ct2mr/models/MODEL_CARD.md (which gives each bundled model's command).
+# bundled, and the anatomy figures, are in training/ct2mr/models/MODEL_CARD.md (with each bundled model's command).
 # Run from the repository root after `make setup`, with ../shared/data beside the repository.
 # Recipe: preset law (issue 13: the generators' intensity curves start at an intensity law, then the SC objective
 # without histogram or identity terms; CT window [-1000, 1000] HU). G's law is v1.0's unpaired fit on this data
@@ -9,9 +9,10 @@
 # LAW_FILE= fits anew), F's curve starts at the inverse of G's law (model.law.f_start=inverse), and only G is anchored
 # to its law (model.law.anchor_f=0), so that F learns to undo G. PRESET=sc gives the earlier candidate; v1.0's
 # overrides are in the model card.
-# CPU, THREADS threads (default 2), a wall-clock budget of MINUTES (default 50); resumable: rerun the command to
-# continue a killed run, or with a larger MINUTES to train a finished one longer (MINUTES counts all runs together;
-# the learning rate follows the new budget). chest_ct_lung2.nrrd is held out for validation and for the anatomy checks
+# CPU, THREADS threads (default 2; a resumed run keeps its own unless THREADS is set), a wall-clock budget of MINUTES
+# (default 50); resumable: rerun the command to continue a killed run, or with a larger MINUTES to train a finished
+# one longer (MINUTES counts all runs together; the learning rate follows the new budget; a finished run that has
+# had MINUTES already is left as it is). chest_ct_lung2.nrrd is held out for validation and for the anatomy checks
 # of the model card. The checkpoint lands in OUT/model.safetensors.
 set -euo pipefail
 MINUTES="${MINUTES:-50}"
@@ -28,7 +29,12 @@ if [ "$PRESET" = law ] && [ -n "$LAW_FILE" ]; then
 fi
 DATA=../shared/data
 if [ -f "$OUT/state.json" ]; then  # killed or finished: continue it up to MINUTES in all
-  exec .venv/bin/ct2mr train --out "$OUT" --resume "train.max_minutes=$MINUTES" --threads "${THREADS:-2}" "$@"
+  if [ -f "$OUT/model.safetensors" ] && .venv/bin/python -c 'import json, sys
+sys.exit(json.load(open(sys.argv[1]))["elapsed_s"] < 60 * float(sys.argv[2]))' "$OUT/state.json" "$MINUTES"; then
+    echo "$OUT/model.safetensors has trained for $MINUTES minutes or more; a larger MINUTES trains it longer."
+    exit 0
+  fi
+  exec .venv/bin/ct2mr train --out "$OUT" --resume "train.max_minutes=$MINUTES" ${THREADS:+--threads "$THREADS"} "$@"
 fi
 exec .venv/bin/ct2mr train --preset "$PRESET" \
   --ct "$DATA/ct/thorax_cta_1p5mm.nii.gz" "$DATA/ct/thorax_cta_heart_crop_1p5mm.nii.gz" \

@@ -161,7 +161,8 @@ def test_law_preset_needs_a_curve_of_matching_knots():
 
 
 def test_training_starts_the_curves_at_the_fitted_laws(tmp_path):
-    """The trainer fits both laws before step 1, records them and a step-0 snapshot, and the model loads."""
+    """The trainer fits G's law and starts F at its inverse before step 1, records both and a step-0 snapshot, and
+    the model loads."""
     need(HEART_CT, ABDOMEN_MR)
     config = load_config("law", [
         "model.generator.base_channels=2", "model.discriminator.base_channels=2", "model.generator.n_blocks=1",

@@ -201,7 +201,8 @@ class LawConfig:
     """An intensity law fitted before training, where the generators' intensity curves start (issue 13).
 
     :func:`ct2mr.training.intensity_law.fit_intensity_law` (unpaired, multi-scale sliced Wasserstein matching with random
-    restarts) fits CT -> MR for G and MR -> CT for F on the training volumes; needs generators with
+    restarts) fits CT -> MR for G on the training volumes, and MR -> CT for F unless ``f_start`` is ``"inverse"``
+    (the ``law`` preset's default, which also sets ``anchor_f`` to 0); needs generators with
     ``extra: {law_knots: K}`` and the same ``knots``. The fit's time counts in ``train.max_minutes``.
 
     Attributes:
