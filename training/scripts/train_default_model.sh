@@ -6,8 +6,8 @@
 # without histogram or identity terms; CT window [-1000, 1000] HU). G's law is v1.0's unpaired fit on this data
 # (LAW_FILE, default training/ct2mr/models/laws/ct2mr-default-v1.0.intensity_law.json: 41 knots, curvature weight
 # 1e-2; on this real data the law preset's own 1e-4 fit amplifies CT noise, edge correlation 0.32 against 0.67;
-# LAW_FILE= fits anew), F's curve starts at the inverse of G's law (model.law.f_start=inverse), and only G is anchored
-# to its law (model.law.anchor_f=0), so that F learns to undo G. PRESET=sc gives the earlier candidate; v1.0's
+# LAW_FILE= fits anew), F's curve starts at the inverse of G's law, and only G is anchored to its law (the preset's
+# model.law.f_start=inverse and anchor_f=0), so that F learns to undo G. PRESET=sc gives the earlier candidate; v1.0's
 # overrides are in the model card.
 # CPU, THREADS threads (default 2; a resumed run keeps its own unless THREADS is set), a wall-clock budget of MINUTES
 # (default 50); resumable: rerun the command to continue a killed run, or with a larger MINUTES to train a finished
@@ -20,10 +20,7 @@ OUT="${OUT:-runs/default-v1.5}"
 NAME="${NAME:-ct2mr-default-v1.5}"
 LAW_FILE="${LAW_FILE-training/ct2mr/models/laws/ct2mr-default-v1.0.intensity_law.json}"
 PRESET="${PRESET:-law}"
-RECIPE=()
-if [ "$PRESET" = law ]; then
-  RECIPE+=(model.law.anchor_f=0 model.law.f_start=inverse)
-fi
+RECIPE=()  # the law preset itself starts F at G's inverse and anchors G alone
 if [ "$PRESET" = law ] && [ -n "$LAW_FILE" ]; then
   RECIPE+=(model.law.knots=41 model.generator.extra.law_knots=41 "model.law.file=$LAW_FILE")
 fi
