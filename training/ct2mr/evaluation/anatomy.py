@@ -450,7 +450,9 @@ def _match_resolution(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, s
     best_value = -np.inf
     for sigma in sigmas:
         candidate = sitk.SmoothingRecursiveGaussian(fixed, sigma) if sigma > 0 else fixed
-        value = _pearson(sitk.GetArrayViewFromImage(sitk.GradientMagnitude(candidate))[inside], target)
+        # a copy: a view of a temporary image reads freed memory once the image is collected (seen: correlation
+        # 0.003 instead of 0.73 in about half the processes, and a 5.5 mm instead of 1.2 mm displacement p95)
+        value = _pearson(sitk.GetArrayFromImage(sitk.GradientMagnitude(candidate))[inside], target)
         correlations[f"{sigma:g}"] = round(value, 4)
         if value > best_value:
             best, best_sigma, best_value = candidate, float(sigma), value
