@@ -291,7 +291,9 @@ class ModelConfig:
         gp_weight: lambda_gp of WGAN-GP (Gulrajani et al.: 10).
         lambda_cyc: cycle weight (10).
         lambda_id: identity weight (thesis Table 4: 0.2).
-        alpha: SSIM-3D weight inside the cycle term, ``L1 + alpha (1 - SSIM)`` (M3, M4; thesis Table 8: 0.1).
+        alpha: SSIM-3D weight inside each cycle leg, ``(1 - alpha) L1 + alpha (1 - SSIM)`` (thesis Table 5's
+            Mix(l1, SSIM-3D); its eq. 6.3 writes the mix as ``L1 + alpha (1 - SSIM)``, the same up to the L1 weight
+            1 - alpha; :func:`ct2mr.losses.structural_cycle_loss`); M3, M4; thesis Table 8: 0.1.
         beta: dual-contrast weight (DC-CycleGAN; thesis section 6.2.1: beta in [0.3, 0.7]); 0 disables.
         lambda_hist: histogram-loss weight on G(x) vs real MR (Hist-CycleGAN, section 7.7: [0.5, 2]); 0 disables.
         hist_bins: K bins of the soft histogram (64 or 128).
