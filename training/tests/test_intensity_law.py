@@ -269,7 +269,24 @@ def test_law_anchor_penalises_what_the_resnet_branch_adds():
         ResnetGenerator3D(base_channels=2, n_blocks=0).curve_output(x)
 
 
+def test_low_pass_anchor_spares_fine_detail_and_holds_the_tissue_level():
+    """model.law.anchor_sigma_mm: a checkerboard deviation from the law (noise texture, edges) costs a tiny fraction
+    of what it costs voxel by voxel, a uniform offset (a wrong tissue intensity) costs the same."""
+    trainer = CycleGANTrainer(load_config("law", TINY_LAW + ["model.law.anchor_sigma_mm=2"]), torch.device("cpu"))
+    low_pass = trainer._anchor_filter(2.0)
+    index = torch.arange(24)
+    checker = ((index[:, None, None] + index[None, :, None] + index[None, None, :]) % 2 * 2 - 1).float()
+    checker = 0.1 * checker[None, None]
+    offset = torch.full((1, 1, 24, 24, 24), 0.1)
+    assert low_pass(checker).abs().mean() < 0.01 * checker.abs().mean()
+    torch.testing.assert_close(low_pass(offset).abs().mean(), offset.abs().mean())
+    assert low_pass(offset).shape == (1, 1, 24 - 12, 24 - 12, 24 - 12)  # 'valid': 2 x ceil(3 sigma) voxels less
+    assert trainer._anchor_filter(0.0)(checker) is checker
+
+
 def test_law_settings_are_checked():
+    with pytest.raises(ValueError, match="anchor_sigma_mm"):
+        load_config("law", ["model.law.anchor_sigma_mm=-1"])
     with pytest.raises(ValueError, match="anchor"):
         load_config("law", ["model.law.anchor=-1"])
     with pytest.raises(ValueError, match="anchor_f"):

@@ -236,6 +236,10 @@ class LawConfig:
             alone: F is then free to learn, through the cycle loss, an inverse of G that uses context (a CT -> MR
             law is not one to one, so F's own per-voxel MR -> CT law is a poor inverse: cycle SSIM 0.35 on the real
             data with both anchored; benchmarks/RESULTS.md, sixth session).
+        anchor_sigma_mm: Gaussian sigma (mm) of a low-pass filter applied to ``G(x) - C_G(x)`` (and F's) before the
+            anchor takes its mean absolute value: the anchor then holds the law's intensities at the scale of
+            tissues and leaves finer detail (resolution, noise texture) to the GAN; 0 (default): voxel by voxel.
+            The filter is 'valid' (no padding), so the patch must exceed ``6 sigma + 1`` voxels.
         f_start: where F's curve starts: ``"fit"``, the unpaired MR -> CT fit; ``"inverse"``, the per-voxel
             least-squares inverse of G's fitted law on the training CTs
             (:func:`ct2mr.training.intensity_law.inverse_intensity_law`: what the cycle loss asks of F, in about
@@ -260,6 +264,7 @@ class LawConfig:
     anchor: float = 0.0
     relative: bool = True
     anchor_f: Optional[float] = None
+    anchor_sigma_mm: float = 0.0
     f_start: str = "fit"
 
 
@@ -471,9 +476,10 @@ def _validate_law(m: "ModelConfig") -> None:
         raise ValueError("model.law needs knots >= 2, restarts >= 1, finalists >= 1, iterations and "
                          "screen_iterations >= 0, spacing_mm > 0 and samples >= 10.")
     if (m.law.lr_scale < 0 or m.law.smoothness < 0 or m.law.anchor < 0 or (m.law.noise or 0.0) < 0
-            or (m.law.anchor_f or 0.0) < 0):
-        raise ValueError(f"model.law.lr_scale, smoothness, anchor, anchor_f and noise must be >= 0, got "
-                         f"{m.law.lr_scale}, {m.law.smoothness}, {m.law.anchor}, {m.law.anchor_f} and {m.law.noise}.")
+            or (m.law.anchor_f or 0.0) < 0 or m.law.anchor_sigma_mm < 0):
+        raise ValueError(f"model.law.lr_scale, smoothness, anchor, anchor_f, anchor_sigma_mm and noise must be >= 0, "
+                         f"got {m.law.lr_scale}, {m.law.smoothness}, {m.law.anchor}, {m.law.anchor_f}, "
+                         f"{m.law.anchor_sigma_mm} and {m.law.noise}.")
     if m.law.f_start not in ("fit", "inverse"):
         raise ValueError(f"model.law.f_start must be 'fit' (an unpaired MR -> CT fit) or 'inverse' (the inverse of "
                          f"G's law), got {m.law.f_start!r}.")

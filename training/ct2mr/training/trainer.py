@@ -731,7 +731,8 @@ class CycleGANTrainer:
 
     def _anchor_terms(self, x: torch.Tensor, y: torch.Tensor, fake_mr: torch.Tensor, fake_ct: torch.Tensor,
                       terms: dict[str, torch.Tensor]) -> torch.Tensor | float:
-        """``model.law.anchor`` x |G(x) - C_G(x)| + ``anchor_f`` x |F(y) - C_F(y)| (means; 0 if both weights are 0).
+        """``model.law.anchor`` x |G(x) - C_G(x)| + ``anchor_f`` x |F(y) - C_F(y)| (means; 0 if both weights are 0),
+        each difference low-pass filtered first when ``anchor_sigma_mm`` > 0.
 
         ``C`` is a generator's per-voxel curve alone; ``terms`` gains ``law_anchor`` (the sum of the two means) and
         ``law_anchor_G`` / ``law_anchor_F``.
@@ -740,10 +741,23 @@ class CycleGANTrainer:
         weights = (law.anchor, law.anchor if law.anchor_f is None else law.anchor_f)
         if max(weights) <= 0:
             return 0.0
-        terms["law_anchor_G"] = (fake_mr - self.G.curve_output(x)).abs().mean()
-        terms["law_anchor_F"] = (fake_ct - self.F.curve_output(y)).abs().mean()
+        low_pass = self._anchor_filter(law.anchor_sigma_mm)
+        terms["law_anchor_G"] = low_pass(fake_mr - self.G.curve_output(x)).abs().mean()
+        terms["law_anchor_F"] = low_pass(fake_ct - self.F.curve_output(y)).abs().mean()
         terms["law_anchor"] = terms["law_anchor_G"] + terms["law_anchor_F"]
         return weights[0] * terms["law_anchor_G"] + weights[1] * terms["law_anchor_F"]
+
+    def _anchor_filter(self, sigma_mm: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The low-pass filter of ``model.law.anchor_sigma_mm``: a 'valid' separable Gaussian of sigma in voxels of
+        the training grid, truncated at 3 sigma, on (B, C, D, H, W) tensors; the identity for sigma 0."""
+        if sigma_mm <= 0:
+            return lambda diff: diff
+        from ct2mr.losses.ssim import gaussian_filter3d, gaussian_window
+
+        spacing = PreprocessingConfig.from_dict(self.config.data.preprocessing).target_spacing
+        sigma = sigma_mm / spacing
+        window = gaussian_window(2 * math.ceil(3.0 * sigma) + 1, sigma)
+        return lambda diff: gaussian_filter3d(diff, window)
 
     def _structure_terms(self, x: torch.Tensor, y: torch.Tensor, fake_mr: torch.Tensor, fake_ct: torch.Tensor,
                          terms: dict[str, torch.Tensor]) -> torch.Tensor | float:
