@@ -448,6 +448,7 @@ class CycleGANTrainer:
         self.gp_generator = torch.Generator(device=self.device).manual_seed(t.seed * 1_000_003 + 104_729
                                                                             + self.dist.rank)
         self._wrap_for_ddp()
+        self._anchor_low_pass = self._anchor_filter(config.model.law.anchor_sigma_mm)  # built once, used every step
         self.step_count = 0
         self.clock_fraction: float | None = None
 
@@ -741,7 +742,7 @@ class CycleGANTrainer:
         weights = (law.anchor, law.anchor if law.anchor_f is None else law.anchor_f)
         if max(weights) <= 0:
             return 0.0
-        low_pass = self._anchor_filter(law.anchor_sigma_mm)
+        low_pass = self._anchor_low_pass
         terms["law_anchor_G"] = low_pass(fake_mr - self.G.curve_output(x)).abs().mean()
         terms["law_anchor_F"] = low_pass(fake_ct - self.F.curve_output(y)).abs().mean()
         terms["law_anchor"] = terms["law_anchor_G"] + terms["law_anchor_F"]
