@@ -287,6 +287,9 @@ def test_low_pass_anchor_spares_fine_detail_and_holds_the_tissue_level():
 def test_law_settings_are_checked():
     with pytest.raises(ValueError, match="anchor_sigma_mm"):
         load_config("law", ["model.law.anchor_sigma_mm=-1"])
+    with pytest.raises(ValueError, match="does not fit in data.patch_size"):  # a 49-voxel window in a 48-voxel patch
+        load_config("law", ["model.law.anchor_sigma_mm=8", "data.patch_size=[48,48,48]"])
+    load_config("law", ["model.law.anchor_sigma_mm=7.5", "data.patch_size=[48,48,48]"])  # 47 voxels: accepted
     with pytest.raises(ValueError, match="anchor"):
         load_config("law", ["model.law.anchor=-1"])
     with pytest.raises(ValueError, match="anchor_f"):

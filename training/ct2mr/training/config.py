@@ -239,7 +239,7 @@ class LawConfig:
         anchor_sigma_mm: Gaussian sigma (mm) of a low-pass filter applied to ``G(x) - C_G(x)`` (and F's) before the
             anchor takes its mean absolute value: the anchor then holds the law's intensities at the scale of
             tissues and leaves finer detail (resolution, noise texture) to the GAN; 0 (default): voxel by voxel.
-            The filter is 'valid' (no padding), so the patch must exceed ``6 sigma + 1`` voxels.
+            The filter is 'valid' (no padding), so the patch must exceed ``2 ceil(3 sigma) + 1`` voxels (checked).
         f_start: where F's curve starts: ``"fit"``, the unpaired MR -> CT fit; ``"inverse"``, the per-voxel
             least-squares inverse of G's fitted law on the training CTs
             (:func:`ct2mr.training.intensity_law.inverse_intensity_law`: what the cycle loss asks of F, in about
@@ -603,7 +603,13 @@ class RunConfig:
             raise ValueError("data.val_fraction + data.test_fraction must leave sources for training (< 1).")
         if d.foreground_tries < 1 or d.prefetch < 0:
             raise ValueError("data.foreground_tries must be >= 1 and data.prefetch >= 0.")
-        PreprocessingConfig.from_dict(d.preprocessing)
+        spacing = PreprocessingConfig.from_dict(d.preprocessing).target_spacing
+        if m.law.enabled and m.law.anchor_sigma_mm > 0:  # the anchor's 'valid' Gaussian needs 6 sigma + 1 voxels
+            width = 2 * math.ceil(3.0 * m.law.anchor_sigma_mm / spacing) + 1
+            if min(int(v) for v in patch) <= width:
+                raise ValueError(f"model.law.anchor_sigma_mm={m.law.anchor_sigma_mm} needs a low-pass window of "
+                                 f"{width} voxels ({spacing} mm each), which does not fit in data.patch_size {patch}: use a "
+                                 f"patch larger than {width} voxels or a sigma of at most {(min(patch) - 3) / 6 * spacing:.2f} mm.")
 
     def _validate_training(self) -> None:
         """Steps, rates, schedule, pool, freezing, logging, validation crop, budgets and device."""
