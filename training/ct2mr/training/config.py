@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from ct2mr.preprocessing.pipeline import PreprocessingConfig
 
 __all__ = [
+    "anchor_window_voxels",
     "GeneratorConfig",
     "DiscriminatorConfig",
     "RicianConfig",
@@ -464,6 +465,13 @@ class TrainConfig:
     snapshot_every: int = 0
 
 
+def anchor_window_voxels(sigma_mm: float, spacing_mm: float) -> int:
+    """Taps of the 1D Gaussian of ``model.law.anchor_sigma_mm`` on a grid of ``spacing_mm`` (mm): ``2 ceil(3 sigma)
+    + 1`` with sigma in voxels (truncated at 3 sigma). The anchor's 'valid' filter shortens each patch axis by this
+    minus one, so the patch must be longer than it (checked by :meth:`RunConfig.validate`)."""
+    return 2 * math.ceil(3.0 * sigma_mm / spacing_mm) + 1
+
+
 def _validate_law(m: "ModelConfig") -> None:
     """``model.law`` against the generators' curve and its own ranges (issue 13)."""
     knots = (m.generator.extra or {}).get("law_knots", 0)
@@ -604,12 +612,13 @@ class RunConfig:
         if d.foreground_tries < 1 or d.prefetch < 0:
             raise ValueError("data.foreground_tries must be >= 1 and data.prefetch >= 0.")
         spacing = PreprocessingConfig.from_dict(d.preprocessing).target_spacing
-        if m.law.enabled and m.law.anchor_sigma_mm > 0:  # the anchor's 'valid' Gaussian needs 6 sigma + 1 voxels
-            width = 2 * math.ceil(3.0 * m.law.anchor_sigma_mm / spacing) + 1
-            if min(int(v) for v in patch) <= width:
+        if m.law.enabled and m.law.anchor_sigma_mm > 0:  # the anchor's 'valid' Gaussian must fit in the patch
+            width, shortest = anchor_window_voxels(m.law.anchor_sigma_mm, spacing), min(int(v) for v in patch)
+            if shortest <= width:
                 raise ValueError(f"model.law.anchor_sigma_mm={m.law.anchor_sigma_mm} needs a low-pass window of "
-                                 f"{width} voxels ({spacing} mm each), which does not fit in data.patch_size {patch}: use a "
-                                 f"patch larger than {width} voxels or a sigma of at most {(min(patch) - 3) / 6 * spacing:.2f} mm.")
+                                 f"{width} voxels ({spacing} mm each), which does not fit in data.patch_size "
+                                 f"{patch}: use a patch larger than {width} voxels or a sigma of at most "
+                                 f"{(shortest - 3) / 6 * spacing:.2f} mm.")
 
     def _validate_training(self) -> None:
         """Steps, rates, schedule, pool, freezing, logging, validation crop, budgets and device."""

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from ct2mr.models.checkpoint import CheckpointError, load_training_state, save_checkpoint, save_training_state
-from ct2mr.training.config import RunConfig, load_config, to_yaml
+from ct2mr.training.config import RunConfig, anchor_window_voxels, load_config, to_yaml
 from ct2mr.preprocessing.collections import DomainVolume, load_domain
 from ct2mr.training.data import (PairedPatchSampler, PatchPrefetcher, TrainingBatches, UnpairedPatchSampler, make_split,
                                  pair_volumes, read_split, write_split)
@@ -756,8 +756,7 @@ class CycleGANTrainer:
         from ct2mr.losses.ssim import gaussian_filter3d, gaussian_window
 
         spacing = PreprocessingConfig.from_dict(self.config.data.preprocessing).target_spacing
-        sigma = sigma_mm / spacing
-        window = gaussian_window(2 * math.ceil(3.0 * sigma) + 1, sigma)
+        window = gaussian_window(anchor_window_voxels(sigma_mm, spacing), sigma_mm / spacing)
         return lambda diff: gaussian_filter3d(diff, window)
 
     def _structure_terms(self, x: torch.Tensor, y: torch.Tensor, fake_mr: torch.Tensor, fake_ct: torch.Tensor,
